@@ -1,0 +1,49 @@
+"""Engine settings, shared by the front process and the worker."""
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .demo import MODEL_DIR
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """What the worker loads and how it schedules; the command line fills it in."""
+
+    model: str = str(MODEL_DIR)
+    max_concurrency: int = 4
+    prefill_step: int = 512
+    max_tokens: int = 32768
+    repetition_penalty: float = 0.0
+    loop_window: int = 256
+    loop_max_period: int = 64
+    tool_parser: str | None = None
+    chat_template: str | None = None
+    blas: str = "auto"
+    cache_ram_gb: float = 0.0
+
+    @property
+    def cache_ram_bytes(self) -> int:
+        """The prefix cache's RAM budget; by default a fifth of the machine's memory."""
+        if self.cache_ram_gb > 0:
+            return int(self.cache_ram_gb * 2**30)
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 5
+
+
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def model_problem(ref: str) -> str | None:
+    """Why `ref` names neither a local model directory nor a Hugging Face repo id, or None."""
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            return f"{ref}: not a directory"
+        if not (path / "config.json").is_file():
+            return f"{ref}: no config.json in the model directory"
+        return None
+    if REPO_ID.match(ref) and not ref.startswith((".", "~")):
+        return None
+    return f"{ref}: no such model directory"

@@ -1,0 +1,129 @@
+"""The events one request's stream carries back from the worker, in order of appearance."""
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(slots=True, frozen=True)
+class Queued:
+    """Waiting for a batch slot; `ahead` requests are in front of it."""
+
+    ahead: int
+
+
+@dataclass(slots=True, frozen=True)
+class Started:
+    """The prompt is rendered; `cached_tokens` of it are reused from the prefix cache."""
+
+    prompt_tokens: int
+    cached_tokens: int
+
+
+@dataclass(slots=True, frozen=True)
+class PrefillProgress:
+    done: int
+    total: int
+
+
+@dataclass(slots=True, frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(slots=True, frozen=True)
+class ReasoningDelta:
+    text: str
+
+
+@dataclass(slots=True, frozen=True)
+class RawText:
+    """The model's text as generated, markup included (for transcripts)."""
+
+    text: str
+
+
+@dataclass(slots=True, frozen=True)
+class ToolCallStart:
+    index: int
+    id: str
+    name: str
+
+
+@dataclass(slots=True, frozen=True)
+class ToolCallDelta:
+    """A piece of the call's arguments as JSON text; the pieces join to `ToolCallEnd.arguments_json`."""
+
+    index: int
+    text: str
+
+
+@dataclass(slots=True, frozen=True)
+class ToolCallEnd:
+    index: int
+    id: str
+    name: str
+    arguments: dict[str, Any]
+    arguments_json: str
+
+
+@dataclass(slots=True, frozen=True)
+class ParseError:
+    """Tool-call markup that did not parse; `text` is the markup, also sent on as text."""
+
+    message: str
+    text: str
+
+
+@dataclass(slots=True, frozen=True)
+class Usage:
+    prompt_tokens: int
+    cached_tokens: int
+    generated_tokens: int
+
+
+@dataclass(slots=True, frozen=True)
+class Timings:
+    queued_s: float
+    prefill_s: float
+    decode_s: float
+
+
+@dataclass(slots=True, frozen=True)
+class Done:
+    """The end of a generation.
+
+    `stop_reason` is "end" (the model's end of turn), "length" (max tokens or the
+    repetition guard, see `note`), "stop_sequence" (see `stop_sequence`) or
+    "tool_calls" (the turn ended after tool calls).
+    """
+
+    stop_reason: str
+    usage: Usage
+    timings: Timings
+    stop_sequence: str | None = None
+    note: str | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class Error:
+    """The request failed; `kind` is "invalid_request", "overloaded", "engine" or "cancelled"."""
+
+    kind: str
+    message: str
+
+
+Event = (
+    Queued
+    | Started
+    | PrefillProgress
+    | TextDelta
+    | ReasoningDelta
+    | RawText
+    | ToolCallStart
+    | ToolCallDelta
+    | ToolCallEnd
+    | ParseError
+    | Done
+    | Error
+)
+TERMINAL = (Done, Error)

@@ -1,0 +1,58 @@
+"""Load a model with mlx-lm, evaluating it layer by layer so that loading can report progress."""
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from mlx_lm.utils import load as mlx_load
+
+from .config import model_problem
+
+
+class ModelError(Exception):
+    """The model cannot be loaded; the message is one line naming it and the problem."""
+
+
+@dataclass(slots=True)
+class Loaded:
+    model: object
+    tokenizer: object
+    context_length: int
+    dtype: str
+
+
+def load(
+    ref: str,
+    progress: Callable[[str, float], None],
+    tool_parser: str | None = None,
+    chat_template: str | None = None,
+) -> Loaded:
+    if problem := model_problem(ref):
+        raise ModelError(problem)
+    extra = {}
+    if tool_parser:
+        extra["tool_parser_type"] = tool_parser
+    if chat_template:
+        extra["chat_template"] = Path(chat_template).read_text()
+    progress("reading", 0.0)
+    try:
+        model, tokenizer, config = mlx_load(
+            os.path.expanduser(ref), tokenizer_config=extra, lazy=True, return_config=True
+        )
+        layers = list(getattr(model, "layers", []))
+        for i, layer in enumerate(layers):
+            mx.eval(layer.parameters())
+            progress("weights", (i + 1) / len(layers))
+        mx.eval(model.parameters())
+    except ModuleNotFoundError as e:
+        raise ModelError(f"{ref}: unknown tool parser or model type ({e.name})") from e
+    except Exception as e:  # mlx-lm reports broken files with many exception types
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelError(f"{ref}: cannot load the model: {detail}") from e
+    context = config.get("max_position_embeddings") or getattr(tokenizer, "model_max_length", 0)
+    dtype = str(tree_flatten(model.parameters())[0][1].dtype).removeprefix("mlx.core.")
+    return Loaded(model, tokenizer, int(context or 4096), dtype)
+

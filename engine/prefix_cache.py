@@ -1,0 +1,139 @@
+"""The prefix KV cache: the longest cached prefix of a prompt is reused instead of prefilled again.
+
+Entries are mlx-lm `KVCache` layers of one sequence together with the tokens they hold.
+A hit hands the batch a view of an entry cut to the shared prefix; `BatchKVCache.merge`
+copies what it reads, so stored entries are never written to.
+"""
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from mlx_lm.models.cache import KVCache
+
+
+@dataclass(eq=False, slots=True)
+class Entry:
+    tokens: np.ndarray
+    layers: list
+    checkpoint: bool
+    last_used: float
+    hits: int = 0
+    nbytes: int = field(init=False)
+
+    def __post_init__(self):
+        self.nbytes = sum(layer.nbytes for layer in self.layers)
+
+    def value(self, now: float) -> float:
+        """Tokens it is expected to save, discounted by how long it has gone unused."""
+        return len(self.tokens) * (1 + self.hits) / (1 + (now - self.last_used) / 60)
+
+
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if len(differ) else n
+
+
+def view(layers: list, length: int) -> list:
+    """The layers cut to their first `length` tokens, sharing the stored arrays."""
+    out = []
+    for layer in layers:
+        cut = KVCache()
+        cut.keys, cut.values, cut.offset = layer.keys, layer.values, length
+        out.append(cut)
+    return out
+
+
+def reusable(layers: list) -> bool:
+    """Only plain KV caches can be cut at any token; other kinds are not cached."""
+    return bool(layers) and all(type(layer) is KVCache for layer in layers)
+
+
+@dataclass(slots=True)
+class CacheStats:
+    lookups: int = 0
+    hits: int = 0
+    prompt_tokens: int = 0
+    reused_tokens: int = 0
+    evictions: int = 0
+
+
+class PrefixCache:
+    """Entries bounded by `budget` bytes, evicted by value: tokens saved, hits and recency.
+
+    `on_store` is called with each new entry (the disk tier's write-behind).
+    """
+
+    def __init__(self, budget: int, on_store: Callable[[Entry], None] | None = None, clock=time.monotonic):
+        self.budget = budget
+        self.on_store = on_store or (lambda entry: None)
+        self.clock = clock
+        self.entries: list[Entry] = []
+        self.stats = CacheStats()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.entries)
+
+    def longest(self, tokens: np.ndarray) -> tuple[Entry | None, int]:
+        best, best_len = None, 0
+        for entry in self.entries:
+            n = common_prefix(entry.tokens, tokens)
+            if n > best_len:
+                best, best_len = entry, n
+        return best, best_len
+
+    def match(self, tokens: list[int]) -> tuple[list | None, int]:
+        """Layers holding the longest cached prefix of `tokens` (at most all but the last), and its length."""
+        prompt = np.asarray(tokens, dtype=np.int64)
+        entry, n = self.longest(prompt)
+        n = min(n, len(tokens) - 1)
+        self.stats.lookups += 1
+        self.stats.prompt_tokens += len(tokens)
+        if entry is None or n <= 0:
+            return None, 0
+        entry.hits += 1
+        entry.last_used = self.clock()
+        self.stats.hits += 1
+        self.stats.reused_tokens += n
+        return view(entry.layers, n), n
+
+    def store(self, tokens: list[int], layers: list, checkpoint: bool = False) -> Entry | None:
+        """Keep `layers` as the state after `tokens`; returns the entry unless it cannot fit."""
+        if not tokens or not reusable(layers):
+            return None
+        now = self.clock()
+        entry = Entry(np.asarray(tokens, dtype=np.int64), layers, checkpoint, now)
+        if entry.nbytes > self.budget:
+            return None
+        for old in self.entries:
+            if len(old.tokens) == len(entry.tokens) and common_prefix(old.tokens, entry.tokens) == len(entry.tokens):
+                old.last_used = now
+                return old
+        self.entries = [e for e in self.entries if e.checkpoint or not self._covers(entry, e)]
+        self.entries.append(entry)
+        self._evict(now, keep=entry)
+        self.on_store(entry)
+        return entry
+
+    def add(self, entry: Entry):
+        """Take in an entry loaded from elsewhere (the disk tier), making room for it."""
+        entry.last_used = self.clock()
+        self.entries.append(entry)
+        self._evict(entry.last_used, keep=entry)
+
+    @staticmethod
+    def _covers(new: Entry, old: Entry) -> bool:
+        """`new` holds all of `old` and more, so `old` can never give a longer match."""
+        return len(old.tokens) < len(new.tokens) and common_prefix(old.tokens, new.tokens) == len(old.tokens)
+
+    def _evict(self, now: float, keep: Entry):
+        total = self.nbytes
+        for victim in sorted((e for e in self.entries if e is not keep), key=lambda e: e.value(now)):
+            if total <= self.budget:
+                break
+            self.entries.remove(victim)
+            total -= victim.nbytes
+            self.stats.evictions += 1

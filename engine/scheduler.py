@@ -1,0 +1,283 @@
+"""Continuous batching on mlx-lm's BatchGenerator: admit requests, step the batch, turn tokens into events."""
+
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator
+
+from . import sampling
+from .config import EngineConfig
+from .events import Done, Error, Event, PrefillProgress, Queued, Started, Timings, Usage
+from .loader import Loaded
+from .output import MarkupParser, OutputStream
+from .prefix_cache import PrefixCache
+from .request import Request
+
+Tagged = tuple[int, Event]
+
+
+class RequestError(Exception):
+    """The request cannot be run as asked; the message goes back to its client."""
+
+
+@dataclass(slots=True)
+class Prompt:
+    """Rendered tokens; `system_end` is where the system prompt and tools end (0: none)."""
+
+    tokens: list[int]
+    state: str
+    body: str
+    system_end: int = 0
+
+
+@dataclass(slots=True)
+class Active:
+    rid: int
+    uid: int
+    output: OutputStream
+    guard: sampling.LoopGuard
+    prompt_tokens: int
+    cached_tokens: int
+    checkpoint_at: int
+    submitted: float = field(default_factory=time.perf_counter)
+    prefill_started: float | None = None
+    first_token: float | None = None
+    generated: int = 0
+
+
+class Scheduler:
+    def __init__(self, loaded: Loaded, config: EngineConfig, cache: PrefixCache):
+        self.cache = cache
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.context_length = loaded.context_length
+        self.config = config
+        self.parser_name = self.tokenizer.init_kwargs.get("tool_parser_type")
+        self.think = (
+            (self.tokenizer.think_start, self.tokenizer.think_end)
+            if self.tokenizer.has_thinking
+            else None
+        )
+        self.tool = (
+            (self.tokenizer.tool_call_start, self.tokenizer.tool_call_end)
+            if self.tokenizer.has_tool_calling
+            else None
+        )
+        self.active: dict[int, Active] = {}
+        self.uid_of: dict[int, int] = {}
+        self.batch_sizes: Counter[int] = Counter()
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.generator = self._new_generator()
+
+    def _new_generator(self) -> BatchGenerator:
+        n = self.config.max_concurrency
+        return BatchGenerator(
+            self.model,
+            max_tokens=self.config.max_tokens,
+            stop_tokens=[[t] for t in self.tokenizer.eos_token_ids],
+            completion_batch_size=n,
+            prefill_batch_size=n,
+            prefill_step_size=self.config.prefill_step,
+        )
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.active)
+
+    def render(self, request: Request) -> Prompt:
+        """The prompt's tokens, with the opening markup of a call when `tool_choice` forces one."""
+        tools = request.tools if request.tool_choice != "none" and request.tools else None
+        kwargs = {}
+        if request.enable_thinking is not None:
+            kwargs["enable_thinking"] = request.enable_thinking
+        try:
+            text = self.tokenizer.apply_chat_template(
+                request.messages, tools=tools, add_generation_prompt=True, tokenize=False, **kwargs
+            )
+        except Exception as e:  # jinja templates raise their own errors for bad input
+            raise RequestError(f"the chat template cannot render these messages: {e}") from e
+        state, body = MarkupParser.TEXT, ""
+        if self.think and text.rstrip().endswith(self.think[0]):
+            state = MarkupParser.REASONING
+        if tools and request.tool_choice not in ("auto", "none"):
+            state, body = MarkupParser.TOOL, self._forced_call(request)
+            text += self.tool[0] + body
+        tokens = self.tokenizer.encode(text, add_special_tokens=False)
+        return Prompt(tokens, state, body, self._system_end(request.messages, tools, text, tokens))
+
+    def _system_end(self, messages: list[dict], tools, text: str, tokens: list[int]) -> int:
+        """The token count of the leading system turn and tools, where the prompt starts with them."""
+        system = messages[: next((i for i, m in enumerate(messages) if m.get("role") != "system"), len(messages))]
+        if not (system or tools) or len(system) == len(messages):
+            return 0
+        head = self.tokenizer.apply_chat_template(system, tools=tools, tokenize=False)
+        if not text.startswith(head):
+            return 0
+        head_tokens = self.tokenizer.encode(head, add_special_tokens=False)
+        return len(head_tokens) if tokens[: len(head_tokens)] == head_tokens else 0
+
+    def _forced_call(self, request: Request) -> str:
+        if not self.tool:
+            raise RequestError("this model has no tool-call format, so tool_choice cannot force a call")
+        if request.tool_choice == "required":
+            return "\n"
+        names = [t.get("function", t).get("name") for t in request.tools]
+        if request.tool_choice not in names:
+            raise RequestError(f"tool_choice names {request.tool_choice!r}, which is not among the tools")
+        if self.parser_name != "json_tools":
+            return "\n"
+        return f'\n{{"name": {json.dumps(request.tool_choice)}, "arguments": '
+
+    def count_tokens(self, request: Request) -> int:
+        return len(self.render(request).tokens)
+
+    def submit(self, rid: int, request: Request) -> list[Tagged]:
+        try:
+            prompt = self.render(request)
+            max_tokens = self._max_tokens(request, len(prompt.tokens))
+            if problem := sampling.check(request.sampling, len(self.tokenizer)):
+                raise RequestError(problem)
+        except RequestError as e:
+            return [(rid, Error("invalid_request", str(e)))]
+        s = request.sampling
+        tokens = prompt.tokens
+        layers, cached = self.cache.match(tokens)
+        checkpoint_at = prompt.system_end if prompt.system_end > cached else 0
+        segments = [tokens[cached:checkpoint_at], tokens[checkpoint_at:]] if checkpoint_at else [tokens[cached:]]
+        [uid] = self.generator.insert_segments(
+            [segments],
+            caches=[layers] if layers else None,
+            all_tokens=[tokens[:cached]],
+            max_tokens=[max_tokens],
+            samplers=[sampling.sampler(s)],
+            logits_processors=[sampling.logits_processors(s, self.config.repetition_penalty)],
+        )
+        markup = MarkupParser(
+            self.think, self.tool, self.tokenizer.tool_parser, request.tools, prompt.state, prompt.body
+        )
+        output = OutputStream(self.tokenizer.detokenizer, request.stop, markup)
+        guard = sampling.LoopGuard(self.config.loop_window, self.config.loop_max_period)
+        ahead = sum(a.prefill_started is None for a in self.active.values())
+        self.active[uid] = Active(rid, uid, output, guard, len(tokens), cached, checkpoint_at)
+        self.uid_of[rid] = uid
+        self.prompt_tokens_total += len(tokens)
+        return [(rid, Queued(ahead)), (rid, Started(len(tokens), cached))]
+
+    def _max_tokens(self, request: Request, prompt_tokens: int) -> int:
+        room = self.context_length - prompt_tokens
+        if room < 1:
+            raise RequestError(
+                f"prompt is too long: {prompt_tokens} tokens > {self.context_length - 1} maximum"
+            )
+        if request.max_tokens is not None and request.max_tokens < 1:
+            raise RequestError(f"max_tokens must be at least 1, got {request.max_tokens}")
+        return min(request.max_tokens or self.config.max_tokens, self.config.max_tokens, room)
+
+    def cancel(self, rid: int):
+        if (uid := self.uid_of.get(rid)) is not None:
+            self._retire(self.active[uid], still_batched=True)
+
+    def step(self) -> list[Tagged]:
+        try:
+            prompt_responses, generation_responses = self.generator.next()
+        except Exception as e:  # a failed forward step takes the whole batch with it
+            return self.fail_all(f"the batched step failed: {type(e).__name__}: {e}")
+        now = time.perf_counter()
+        events: list[Tagged] = []
+        for r in prompt_responses:
+            if a := self.active.get(r.uid):
+                a.prefill_started = a.prefill_started or now
+                events.append((a.rid, PrefillProgress(*r.progress)))
+                if a.checkpoint_at and r.end_of_segment and not r.end_of_prompt:
+                    layers, tokens = self.generator.extract_cache([a.uid])[a.uid]
+                    self.cache.store(tokens, layers, checkpoint=True)
+                    a.checkpoint_at = 0
+        if generation_responses:
+            self.batch_sizes[len(generation_responses)] += 1
+        for r in generation_responses:
+            if a := self.active.get(r.uid):
+                events += self._token(a, r, now)
+        return events
+
+    def _token(self, a: Active, r, now: float) -> list[Tagged]:
+        a.first_token = a.first_token or now
+        a.generated += 1
+        self.generation_tokens_total += 1
+        reason = note = None
+        try:
+            if r.finish_reason == "stop":
+                reason, out = "end", a.output.finish()
+            else:
+                out = a.output.add(r.token)
+                if a.output.matched_stop is not None:
+                    reason = "stop_sequence"
+                elif a.guard.looping(r.token):
+                    reason, note = "length", "repetition"
+                elif r.finish_reason == "length":
+                    reason = "length"
+                if reason:
+                    out += a.output.finish()
+        except Exception as e:  # this request's own work failed; the batch goes on
+            out, reason = [Error("engine", f"processing the output failed: {type(e).__name__}: {e}")], "error"
+        tagged = [(a.rid, e) for e in out]
+        if reason is None:
+            return tagged
+        if r.finish_reason is None:
+            self._retire(a, still_batched=True)
+        else:
+            self._retire(a, still_batched=False)
+            self.cache.store(r.all_tokens, r.prompt_cache)
+        if reason != "error":
+            if reason == "end" and a.output.markup.calls:
+                reason = "tool_calls"
+            tagged.append((a.rid, self._done(a, reason, note, now)))
+        return tagged
+
+    def _done(self, a: Active, reason: str, note: str | None, now: float) -> Done:
+        prefill = a.prefill_started or a.submitted
+        timings = Timings(
+            queued_s=prefill - a.submitted,
+            prefill_s=(a.first_token or now) - prefill,
+            decode_s=now - (a.first_token or now),
+        )
+        return Done(
+            stop_reason=reason,
+            usage=Usage(a.prompt_tokens, a.cached_tokens, a.generated),
+            timings=timings,
+            stop_sequence=a.output.matched_stop,
+            note=note,
+        )
+
+    def _retire(self, a: Active, still_batched: bool):
+        """Take the request out; what it left in a running batch is kept in the prefix cache."""
+        if still_batched:
+            kept = self.generator.remove([a.uid], return_prompt_caches=True)
+            if a.uid in kept and a.prefill_started is not None:
+                layers, tokens = kept[a.uid]
+                self.cache.store(tokens, layers)
+        del self.active[a.uid]
+        del self.uid_of[a.rid]
+
+    def fail_all(self, message: str) -> list[Tagged]:
+        """End every request with an engine error and start from a fresh batch."""
+        events = [(a.rid, Error("engine", message)) for a in self.active.values()]
+        self.active.clear()
+        self.uid_of.clear()
+        self.generator.close()
+        self.generator = self._new_generator()
+        mx.clear_cache()
+        return events
+
+    def stats(self) -> dict:
+        running = sum(a.prefill_started is not None for a in self.active.values())
+        return {
+            "running": running,
+            "waiting": len(self.active) - running,
+            "batch_sizes": dict(self.batch_sizes),
+            "prompt_tokens_total": self.prompt_tokens_total,
+            "generation_tokens_total": self.generation_tokens_total,
+        }

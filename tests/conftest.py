@@ -1,0 +1,90 @@
+"""Shared fixtures: one engine on the demo model, and one API server on a loopback port, for the whole session.
+
+Both live on one event loop in a background thread; tests reach the engine with
+`loop.run(coro)` and the server with real HTTP clients at `server.url`.
+"""
+
+import asyncio
+import socket
+import threading
+from collections.abc import Coroutine
+
+import pytest
+import uvicorn
+
+from mlx_tui.engine.client import EngineClient
+from mlx_tui.engine.config import EngineConfig
+
+
+class LoopThread:
+    """An asyncio loop running in a daemon thread; `run` waits for a coroutine on it."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+
+    def run(self, coro: Coroutine, timeout: float = 300):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A uvicorn server for `app` on a free loopback port, run on `loop`."""
+
+    def __init__(self, loop: LoopThread, app):
+        self.loop = loop
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
+        self.uvicorn = uvicorn.Server(config)
+        self.task = asyncio.run_coroutine_threadsafe(self.uvicorn.serve(), loop.loop)
+        loop.run(self._started())
+
+    async def _started(self):
+        while not self.uvicorn.started:
+            if self.task.done():
+                self.task.result()
+            await asyncio.sleep(0.02)
+
+    def close(self):
+        self.uvicorn.should_exit = True
+        self.task.result(30)
+
+
+@pytest.fixture(scope="session")
+def loop():
+    thread = LoopThread()
+    yield thread
+    thread.close()
+
+
+def start_engine(loop: LoopThread, **settings) -> EngineClient:
+    engine = EngineClient(EngineConfig(**settings))
+    loop.run(engine.start())
+    return engine
+
+
+@pytest.fixture(scope="session")
+def engine(loop):
+    """The shared engine on the demo model; tests that break or reconfigure it start their own."""
+    engine = start_engine(loop)
+    yield engine
+    loop.run(engine.stop())
+
+
+@pytest.fixture(scope="session")
+def server(loop, engine):
+    """The shared API server on the shared engine."""
+    from mlx_tui.api.server import create_app
+
+    server = Server(loop, create_app(engine))
+    yield server
+    server.close()

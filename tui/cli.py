@@ -1,0 +1,133 @@
+"""The `mlx-tui` command: engine + API + dashboard, `--serve` for engine + API, `--attach URL` for the dashboard."""
+
+import argparse
+import asyncio
+import ipaddress
+import os
+import socket
+import sys
+
+from mlx_tui.engine.config import EngineConfig, model_problem
+
+LOOPBACK_NAMES = {"localhost", "localhost.localdomain"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="mlx-tui", description=__doc__)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--serve", action="store_true", help="run the engine and the API without the dashboard")
+    mode.add_argument("--attach", metavar="URL", help="show the dashboard of a server started elsewhere")
+    p.add_argument("--model", help="a local mlx-lm model directory or a Hugging Face repo id (default: the bundled demo model)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--api-key", default=os.environ.get("MLX_TUI_API_KEY"), help="require this key (default: $MLX_TUI_API_KEY)")
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
+    p.add_argument("--max-body-mb", type=float, default=32)
+    e = p.add_argument_group("engine")
+    e.add_argument("--max-concurrency", type=int, default=4, help="requests decoded together in one batch")
+    e.add_argument("--prefill-step", type=int, default=512, help="prompt tokens read per step, so running streams keep flowing")
+    e.add_argument("--max-tokens", type=int, default=32768, help="the cap on any request's max_tokens")
+    e.add_argument("--repetition-penalty", type=float, default=0.0, help="default repetition penalty (0: off)")
+    e.add_argument("--loop-window", type=int, default=256, help="end a generation whose last N tokens repeat one span (0: off)")
+    e.add_argument("--loop-max-period", type=int, default=64, help="the longest repeating span --loop-window looks for")
+    e.add_argument("--tool-parser", help="an mlx-lm tool parser name, for models where none is found")
+    e.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template file to use instead of the model's")
+    e.add_argument("--blas", choices=("auto", "reference"), default="auto", help="auto: an optimised OpenBLAS on Linux where found")
+    args = p.parse_args(argv)
+    for name in ("max_concurrency", "prefill_step", "max_tokens"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    config = EngineConfig(
+        max_concurrency=args.max_concurrency,
+        prefill_step=args.prefill_step,
+        max_tokens=args.max_tokens,
+        repetition_penalty=args.repetition_penalty,
+        loop_window=args.loop_window,
+        loop_max_period=args.loop_max_period,
+        tool_parser=args.tool_parser,
+        chat_template=args.chat_template,
+        blas=args.blas,
+    )
+    if args.model:
+        config.model = args.model
+    return config
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """Bind the API's socket before the model loads, so a busy port fails at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock
+
+
+class ProgressBar:
+    """Prints model loading as a one-line progress bar on stderr."""
+
+    def __call__(self, phase: str, fraction: float):
+        filled = int(fraction * 30)
+        sys.stderr.write(f"\rloading model: {phase:<8} [{'#' * filled}{'.' * (30 - filled)}] {fraction:4.0%}")
+        if phase == "weights" and fraction >= 1:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+async def serve(args: argparse.Namespace, sock: socket.socket) -> int:
+    import uvicorn
+
+    from mlx_tui.api.server import create_app
+    from mlx_tui.engine.client import EngineClient, ModelLoadError
+
+    engine = EngineClient(engine_config(args), on_progress=ProgressBar())
+    try:
+        await engine.start()
+    except ModelLoadError as e:
+        print(f"mlx-tui: {e}", file=sys.stderr)
+        return 1
+    if engine.info["tool_parser"] is None:
+        print("mlx-tui: no tool-call parser found for this model; pass --tool-parser NAME to enable tool calls", file=sys.stderr)
+    app = create_app(engine, api_key=args.api_key, max_body_mb=args.max_body_mb)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5))
+    print(f"mlx-tui: serving {engine.config.model} at http://{args.host}:{args.port} (BLAS: {engine.blas})", file=sys.stderr)
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        await engine.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.attach:
+        print("mlx-tui: --attach needs the dashboard, which is not built yet", file=sys.stderr)
+        return 2
+    if args.model and (problem := model_problem(args.model)):
+        print(f"mlx-tui: {problem}", file=sys.stderr)
+        return 2
+    if not is_loopback(args.host) and not args.api_key and not args.insecure:
+        print(f"mlx-tui: refusing to serve on {args.host} without --api-key (or --insecure)", file=sys.stderr)
+        return 2
+    try:
+        sock = bind(args.host, args.port)
+    except OSError as e:
+        print(f"mlx-tui: cannot listen on {args.host}:{args.port}: {e.strerror}", file=sys.stderr)
+        return 1
+    return asyncio.run(serve(args, sock))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
