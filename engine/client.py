@@ -1,23 +1,38 @@
-"""The front process's handle on the engine worker: start and supervise it, stream requests through it."""
+"""The front process's handle on the engine: supervise the worker, guard it, stream requests through it.
+
+The supervisor restarts a worker that exits or stops making progress, failing what was
+in flight; the circuit breaker turns repeated engine failures into fast refusals; a
+bounded queue turns overload into fast refusals too.
+"""
 
 import asyncio
 import itertools
-import os
-import secrets
-import subprocess
-import sys
-import threading
+import time
 from collections.abc import AsyncIterator, Callable
-from multiprocessing.connection import Client, Listener
+from pathlib import Path
 
 from .blas import worker_blas
+from .breaker import CircuitBreaker
+from .bus import EventBus
 from .config import EngineConfig
-from .events import TERMINAL, Error, Event
+from .events import TERMINAL, Done, Error, Event, PrefillProgress, Started, TextDelta, ToolCallEnd
+from .metrics import BREAKER_STATES, Metrics
 from .request import Request
+from .transcripts import Transcript, Transcripts
+from .worker_process import WorkerProcess
 
 
 class EngineUnavailable(Exception):
-    """The worker is not ready to take requests (loading, restarting or failed)."""
+    """The engine cannot take the request now; `retry_after` is a hint in seconds.
+
+    `reason` is "breaker" (open circuit), "busy" (the queue is full) or "down"
+    (loading, restarting, failed or stopped).
+    """
+
+    def __init__(self, message: str, reason: str, retry_after: float = 1.0):
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after = retry_after
 
 
 class ModelLoadError(Exception):
@@ -25,73 +40,117 @@ class ModelLoadError(Exception):
 
 
 class EngineClient:
-    """Starts the worker, restarts it when it dies, and streams events per request.
-
-    `on_progress(phase, fraction)` is called while the model loads.
-    """
+    """Starts the worker and streams events per request; `on_progress(phase, fraction)` reports loading."""
 
     RESTART_BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0)
+    STATS_INTERVAL = 1.0
+    RESTART_WAIT = 30.0
 
     def __init__(self, config: EngineConfig, on_progress: Callable[[str, float], None] | None = None):
         self.config = config
         self.on_progress = on_progress or (lambda phase, fraction: None)
+        self.bus = EventBus()
+        self.metrics = Metrics()
+        self.transcripts = Transcripts(self.bus, Path(config.transcripts_dir) if config.transcripts_dir else None)
+        self.breaker = CircuitBreaker(
+            config.breaker_threshold, config.breaker_cooldown, on_change=self._breaker_changed
+        )
+        self.blas, blas_env = worker_blas(config.blas)
+        self.worker = WorkerProcess(blas_env, self._dispatch, self._exited)
         self.state = "stopped"
         self.info: dict = {}
         self.restarts = 0
-        self.blas, self._blas_env = worker_blas(config.blas)
+        self.last_stats: dict = {}
+        self.started_at = time.time()
         self._ids = itertools.count()
         self._streams: dict[int, asyncio.Queue] = {}
         self._replies: dict[int, asyncio.Future] = {}
-        self._process: subprocess.Popen | None = None
-        self._conn = None
+        self._generating: set[str] = set()
         self._ready = asyncio.Event()
-        self._lost = asyncio.Event()
+        self._exit = asyncio.Event()
+        self._exit_code: int | None = None
         self._fatal: str | None = None
-        self._supervisor: asyncio.Task | None = None
+        self._last_progress = time.monotonic()
+        self._stalled = False
+        self._tasks: list[asyncio.Task] = []
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid if self._process else None
+        return self.worker.pid
 
     async def start(self):
         """Start the worker and wait until its model is loaded."""
-        self._loop = asyncio.get_running_loop()
-        await self._launch()
-        if self._fatal:
+        if not await self._launch():
             raise ModelLoadError(self._fatal)
-        self._supervisor = asyncio.create_task(self._supervise())
+        self._tasks = [asyncio.create_task(t) for t in (self._supervise(), self._tick(), self._watchdog())]
 
-    async def stop(self):
-        self.state = "stopped"
-        if self._supervisor:
-            self._supervisor.cancel()
-        self._send(("stop",))
-        if self._process:
-            try:
-                await asyncio.to_thread(self._process.wait, 10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                await asyncio.to_thread(self._process.wait)
+    async def stop(self, grace: float = 10.0):
+        """Stop the worker (it flushes its disk cache first); in-flight requests end with an error."""
+        for task in self._tasks:
+            task.cancel()
+        self._set_state("stopped")
+        self.worker.send(("stop",))
+        if await self.worker.wait(grace) is None:
+            self.worker.kill()
+            await self.worker.wait(grace)
         self._fail_in_flight("the engine stopped")
 
-    async def generate(self, request: Request) -> AsyncIterator[Event]:
-        """The request's events, ending with Done or Error; leaving early cancels it."""
-        if self.state != "ready":
-            raise EngineUnavailable(f"the engine is {self.state}")
+    def health(self) -> dict:
+        return {"state": self.state, "pid": self.pid, "restarts": self.restarts, "breaker": self.breaker.snapshot()}
+
+    async def generate(
+        self, request: Request, request_id: str | None = None, transcript: Transcript | None = None
+    ) -> AsyncIterator[Event]:
+        """The request's events, ending with Done or Error; leaving early cancels it.
+
+        Raises EngineUnavailable before any event when the request cannot be taken.
+        Each step is published on the bus as a "request" event under `request_id`,
+        and noted in `transcript` when one is given.
+        """
+        await self._admit()
         rid = next(self._ids)
+        request_id = request_id or f"req_{rid}"
         events: asyncio.Queue = asyncio.Queue()
         self._streams[rid] = events
+        self.bus.publish("request", id=request_id, phase="queued", source=request.source, client=request.client)
         finished = False
         try:
-            self._send(("submit", rid, request))
-            while not finished:
-                event = await events.get()
-                finished = isinstance(event, TERMINAL)
-                yield event
+            self.worker.send(("submit", rid, request))
+            async with asyncio.timeout(self.config.request_timeout or None):
+                while not finished:
+                    event = await events.get()
+                    finished = isinstance(event, TERMINAL)
+                    self._observe(request_id, event, transcript)
+                    yield event
+        except TimeoutError:
+            event = Error("timeout", f"the request took longer than {self.config.request_timeout:g} s")
+            self._observe(request_id, event, transcript)
+            yield event
         finally:
             del self._streams[rid]
             if not finished:
-                self._send(("cancel", rid))
+                self.worker.send(("cancel", rid))
+                self.breaker.release()
+                self.bus.publish("request", id=request_id, phase="cancelled")
+
+    async def _admit(self):
+        if self.state in ("loading", "restarting") and self.breaker.state != "open":
+            try:
+                await asyncio.wait_for(self._ready.wait(), self.RESTART_WAIT)
+            except TimeoutError:
+                pass
+        if self.state != "ready":
+            raise EngineUnavailable(f"the engine is {self.state}", "down", self.RESTART_BACKOFF[-1])
+        if len(self._streams) >= self.config.max_concurrency + self.config.max_queue:
+            raise EngineUnavailable(
+                f"the server is at capacity ({len(self._streams)} requests running or queued)", "busy"
+            )
+        if not self.breaker.allow():
+            raise EngineUnavailable(
+                "the engine failed repeatedly; the circuit breaker is open",
+                "breaker",
+                self.breaker.next_probe_s() or 1.0,
+            )
 
     async def count_tokens(self, request: Request) -> int | Error:
         return await self._call("count", request)
@@ -101,72 +160,46 @@ class EngineClient:
 
     async def _call(self, kind: str, *args):
         if self.state != "ready":
-            raise EngineUnavailable(f"the engine is {self.state}")
+            raise EngineUnavailable(f"the engine is {self.state}", "down")
         rid = next(self._ids)
-        reply = self._replies[rid] = self._loop.create_future()
+        reply = self._replies[rid] = asyncio.get_running_loop().create_future()
         try:
-            self._send((kind, rid, *args))
+            self.worker.send((kind, rid, *args))
             return await reply
         finally:
             del self._replies[rid]
 
-    async def _launch(self):
-        self.state = "loading"
-        self._ready.clear()
-        self._lost.clear()
-        self._fatal = None
-        authkey = secrets.token_bytes(32)
-        listener = Listener(("127.0.0.1", 0), authkey=authkey)
-        host, port = listener.address
-        env = {**os.environ, **self._blas_env, "MLX_TUI_AUTHKEY": authkey.hex()}
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "mlx_tui.engine.worker", f"{host}:{port}"], env=env
-        )
-        process = self._process
-        accepted = threading.Event()
-        threading.Thread(target=self._watch, args=(process, (host, port), authkey, accepted), daemon=True).start()
-        try:
-            self._conn = await asyncio.to_thread(listener.accept)
-        finally:
-            accepted.set()
-            listener.close()
-        if process.poll() is not None:
-            self._fatal = self._fatal or f"the engine worker exited with code {process.returncode}"
-            self.state = "failed"
-            return
-        self._conn.send(("config", self.config))
-        threading.Thread(target=self._read, args=(self._conn,), daemon=True).start()
-        await asyncio.wait(
-            [asyncio.ensure_future(self._ready.wait()), asyncio.ensure_future(self._lost.wait())],
-            return_when=asyncio.FIRST_COMPLETED,
-        )
-        if not self._ready.is_set():
-            self._fatal = self._fatal or f"the engine worker exited with code {process.wait()}"
-            self.state = "failed"
-
-    def _watch(self, process: subprocess.Popen, address: tuple, authkey: bytes, accepted: threading.Event):
-        """Wait for the worker's exit; wake the pending accept if it never connected."""
-        process.wait()
-        if not accepted.is_set():
-            try:
-                Client(address, authkey=authkey).close()
-            except OSError:
-                pass
-        try:
-            self._loop.call_soon_threadsafe(self._lost.set)
-        except RuntimeError:
-            pass  # the event loop has already closed
-
-    def _read(self, conn):
-        try:
-            while True:
-                message = conn.recv()
-                self._loop.call_soon_threadsafe(self._dispatch, message)
-        except (EOFError, OSError, RuntimeError):
-            pass  # the worker or the event loop is gone
+    def _observe(self, request_id: str, event: Event, transcript: Transcript | None):
+        """Count the event, settle the breaker, record the transcript, publish the lifecycle step."""
+        self.metrics.observe(event)
+        if transcript:
+            self.transcripts.record(transcript, event)
+        publish = self.bus.publish
+        if isinstance(event, Started):
+            publish("request", id=request_id, phase="prefill", prompt_tokens=event.prompt_tokens,
+                    cached_tokens=event.cached_tokens)
+        elif isinstance(event, PrefillProgress):
+            publish("request", id=request_id, phase="prefill", done=event.done, total=event.total)
+        elif isinstance(event, (TextDelta, ToolCallEnd)) and request_id not in self._generating:
+            self._generating.add(request_id)
+            publish("request", id=request_id, phase="generating")
+        elif isinstance(event, Done):
+            self.breaker.success()
+            self._generating.discard(request_id)
+            publish("request", id=request_id, phase="done", stop_reason=event.stop_reason, note=event.note,
+                    prompt_tokens=event.usage.prompt_tokens, cached_tokens=event.usage.cached_tokens,
+                    generated_tokens=event.usage.generated_tokens,
+                    ttft_s=event.timings.queued_s + event.timings.prefill_s, decode_s=event.timings.decode_s)
+        elif isinstance(event, Error):
+            if event.kind != "engine":
+                self.breaker.release()
+            self._generating.discard(request_id)
+            self.metrics.failures.labels(event.kind).inc()
+            publish("request", id=request_id, phase="error", error_kind=event.kind, message=event.message)
 
     def _dispatch(self, message: tuple):
         kind = message[0]
+        self._last_progress = time.monotonic()
         if kind == "events":
             for rid, event in message[1]:
                 if stream := self._streams.get(rid):
@@ -174,39 +207,109 @@ class EngineClient:
         elif kind == "reply":
             if (reply := self._replies.get(message[1])) and not reply.done():
                 reply.set_result(message[2])
+        elif kind == "failure":
+            self._engine_failure(message[1])
         elif kind == "progress":
             self.on_progress(message[1], message[2])
+            self.bus.publish("worker", state="loading", phase=message[1], fraction=message[2])
         elif kind == "ready":
             self.info = message[1]
-            self.state = "ready"
+            self._set_state("ready")
             self._ready.set()
         elif kind == "fatal":
             self._fatal = message[1]
 
-    def _send(self, message: tuple):
-        try:
-            if self._conn is not None:
-                self._conn.send(message)
-        except OSError:
-            pass  # the worker is gone; the supervisor fails the request
+    def _engine_failure(self, reason: str):
+        self.breaker.failure()
+        self.bus.publish("worker", state=self.state, failure=reason, pid=self.pid, restarts=self.restarts)
+
+    def _exited(self, code: int):
+        self._exit_code = code
+        self._exit.set()
+
+    def _set_state(self, state: str, **data):
+        self.state = state
+        if state != "ready":
+            self._ready.clear()
+        self.bus.publish("worker", state=state, pid=self.pid, restarts=self.restarts, **data)
+
+    def _breaker_changed(self, state: str):
+        self.metrics.breaker.set(BREAKER_STATES[state])
+        self.bus.publish("breaker", **self.breaker.snapshot() | {"state": state})
 
     def _fail_in_flight(self, message: str):
         for stream in self._streams.values():
             stream.put_nowait(Error("engine", message))
         for reply in self._replies.values():
             if not reply.done():
-                reply.set_exception(EngineUnavailable(message))
+                reply.set_exception(EngineUnavailable(message, "down"))
+
+    async def _launch(self) -> bool:
+        """Start a worker and wait for its model; False (with `_fatal` set) if that failed."""
+        self._set_state("loading")
+        self._exit.clear()
+        self._fatal = None
+        started = await self.worker.start(self.config)
+        if started:
+            ready = asyncio.ensure_future(self._ready.wait())
+            exited = asyncio.ensure_future(self._exit.wait())
+            await asyncio.wait([ready, exited], return_when=asyncio.FIRST_COMPLETED)
+            ready.cancel()
+            exited.cancel()
+        if self.state == "ready":
+            return True
+        code = await self.worker.wait(10)
+        self._fatal = self._fatal or f"the engine worker exited with code {code} before it was ready"
+        self._set_state("failed", message=self._fatal)
+        return False
 
     async def _supervise(self):
-        """Restart the worker whenever it exits, failing what was in flight."""
+        """Restart the worker whenever it exits, failing what was in flight, with backoff."""
         failures = 0
         while True:
-            await self._lost.wait()
-            code = self._process.wait()
-            self.state = "restarting"
-            self._fail_in_flight(f"the engine worker exited (code {code}); restarting it")
-            delay = self.RESTART_BACKOFF[min(failures, len(self.RESTART_BACKOFF) - 1)]
-            await asyncio.sleep(delay)
+            await self._exit.wait()
+            reason = "stalled" if self._stalled else f"exited (code {self._exit_code})"
+            self._stalled = False
+            self._engine_failure(f"the worker {reason}")
+            self._set_state("restarting", exit_code=self._exit_code)
+            self.metrics.restarts.inc()
+            self._fail_in_flight(f"the engine worker {reason}; it is being restarted")
+            await asyncio.sleep(self.RESTART_BACKOFF[min(failures, len(self.RESTART_BACKOFF) - 1)])
             self.restarts += 1
-            await self._launch()
-            failures = failures + 1 if self._fatal else 0
+            failures = 0 if await self._launch() else failures + 1
+
+    async def _watchdog(self):
+        """Kill a worker that has work but has sent nothing (no token, no prefill step) for too long."""
+        timeout = self.config.stall_timeout
+        while True:
+            await asyncio.sleep(min(timeout / 4, 1.0))
+            if self.state != "ready" or not (self._streams or self._replies):
+                self._last_progress = time.monotonic()
+                continue
+            if time.monotonic() - self._last_progress > timeout:
+                self._stalled = True
+                self.worker.kill()
+                self._last_progress = time.monotonic()
+
+    async def _tick(self):
+        """Publish the worker's stats once a second, with throughput since the last tick."""
+        previous, then = None, time.monotonic()
+        while True:
+            await asyncio.sleep(self.STATS_INTERVAL)
+            try:
+                stats = await self._call("stats")
+            except EngineUnavailable:
+                continue
+            now = time.monotonic()
+            if previous:
+                elapsed = now - then
+                stats["decode_tps"] = (stats["generation_tokens_total"] - previous["generation_tokens_total"]) / elapsed
+                stats["prefill_tps"] = (stats["prefill_tokens_total"] - previous["prefill_tokens_total"]) / elapsed
+            previous, then = stats, now
+            self.metrics.running.set(stats["running"])
+            self.metrics.waiting.set(stats["waiting"])
+            self.metrics.cache_bytes.labels("ram").set(stats["cache"]["ram_bytes"])
+            self.metrics.cache_bytes.labels("disk").set(stats["cache"]["disk_bytes"])
+            self.last_stats = stats
+            self.bus.publish("stats", **stats, breaker=self.breaker.snapshot(), state=self.state,
+                             restarts=self.restarts, pid=self.pid)

@@ -2,10 +2,23 @@
 
 import os
 import re
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .demo import MODEL_DIR
+
+
+def data_dir() -> Path:
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "mlx-tui"
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "mlx-tui"
+
+
+def cache_dir() -> Path:
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "mlx-tui"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlx-tui"
 
 
 @dataclass(slots=True)
@@ -22,7 +35,16 @@ class EngineConfig:
     tool_parser: str | None = None
     chat_template: str | None = None
     blas: str = "auto"
+    max_queue: int = 16
+    request_timeout: float = 0.0
+    stall_timeout: float = 60.0
+    breaker_threshold: int = 3
+    breaker_cooldown: float = 5.0
+    max_kv_gb: float = 0.0
     cache_ram_gb: float = 0.0
+    cache_dir: str | None = field(default_factory=lambda: str(cache_dir() / "prefix-cache"))
+    cache_disk_gb: float = 10.0
+    transcripts_dir: str | None = field(default_factory=lambda: str(data_dir() / "transcripts"))
 
     @property
     def cache_ram_bytes(self) -> int:

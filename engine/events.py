@@ -13,10 +13,12 @@ class Queued:
 
 @dataclass(slots=True, frozen=True)
 class Started:
-    """The prompt is rendered; `cached_tokens` of it are reused from the prefix cache."""
+    """The prompt is rendered; its first `cached_tokens` (`cached_chars` of its text) come from the prefix cache."""
 
     prompt_tokens: int
     cached_tokens: int
+    prompt_text: str = ""
+    cached_chars: int = 0
 
 
 @dataclass(slots=True, frozen=True)

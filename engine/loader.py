@@ -1,6 +1,7 @@
 """Load a model with mlx-lm, evaluating it layer by layer so that loading can report progress."""
 
-import os
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,17 @@ class Loaded:
     tokenizer: object
     context_length: int
     dtype: str
+    identity: str
+
+
+def identity(ref: str, config: dict) -> str:
+    """A short hash naming these weights: the reference, the config and the weight files' sizes."""
+    h = hashlib.sha256(ref.encode())
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    path = Path(ref).expanduser()
+    for weights in sorted(path.glob("*.safetensors")) if path.is_dir() else ():
+        h.update(f"{weights.name}:{weights.stat().st_size}".encode())
+    return h.hexdigest()[:16]
 
 
 def load(
@@ -37,11 +49,11 @@ def load(
         extra["tool_parser_type"] = tool_parser
     if chat_template:
         extra["chat_template"] = Path(chat_template).read_text()
+    local = Path(ref).expanduser()
+    source = str(local.resolve()) if local.exists() else ref
     progress("reading", 0.0)
     try:
-        model, tokenizer, config = mlx_load(
-            os.path.expanduser(ref), tokenizer_config=extra, lazy=True, return_config=True
-        )
+        model, tokenizer, config = mlx_load(source, tokenizer_config=extra, lazy=True, return_config=True)
         layers = list(getattr(model, "layers", []))
         for i, layer in enumerate(layers):
             mx.eval(layer.parameters())
@@ -54,5 +66,5 @@ def load(
         raise ModelError(f"{ref}: cannot load the model: {detail}") from e
     context = config.get("max_position_embeddings") or getattr(tokenizer, "model_max_length", 0)
     dtype = str(tree_flatten(model.parameters())[0][1].dtype).removeprefix("mlx.core.")
-    return Loaded(model, tokenizer, int(context or 4096), dtype)
+    return Loaded(model, tokenizer, int(context or 4096), dtype, identity(source, config))
 

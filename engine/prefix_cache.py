@@ -6,11 +6,14 @@ copies what it reads, so stored entries are never written to.
 """
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from mlx_lm.models.cache import KVCache
+
+if TYPE_CHECKING:
+    from .disk_cache import DiskCache
 
 
 @dataclass(eq=False, slots=True)
@@ -55,6 +58,7 @@ def reusable(layers: list) -> bool:
 class CacheStats:
     lookups: int = 0
     hits: int = 0
+    disk_hits: int = 0
     prompt_tokens: int = 0
     reused_tokens: int = 0
     evictions: int = 0
@@ -63,12 +67,13 @@ class CacheStats:
 class PrefixCache:
     """Entries bounded by `budget` bytes, evicted by value: tokens saved, hits and recency.
 
-    `on_store` is called with each new entry (the disk tier's write-behind).
+    With a `disk` tier, each new entry is also written there, and a prompt that disk
+    holds a longer prefix of than RAM is served from disk.
     """
 
-    def __init__(self, budget: int, on_store: Callable[[Entry], None] | None = None, clock=time.monotonic):
+    def __init__(self, budget: int, disk: "DiskCache | None" = None, clock=time.monotonic):
         self.budget = budget
-        self.on_store = on_store or (lambda entry: None)
+        self.disk = disk
         self.clock = clock
         self.entries: list[Entry] = []
         self.stats = CacheStats()
@@ -89,6 +94,12 @@ class PrefixCache:
         """Layers holding the longest cached prefix of `tokens` (at most all but the last), and its length."""
         prompt = np.asarray(tokens, dtype=np.int64)
         entry, n = self.longest(prompt)
+        if self.disk:
+            found, on_disk = self.disk.longest(prompt)
+            if on_disk > n and (loaded := self.disk.load(found, self.clock())):
+                self.add(loaded)
+                entry, n = loaded, on_disk
+                self.stats.disk_hits += 1
         n = min(n, len(tokens) - 1)
         self.stats.lookups += 1
         self.stats.prompt_tokens += len(tokens)
@@ -115,7 +126,8 @@ class PrefixCache:
         self.entries = [e for e in self.entries if e.checkpoint or not self._covers(entry, e)]
         self.entries.append(entry)
         self._evict(now, keep=entry)
-        self.on_store(entry)
+        if self.disk:
+            self.disk.save(entry)
         return entry
 
     def add(self, entry: Entry):

@@ -25,7 +25,9 @@ class Request:
 
     `tools` are OpenAI-style function schemas. `tool_choice` is "auto", "none",
     "required" (any tool) or a tool name. `enable_thinking` is None to leave the
-    template's default.
+    template's default. `source` ("anthropic", "openai", "chat") and `client` (the
+    user agent) only label the request on the dashboard. `fault` is the fault-injection
+    debug setting, see `engine/faults.py`.
     """
 
     messages: list[dict[str, Any]]
@@ -35,4 +37,6 @@ class Request:
     max_tokens: int | None = None
     stop: list[str] = field(default_factory=list)
     enable_thinking: bool | None = None
+    source: str = ""
     client: str = ""
+    fault: str | None = None

@@ -6,9 +6,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 from mlx_lm.generate import BatchGenerator
 
-from . import sampling
+from . import faults, sampling
 from .config import EngineConfig
 from .events import Done, Error, Event, PrefillProgress, Queued, Started, Timings, Usage
 from .loader import Loaded
@@ -27,6 +28,7 @@ class RequestError(Exception):
 class Prompt:
     """Rendered tokens; `system_end` is where the system prompt and tools end (0: none)."""
 
+    text: str
     tokens: list[int]
     state: str
     body: str
@@ -44,8 +46,21 @@ class Active:
     checkpoint_at: int
     submitted: float = field(default_factory=time.perf_counter)
     prefill_started: float | None = None
+    prefilled: int = 0
+    fault: tuple[str, int] | None = None
     first_token: float | None = None
     generated: int = 0
+
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes of KV cache one token takes, from the model's settings (0 where they are unknown)."""
+    args = getattr(model, "args", None)
+    layers = getattr(args, "num_hidden_layers", 0)
+    heads = getattr(args, "num_attention_heads", 0)
+    kv_heads = getattr(args, "num_key_value_heads", None) or heads
+    head_dim = getattr(args, "head_dim", None) or (getattr(args, "hidden_size", 0) // heads if heads else 0)
+    itemsize = next(iter(tree_flatten(model.parameters())))[1].dtype.size
+    return 2 * layers * kv_heads * head_dim * itemsize
 
 
 class Scheduler:
@@ -70,7 +85,10 @@ class Scheduler:
         self.uid_of: dict[int, int] = {}
         self.batch_sizes: Counter[int] = Counter()
         self.prompt_tokens_total = 0
+        self.prefill_tokens_total = 0
         self.generation_tokens_total = 0
+        self.failures: list[str] = []
+        self.kv_bytes_per_token = kv_bytes_per_token(self.model)
         self.generator = self._new_generator()
 
     def _new_generator(self) -> BatchGenerator:
@@ -107,7 +125,7 @@ class Scheduler:
             state, body = MarkupParser.TOOL, self._forced_call(request)
             text += self.tool[0] + body
         tokens = self.tokenizer.encode(text, add_special_tokens=False)
-        return Prompt(tokens, state, body, self._system_end(request.messages, tools, text, tokens))
+        return Prompt(text, tokens, state, body, self._system_end(request.messages, tools, text, tokens))
 
     def _system_end(self, messages: list[dict], tools, text: str, tokens: list[int]) -> int:
         """The token count of the leading system turn and tools, where the prompt starts with them."""
@@ -141,7 +159,8 @@ class Scheduler:
             max_tokens = self._max_tokens(request, len(prompt.tokens))
             if problem := sampling.check(request.sampling, len(self.tokenizer)):
                 raise RequestError(problem)
-        except RequestError as e:
+            fault = faults.parse(request.fault) if request.fault else None
+        except (RequestError, ValueError) as e:
             return [(rid, Error("invalid_request", str(e)))]
         s = request.sampling
         tokens = prompt.tokens
@@ -162,10 +181,11 @@ class Scheduler:
         output = OutputStream(self.tokenizer.detokenizer, request.stop, markup)
         guard = sampling.LoopGuard(self.config.loop_window, self.config.loop_max_period)
         ahead = sum(a.prefill_started is None for a in self.active.values())
-        self.active[uid] = Active(rid, uid, output, guard, len(tokens), cached, checkpoint_at)
+        self.active[uid] = Active(rid, uid, output, guard, len(tokens), cached, checkpoint_at, fault=fault)
         self.uid_of[rid] = uid
         self.prompt_tokens_total += len(tokens)
-        return [(rid, Queued(ahead)), (rid, Started(len(tokens), cached))]
+        cached_chars = len(self.tokenizer.decode(tokens[:cached])) if cached else 0
+        return [(rid, Queued(ahead)), (rid, Started(len(tokens), cached, prompt.text, cached_chars))]
 
     def _max_tokens(self, request: Request, prompt_tokens: int) -> int:
         room = self.context_length - prompt_tokens
@@ -175,7 +195,14 @@ class Scheduler:
             )
         if request.max_tokens is not None and request.max_tokens < 1:
             raise RequestError(f"max_tokens must be at least 1, got {request.max_tokens}")
-        return min(request.max_tokens or self.config.max_tokens, self.config.max_tokens, room)
+        max_tokens = min(request.max_tokens or self.config.max_tokens, self.config.max_tokens, room)
+        kv_gb = (prompt_tokens + max_tokens) * self.kv_bytes_per_token / 2**30
+        if self.config.max_kv_gb and kv_gb > self.config.max_kv_gb:
+            raise RequestError(
+                f"this request's KV cache could reach {kv_gb:.2f} GB ({prompt_tokens} prompt + {max_tokens} "
+                f"new tokens), over the server's --max-kv-gb {self.config.max_kv_gb:g}; lower max_tokens"
+            )
+        return max_tokens
 
     def cancel(self, rid: int):
         if (uid := self.uid_of.get(rid)) is not None:
@@ -183,15 +210,21 @@ class Scheduler:
 
     def step(self) -> list[Tagged]:
         try:
-            prompt_responses, generation_responses = self.generator.next()
-        except Exception as e:  # a failed forward step takes the whole batch with it
+            return self._step()
+        except Exception as e:  # a failed batched step takes every request in it down
             return self.fail_all(f"the batched step failed: {type(e).__name__}: {e}")
+
+    def _step(self) -> list[Tagged]:
+        prompt_responses, generation_responses = self.generator.next()
         now = time.perf_counter()
         events: list[Tagged] = []
         for r in prompt_responses:
             if a := self.active.get(r.uid):
                 a.prefill_started = a.prefill_started or now
-                events.append((a.rid, PrefillProgress(*r.progress)))
+                done, total = r.progress
+                self.prefill_tokens_total += done - a.prefilled
+                a.prefilled = done
+                events.append((a.rid, PrefillProgress(done, total)))
                 if a.checkpoint_at and r.end_of_segment and not r.end_of_prompt:
                     layers, tokens = self.generator.extract_cache([a.uid])[a.uid]
                     self.cache.store(tokens, layers, checkpoint=True)
@@ -208,7 +241,12 @@ class Scheduler:
         a.generated += 1
         self.generation_tokens_total += 1
         reason = note = None
+        fault = a.fault[0] if a.fault and a.generated == a.fault[1] else None
+        if fault in ("batch_error", "stall", "exit"):
+            faults.act(fault)
         try:
+            if fault:
+                raise faults.InjectedFault(f"injected {fault}")
             if r.finish_reason == "stop":
                 reason, out = "end", a.output.finish()
             else:
@@ -222,7 +260,7 @@ class Scheduler:
                 if reason:
                     out += a.output.finish()
         except Exception as e:  # this request's own work failed; the batch goes on
-            out, reason = [Error("engine", f"processing the output failed: {type(e).__name__}: {e}")], "error"
+            out, reason = [Error("internal", f"processing the output failed: {type(e).__name__}: {e}")], "error"
         tagged = [(a.rid, e) for e in out]
         if reason is None:
             return tagged
@@ -264,6 +302,7 @@ class Scheduler:
 
     def fail_all(self, message: str) -> list[Tagged]:
         """End every request with an engine error and start from a fresh batch."""
+        self.failures.append(message)
         events = [(a.rid, Error("engine", message)) for a in self.active.values()]
         self.active.clear()
         self.uid_of.clear()
@@ -274,10 +313,27 @@ class Scheduler:
 
     def stats(self) -> dict:
         running = sum(a.prefill_started is not None for a in self.active.values())
+        cache = self.cache.stats
         return {
             "running": running,
             "waiting": len(self.active) - running,
             "batch_sizes": dict(self.batch_sizes),
             "prompt_tokens_total": self.prompt_tokens_total,
+            "prefill_tokens_total": self.prefill_tokens_total,
             "generation_tokens_total": self.generation_tokens_total,
+            "cache": {
+                "entries": len(self.cache.entries),
+                "ram_bytes": self.cache.nbytes,
+                "ram_budget": self.cache.budget,
+                "disk_bytes": self.cache.disk.nbytes if self.cache.disk else 0,
+                "disk_budget": self.cache.disk.budget if self.cache.disk else 0,
+                "lookups": cache.lookups,
+                "hits": cache.hits,
+                "disk_hits": cache.disk_hits,
+                "prompt_tokens": cache.prompt_tokens,
+                "reused_tokens": cache.reused_tokens,
+                "evictions": cache.evictions,
+            },
+            "memory": {"active": mx.get_active_memory(), "peak": mx.get_peak_memory(),
+                       "running_kv": self.generator.prompt_cache_nbytes},
         }

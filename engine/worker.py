@@ -7,16 +7,19 @@ loads the model and then serves requests until told to stop or disconnected.
 Front to worker: ("config", EngineConfig), ("submit", rid, Request), ("cancel", rid),
 ("count", rid, Request), ("stats", rid), ("stop",).
 Worker to front: ("progress", phase, fraction), ("ready", info), ("fatal", message),
-("events", [(rid, event), ...]), ("reply", rid, value).
+("events", [(rid, event), ...]), ("reply", rid, value), ("failure", message) for a
+failed batched step (the breaker counts it).
 """
 
 import os
 import queue
 import sys
 import threading
+from pathlib import Path
 from multiprocessing.connection import Client, Connection
 
 from .config import EngineConfig
+from .disk_cache import DiskCache
 from .events import Error
 from .loader import ModelError, load
 from .prefix_cache import PrefixCache
@@ -48,6 +51,8 @@ def serve(conn: Connection, scheduler: Scheduler):
             events += scheduler.step()
         if events:
             conn.send(("events", events))
+        while scheduler.failures:
+            conn.send(("failure", scheduler.failures.pop(0)))
 
 
 def handle(message: tuple, scheduler: Scheduler, conn: Connection) -> list:
@@ -81,7 +86,10 @@ def main(argv: list[str] = sys.argv[1:]) -> int:
     except ModelError as e:
         conn.send(("fatal", str(e)))
         return 1
-    scheduler = Scheduler(loaded, config, PrefixCache(config.cache_ram_bytes))
+    disk = None
+    if config.cache_dir:
+        disk = DiskCache(Path(config.cache_dir) / loaded.identity, int(config.cache_disk_gb * 2**30), loaded.identity)
+    scheduler = Scheduler(loaded, config, PrefixCache(config.cache_ram_bytes, disk))
     tokenizer = loaded.tokenizer
     conn.send(
         (
@@ -97,8 +105,13 @@ def main(argv: list[str] = sys.argv[1:]) -> int:
         )
     )
     serve(conn, scheduler)
+    if disk:
+        disk.flush()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # skip interpreter teardown, which can hang on MLX's threads; the disk cache is flushed

@@ -67,9 +67,24 @@ def loop():
 
 
 def start_engine(loop: LoopThread, **settings) -> EngineClient:
-    engine = EngineClient(EngineConfig(**settings))
+    """A started engine; transcripts and the prefix cache stay in memory unless their directories are given."""
+    engine = EngineClient(EngineConfig(**{"transcripts_dir": None, "cache_dir": None, **settings}))
     loop.run(engine.start())
     return engine
+
+
+@pytest.fixture
+def make_engine(loop):
+    """Start engines with their own settings for one test (to break or reconfigure); stopped after it."""
+    engines = []
+
+    def make(**settings) -> EngineClient:
+        engines.append(start_engine(loop, **settings))
+        return engines[-1]
+
+    yield make
+    for engine in engines:
+        loop.run(engine.stop())
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,105 @@
+"""Per-request transcripts: what came in, the prompt, the raw model text, the parsed calls, what went back.
+
+Kept in memory (the most recent ones) and, unless disabled, appended to a JSONL file
+created 0600 under the user's data directory and rotated when it grows past its bound.
+"""
+
+import json
+import os
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .bus import EventBus
+from .events import Done, Error, ParseError, RawText, Started, ToolCallEnd
+
+
+@dataclass(slots=True)
+class Transcript:
+    id: str
+    source: str
+    client: str
+    received: Any
+    started: float = field(default_factory=time.time)
+    prompt: str = ""
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    cached_chars: int = 0
+    raw: str = ""
+    tool_calls: list[dict] = field(default_factory=list)
+    parse_errors: list[dict] = field(default_factory=list)
+    sent: list[str] = field(default_factory=list)
+    stop_reason: str | None = None
+    error: str | None = None
+    finished: float | None = None
+
+    def summary(self) -> dict:
+        """The fields a list view needs, without the large ones."""
+        return {
+            "id": self.id, "source": self.source, "client": self.client, "started": self.started,
+            "prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
+            "tool_calls": len(self.tool_calls), "parse_errors": len(self.parse_errors),
+            "stop_reason": self.stop_reason, "error": self.error, "finished": self.finished,
+        }
+
+
+class Transcripts:
+    """The recorder: `open` one per request, feed it the engine's events and what is sent, `finish` it."""
+
+    def __init__(self, bus: EventBus, directory: Path | None, keep: int = 200, file_bytes: int = 64 * 2**20):
+        self.bus = bus
+        self.keep = keep
+        self.file_bytes = file_bytes
+        self.path = directory / "transcripts.jsonl" if directory else None
+        self.items: OrderedDict[str, Transcript] = OrderedDict()
+
+    def open(self, id: str, source: str, client: str, received: Any) -> Transcript:
+        t = Transcript(id, source, client, received)
+        self.items[id] = t
+        while len(self.items) > self.keep:
+            self.items.popitem(last=False)
+        self.bus.publish("transcript", id=id, step="open", summary=t.summary(), received=received)
+        return t
+
+    def record(self, t: Transcript, event):
+        """Note one engine event in the transcript and publish what changed."""
+        publish = self.bus.publish
+        if isinstance(event, Started):
+            t.prompt, t.prompt_tokens = event.prompt_text, event.prompt_tokens
+            t.cached_tokens, t.cached_chars = event.cached_tokens, event.cached_chars
+            publish("transcript", id=t.id, step="prompt", prompt=t.prompt, cached_chars=t.cached_chars)
+        elif isinstance(event, RawText):
+            t.raw += event.text
+            publish("transcript", id=t.id, step="raw", text=event.text)
+        elif isinstance(event, ToolCallEnd):
+            call = {"id": event.id, "name": event.name, "arguments": event.arguments}
+            t.tool_calls.append(call)
+            publish("transcript", id=t.id, step="tool_call", call=call)
+        elif isinstance(event, ParseError):
+            error = {"message": event.message, "text": event.text}
+            t.parse_errors.append(error)
+            publish("transcript", id=t.id, step="parse_error", error=error)
+        elif isinstance(event, Done):
+            t.stop_reason = event.stop_reason
+        elif isinstance(event, Error):
+            t.error = f"{event.kind}: {event.message}"
+
+    def sent(self, t: Transcript, text: str):
+        t.sent.append(text)
+        self.bus.publish("transcript", id=t.id, step="sent", text=text)
+
+    def finish(self, t: Transcript):
+        t.finished = time.time()
+        self.bus.publish("transcript", id=t.id, step="finish", summary=t.summary())
+        if self.path:
+            self._append(json.dumps(asdict(t), ensure_ascii=False) + "\n")
+
+    def _append(self, line: str):
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.path.exists() and self.path.stat().st_size + len(line) > self.file_bytes:
+            os.replace(self.path, self.path.with_suffix(".jsonl.1"))
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "a", encoding="utf-8") as f:
+            f.write(line)

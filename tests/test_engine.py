@@ -1,0 +1,221 @@
+"""The real engine on the demo model: conversations, stopping, sampling, batching, cancellation."""
+
+import json
+import shutil
+
+import pytest
+
+from mlx_tui.engine.client import EngineClient
+from mlx_tui.engine.config import EngineConfig
+from mlx_tui.engine.demo import MODEL_DIR
+from mlx_tui.engine.demo.conversations import CONVERSATIONS
+from mlx_tui.engine.events import (
+    Done,
+    Error,
+    PrefillProgress,
+    RawText,
+    ReasoningDelta,
+    Started,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallEnd,
+    ToolCallStart,
+)
+from mlx_tui.engine.request import Request, Sampling
+
+BY_NAME = {c["name"]: c for c in CONVERSATIONS}
+
+
+def request_for(conversation: dict, **changes) -> Request:
+    return Request(
+        messages=conversation["messages"][:-1],
+        tools=conversation["tools"],
+        enable_thinking=conversation.get("enable_thinking"),
+        **changes,
+    )
+
+
+async def collect(engine: EngineClient, request: Request) -> list:
+    return [event async for event in engine.generate(request)]
+
+
+def text(events, kind=TextDelta) -> str:
+    return "".join(e.text for e in events if isinstance(e, kind))
+
+
+def reply_of(events) -> dict:
+    """The events as an assistant message in the conversations' shape."""
+    message = {"role": "assistant", "content": text(events)}
+    if reasoning := text(events, ReasoningDelta):
+        message["reasoning_content"] = reasoning
+    calls = [e for e in events if isinstance(e, ToolCallEnd)]
+    if calls:
+        message["tool_calls"] = [(c.name, c.arguments) for c in calls]
+    return message
+
+
+def expected_reply(conversation: dict) -> dict:
+    message = dict(conversation["messages"][-1])
+    if "tool_calls" in message:
+        message["tool_calls"] = [
+            (c["function"]["name"], c["function"]["arguments"]) for c in message["tool_calls"]
+        ]
+    return message
+
+
+@pytest.mark.parametrize("name", list(BY_NAME))
+def test_every_demo_conversation_is_reproduced(loop, engine, name):
+    conversation = BY_NAME[name]
+    events = loop.run(collect(engine, request_for(conversation)))
+    assert reply_of(events) == expected_reply(conversation)
+    done = events[-1]
+    assert isinstance(done, Done)
+    assert done.stop_reason == ("tool_calls" if "tool_calls" in conversation["messages"][-1] else "end")
+    started = next(e for e in events if isinstance(e, Started))
+    assert done.usage.prompt_tokens == started.prompt_tokens > 0
+    assert done.usage.generated_tokens > 0
+    assert any(isinstance(e, PrefillProgress) for e in events)
+
+
+def test_tool_arguments_stream_as_json_pieces(loop, engine):
+    events = loop.run(collect(engine, request_for(BY_NAME["parallel_calls"])))
+    ends = [e for e in events if isinstance(e, ToolCallEnd)]
+    assert len(ends) == 2
+    for end in ends:
+        pieces = [e.text for e in events if isinstance(e, ToolCallDelta) and e.index == end.index]
+        assert len(pieces) > 1, "arguments should stream token by token, not arrive whole"
+        assert "".join(pieces) == end.arguments_json
+        assert json.loads(end.arguments_json) == end.arguments
+    starts = [e for e in events if isinstance(e, ToolCallStart)]
+    assert [s.id for s in starts] == [e.id for e in ends]
+    assert "<tool_call>" in text(events, RawText)
+    assert "<tool_call>" not in text(events)
+
+
+def test_stop_string_split_across_tokens_is_never_streamed(loop, engine):
+    conversation = BY_NAME["capital"]
+    reply = conversation["messages"][-1]["content"]
+    tokenizer_pieces = loop.run(collect(engine, request_for(conversation)))
+    deltas = [e.text for e in tokenizer_pieces if isinstance(e, RawText)]
+    boundary = len(deltas[0]) + len(deltas[1])
+    stop = reply[boundary - 2 : boundary + 2]
+    assert len(stop) == 4 and stop not in reply[: boundary - 2]
+
+    events = loop.run(collect(engine, request_for(conversation, stop=["never", stop])))
+    assert text(events) == reply[: reply.index(stop)]
+    done = events[-1]
+    assert (done.stop_reason, done.stop_sequence) == ("stop_sequence", stop)
+
+
+def test_max_tokens_ends_with_length(loop, engine):
+    events = loop.run(collect(engine, request_for(BY_NAME["greeting"], max_tokens=3)))
+    done = events[-1]
+    assert (done.stop_reason, done.usage.generated_tokens) == ("length", 3)
+
+
+def test_max_tokens_is_capped_by_the_server(loop, engine):
+    events = loop.run(collect(engine, request_for(BY_NAME["greeting"], max_tokens=10**9)))
+    assert events[-1].stop_reason == "end"
+
+
+def seeded(seed: int) -> Request:
+    return request_for(BY_NAME["greeting"], sampling=Sampling(temperature=1.5, seed=seed), max_tokens=24)
+
+
+async def run_together(engine, requests):
+    import asyncio
+
+    return await asyncio.gather(*(collect(engine, r) for r in requests))
+
+
+def test_seed_reproduces_alone_and_in_a_batch(loop, engine):
+    alone = text(loop.run(collect(engine, seeded(7))), RawText)
+    batched = loop.run(run_together(engine, [seeded(7), seeded(8), seeded(9)]))
+    assert text(batched[0], RawText) == alone
+    assert len({text(b, RawText) for b in batched}) > 1, "different seeds should differ"
+
+
+def test_four_concurrent_requests_decode_in_one_batch(loop, engine):
+    names = ["capital", "weather_paris", "reasoning", "text_then_call"]
+    before = loop.run(engine.stats())["batch_sizes"]
+    results = loop.run(run_together(engine, [request_for(BY_NAME[n]) for n in names]))
+    for name, events in zip(names, results):
+        assert reply_of(events) == expected_reply(BY_NAME[name])
+    after = loop.run(engine.stats())["batch_sizes"]
+    assert after.get(4, 0) > before.get(4, 0)
+
+
+def test_cancelled_request_leaves_the_batch(loop, engine):
+    async def start_then_leave():
+        stream = engine.generate(request_for(BY_NAME["greeting"], max_tokens=5000,
+                                             sampling=Sampling(logit_bias={100: 50.0})))
+        async for event in stream:
+            if isinstance(event, TextDelta):
+                break
+        await stream.aclose()
+        return await engine.stats()
+
+    stats = loop.run(start_then_leave())
+    assert stats["running"] == stats["waiting"] == 0
+
+
+def test_repetition_guard_ends_a_loop(loop, engine):
+    request = request_for(BY_NAME["greeting"], sampling=Sampling(logit_bias={100: 50.0}), max_tokens=2000)
+    done = loop.run(collect(engine, request))[-1]
+    assert (done.stop_reason, done.note) == ("length", "repetition")
+    assert done.usage.generated_tokens < 2000
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"sampling": Sampling(temperature=-1)}, "temperature"),
+        ({"sampling": Sampling(top_p=2)}, "top_p"),
+        ({"sampling": Sampling(logit_bias={10**6: 1.0})}, "logit_bias"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"tool_choice": "no_such_tool"}, "no_such_tool"),
+    ],
+)
+def test_bad_request_fails_alone(loop, engine, changes, message):
+    events = loop.run(collect(engine, request_for(BY_NAME["weather_paris"], **changes)))
+    assert len(events) == 1 and isinstance(events[0], Error)
+    assert events[0].kind == "invalid_request" and message in events[0].message
+
+
+def test_prompt_longer_than_the_context_is_refused(loop, engine):
+    long = "word " * engine.info["context_length"]
+    events = loop.run(collect(engine, Request(messages=[{"role": "user", "content": long}])))
+    assert isinstance(events[0], Error)
+    assert events[0].message.startswith("prompt is too long: ")
+    assert f"> {engine.info['context_length'] - 1} maximum" in events[0].message
+
+
+def test_forced_tool_call(loop, engine):
+    request = request_for(BY_NAME["capital"], tools=BY_NAME["weather_paris"]["tools"], tool_choice="get_time")
+    events = loop.run(collect(engine, request))
+    calls = [e for e in events if isinstance(e, ToolCallEnd)]
+    assert [c.name for c in calls] == ["get_time"]
+    assert events[-1].stop_reason == "tool_calls"
+
+
+def test_count_tokens_matches_the_prompt(loop, engine):
+    request = request_for(BY_NAME["tool_result"])
+    counted = loop.run(engine.count_tokens(request))
+    events = loop.run(collect(engine, request))
+    assert counted == events[-1].usage.prompt_tokens
+
+
+def test_model_path_to_a_copy_of_the_demo_model(loop, tmp_path):
+    copy = tmp_path / "my-model"
+    shutil.copytree(MODEL_DIR, copy)
+    phases = []
+    engine = EngineClient(EngineConfig(model=str(copy), transcripts_dir=None, cache_dir=None), on_progress=lambda p, f: phases.append((p, f)))
+    loop.run(engine.start())
+    try:
+        conversation = BY_NAME["weather_tokyo"]
+        events = loop.run(collect(engine, request_for(conversation)))
+        assert reply_of(events) == expected_reply(conversation)
+        assert phases[-1] == ("weights", 1.0)
+        assert engine.info["tool_parser"] == "json_tools" and engine.info["thinking"]
+    finally:
+        loop.run(engine.stop())
