@@ -7,6 +7,7 @@ bounded queue turns overload into fast refusals too.
 
 import asyncio
 import itertools
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -20,6 +21,9 @@ from .metrics import BREAKER_STATES, Metrics
 from .request import Request
 from .transcripts import Transcript, Transcripts
 from .worker_process import WorkerProcess
+
+
+log = logging.getLogger("mlx_tui.engine")
 
 
 class EngineUnavailable(Exception):
@@ -56,7 +60,7 @@ class EngineClient:
             config.breaker_threshold, config.breaker_cooldown, on_change=self._breaker_changed
         )
         self.blas, blas_env = worker_blas(config.blas)
-        self.worker = WorkerProcess(blas_env, self._dispatch, self._exited)
+        self.worker = WorkerProcess(blas_env, self._dispatch, self._worker_output, self._exited)
         self.state = "stopped"
         self.info: dict = {}
         self.restarts = 0
@@ -88,9 +92,10 @@ class EngineClient:
         """Stop the worker (it flushes its disk cache first); in-flight requests end with an error."""
         for task in self._tasks:
             task.cancel()
+        loading = self.state == "loading"
         self._set_state("stopped")
         self.worker.send(("stop",))
-        if await self.worker.wait(grace) is None:
+        if loading or await self.worker.wait(grace) is None:
             self.worker.kill()
             await self.worker.wait(grace)
         self._fail_in_flight("the engine stopped")
@@ -222,6 +227,11 @@ class EngineClient:
     def _engine_failure(self, reason: str):
         self.breaker.failure()
         self.bus.publish("worker", state=self.state, failure=reason, pid=self.pid, restarts=self.restarts)
+
+    def _worker_output(self, line: str):
+        """The worker's stderr, for the log: published on the bus and logged (stderr in --serve mode)."""
+        log.warning("worker: %s", line)
+        self.bus.publish("log", source="worker", line=line)
 
     def _exited(self, code: int):
         self._exit_code = code

@@ -128,11 +128,14 @@ class Scheduler:
         return Prompt(text, tokens, state, body, self._system_end(request.messages, tools, text, tokens))
 
     def _system_end(self, messages: list[dict], tools, text: str, tokens: list[int]) -> int:
-        """The token count of the leading system turn and tools, where the prompt starts with them."""
+        """The token count of the leading system turn (with the tools), where the prompt starts with it."""
         system = messages[: next((i for i, m in enumerate(messages) if m.get("role") != "system"), len(messages))]
-        if not (system or tools) or len(system) == len(messages):
+        if not system or len(system) == len(messages):
             return 0
-        head = self.tokenizer.apply_chat_template(system, tools=tools, tokenize=False)
+        try:
+            head = self.tokenizer.apply_chat_template(system, tools=tools, tokenize=False)
+        except Exception:  # a template may refuse a system turn on its own; then there is no checkpoint
+            return 0
         if not text.startswith(head):
             return 0
         head_tokens = self.tokenizer.encode(head, add_special_tokens=False)

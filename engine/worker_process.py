@@ -16,13 +16,21 @@ from .config import EngineConfig
 class WorkerProcess:
     """Spawns `python -m mlx_tui.engine.worker HOST:PORT` and connects to it.
 
-    `on_message` is called on the event loop for each message the worker sends;
-    `on_exit(code)` once, on the event loop, when the process has exited.
+    `on_message` is called on the event loop for each message the worker sends,
+    `on_output(line)` for each line it writes to stderr, and `on_exit(code)` once,
+    when the process has exited.
     """
 
-    def __init__(self, env: dict[str, str], on_message: Callable[[tuple], None], on_exit: Callable[[int], None]):
+    def __init__(
+        self,
+        env: dict[str, str],
+        on_message: Callable[[tuple], None],
+        on_output: Callable[[str], None],
+        on_exit: Callable[[int], None],
+    ):
         self.env = env
         self.on_message = on_message
+        self.on_output = on_output
         self.on_exit = on_exit
         self.process: subprocess.Popen | None = None
         self.conn = None
@@ -39,8 +47,15 @@ class WorkerProcess:
         address = listener.address
         env = {**os.environ, **self.env, "MLX_TUI_AUTHKEY": authkey.hex()}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "mlx_tui.engine.worker", "%s:%d" % address], env=env
+            [sys.executable, "-m", "mlx_tui.engine.worker", "%s:%d" % address],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
         )
+        threading.Thread(target=self._relay_output, args=(loop, self.process.stderr), daemon=True).start()
         accepted = threading.Event()
         threading.Thread(target=self._watch, args=(loop, address, authkey, accepted), daemon=True).start()
         try:
@@ -83,6 +98,13 @@ class WorkerProcess:
                 pass
         try:
             loop.call_soon_threadsafe(self.on_exit, code)
+        except RuntimeError:
+            pass  # the event loop has already closed
+
+    def _relay_output(self, loop, stream):
+        try:
+            for line in stream:
+                loop.call_soon_threadsafe(self.on_output, line.rstrip("\n"))
         except RuntimeError:
             pass  # the event loop has already closed
 

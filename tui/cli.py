@@ -4,6 +4,7 @@ import argparse
 import asyncio
 import ipaddress
 import os
+import signal
 import socket
 import sys
 
@@ -66,6 +67,10 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def bind(host: str, port: int) -> socket.socket:
     """Bind the API's socket before the model loads, so a busy port fails at once."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -110,23 +115,72 @@ async def serve(args: argparse.Namespace, sock: socket.socket) -> int:
     return 0
 
 
+def listen(args: argparse.Namespace) -> tuple[socket.socket | None, str | None]:
+    """The API's bound socket, or why there is none."""
+    try:
+        return bind(args.host, args.port), None
+    except OSError as e:
+        return None, f"cannot listen on {args.host}:{args.port}: {e.strerror}"
+
+
+def local_backend(args: argparse.Namespace, sock: socket.socket | None, problem: str | None):
+    """The engine, and the API served from the app's event loop when `sock` is bound."""
+    from mlx_tui.api.server import create_app
+    from mlx_tui.engine.client import EngineClient
+
+    from .local import LocalBackend
+    from .server import ApiServer
+
+    engine = EngineClient(engine_config(args))
+    if sock is None:
+        return LocalBackend(engine, problem=problem)
+    app = create_app(engine, api_key=args.api_key, max_body_mb=args.max_body_mb)
+    return LocalBackend(engine, ApiServer(app, sock), url(args.host, args.port))
+
+
+async def dashboard(args: argparse.Namespace, sock: socket.socket | None, problem: str | None) -> int:
+    from .app import MlxTui
+
+    return await run(MlxTui(local_backend(args, sock, problem)))
+
+
+async def attach(args: argparse.Namespace) -> int:
+    from .app import MlxTui
+    from .remote import RemoteBackend
+
+    return await run(MlxTui(RemoteBackend(args.attach, args.api_key)))
+
+
+async def run(app) -> int:
+    """Run the app until it quits or gets SIGTERM (either way the terminal is restored), then stop its backend."""
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, app.exit)
+    try:
+        await app.run_async()
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+        print("mlx-tui: stopping…", file=sys.stderr)
+        await app.backend.stop()
+    return app.return_code or 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.attach:
-        print("mlx-tui: --attach needs the dashboard, which is not built yet", file=sys.stderr)
-        return 2
+        return asyncio.run(attach(args))
     if args.model and (problem := model_problem(args.model)):
         print(f"mlx-tui: {problem}", file=sys.stderr)
         return 2
     if not is_loopback(args.host) and not args.api_key and not args.insecure:
         print(f"mlx-tui: refusing to serve on {args.host} without --api-key (or --insecure)", file=sys.stderr)
         return 2
-    try:
-        sock = bind(args.host, args.port)
-    except OSError as e:
-        print(f"mlx-tui: cannot listen on {args.host}:{args.port}: {e.strerror}", file=sys.stderr)
-        return 1
-    return asyncio.run(serve(args, sock))
+    sock, problem = listen(args)
+    if args.serve:
+        if problem:
+            print(f"mlx-tui: {problem}", file=sys.stderr)
+            return 1
+        return asyncio.run(serve(args, sock))
+    return asyncio.run(dashboard(args, sock, problem))
 
 
 if __name__ == "__main__":

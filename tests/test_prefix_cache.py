@@ -1,0 +1,178 @@
+"""The prefix KV cache on the real engine: reuse across turns, checkpoints, eviction, budgets, the disk tier."""
+
+import asyncio
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mlx_tui.engine.demo import MODEL_DIR
+from mlx_tui.engine.demo.conversations import CONVERSATIONS
+from mlx_tui.engine.events import Done, Started, TextDelta, ToolCallEnd
+from mlx_tui.engine.request import Request
+
+BY_NAME = {c["name"]: c for c in CONVERSATIONS}
+SYSTEM = {"role": "system", "content": "You are a careful assistant. " * 40}
+
+
+def request_for(name: str, **changes) -> Request:
+    c = BY_NAME[name]
+    return Request(messages=c["messages"][:-1], tools=c["tools"], enable_thinking=c.get("enable_thinking"), **changes)
+
+
+async def collect(engine, request: Request) -> list:
+    return [e async for e in engine.generate(request)]
+
+
+def started(events) -> Started:
+    return next(e for e in events if isinstance(e, Started))
+
+
+def reply(events) -> tuple:
+    return "".join(e.text for e in events if isinstance(e, TextDelta)), [
+        (e.name, e.arguments) for e in events if isinstance(e, ToolCallEnd)
+    ]
+
+
+def test_next_turn_reuses_the_whole_previous_turn(loop, make_engine):
+    engine = make_engine()
+    first = loop.run(collect(engine, request_for("weather_paris")))
+    second = loop.run(collect(engine, request_for("tool_result")))
+    done = first[-1]
+    assert started(first).cached_tokens == 0
+    # everything the first turn's KV holds: its prompt and its reply but the final end-of-turn token
+    assert started(second).cached_tokens == done.usage.prompt_tokens + done.usage.generated_tokens - 1
+    assert second[-1].usage.cached_tokens == started(second).cached_tokens
+
+
+def test_reasoning_turns_are_reused_too(loop, make_engine):
+    engine = make_engine()
+    first = loop.run(collect(engine, request_for("reasoning")))
+    second = loop.run(collect(engine, request_for("reasoning_multi_turn")))
+    done = first[-1]
+    assert started(second).cached_tokens == done.usage.prompt_tokens + done.usage.generated_tokens - 1
+
+
+@pytest.mark.parametrize("names", [["multi_turn", "greeting", "tool_result", "parallel_results", "reasoning_multi_turn"]])
+def test_greedy_output_is_the_same_with_and_without_the_cache(loop, make_engine, names):
+    cached = make_engine()
+    uncached = make_engine(cache_ram_gb=1e-9)
+    for name in names + names:
+        with_cache = loop.run(collect(cached, request_for(name)))
+        without = loop.run(collect(uncached, request_for(name)))
+        assert started(without).cached_tokens == 0
+        assert reply(with_cache) == reply(without)
+    assert loop.run(cached.stats())["cache"]["hits"] >= len(names)
+
+
+def test_system_prompt_and_tools_are_a_checkpoint_of_their_own(loop, make_engine):
+    engine = make_engine()
+    tools = BY_NAME["weather_paris"]["tools"]
+    head = loop.run(engine.count_tokens(Request(messages=[SYSTEM, {"role": "user", "content": "x"}], tools=tools)))
+    loop.run(collect(engine, Request(messages=[SYSTEM, {"role": "user", "content": "What is the weather in Paris?"}],
+                                    tools=tools, max_tokens=8)))
+    other = loop.run(collect(engine, Request(messages=[SYSTEM, {"role": "user", "content": "Good morning!"}],
+                                            tools=tools, max_tokens=8)))
+    assert head - 10 < started(other).cached_tokens < head
+
+
+def test_side_requests_do_not_evict_the_conversation(loop, make_engine):
+    engine = make_engine()
+    long_system = {"role": "system", "content": "Follow the house rules carefully. " * 300}
+    main = [long_system, {"role": "user", "content": "What is the capital of France?"}]
+    first = loop.run(collect(engine, Request(messages=main, max_tokens=16)))
+    budget_bytes = loop.run(engine.stats())["cache"]["ram_bytes"] * 1.6
+    engine = make_engine(cache_ram_gb=budget_bytes / 2**30)
+    first = loop.run(collect(engine, Request(messages=main, max_tokens=16)))
+    for i in range(6):
+        side = [{"role": "user", "content": f"Write a title for conversation {i} please, short."}]
+        loop.run(collect(engine, Request(messages=side, max_tokens=8)))
+    text = "".join(e.text for e in first if isinstance(e, TextDelta))
+    follow = main + [{"role": "assistant", "content": text}, {"role": "user", "content": "And of Italy?"}]
+    again = loop.run(collect(engine, Request(messages=follow, max_tokens=8)))
+    assert started(again).cached_tokens >= first[-1].usage.prompt_tokens
+    stats = loop.run(engine.stats())["cache"]
+    assert stats["evictions"] > 0 and stats["ram_bytes"] <= stats["ram_budget"]
+
+
+def test_ram_budget_is_never_exceeded(loop, make_engine):
+    engine = make_engine(cache_ram_gb=40_000 / 2**30)
+    rng = random.Random(3)
+
+    async def traffic():
+        peaks = []
+        for i in range(12):
+            words = " ".join(rng.choice(["alpha", "beta", "gamma", "delta"]) for _ in range(rng.randint(20, 120)))
+            await collect(engine, Request(messages=[{"role": "user", "content": words}], max_tokens=4))
+            peaks.append((await engine.stats())["cache"])
+        return peaks
+
+    for cache in loop.run(traffic()):
+        assert cache["ram_bytes"] <= cache["ram_budget"]
+
+
+def test_a_restarted_engine_hits_on_disk(loop, make_engine, tmp_path):
+    first = make_engine(cache_dir=str(tmp_path))
+    loop.run(collect(first, request_for("weather_paris")))
+    loop.run(first.stop())
+    second = make_engine(cache_dir=str(tmp_path))
+    events = loop.run(collect(second, request_for("tool_result")))
+    assert started(events).cached_tokens > 0
+    assert loop.run(second.stats())["cache"]["disk_hits"] == 1
+
+
+def damage_flip(path: Path):
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def damage_truncate(path: Path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def damage_header(path: Path):
+    data = bytearray(path.read_bytes())
+    data[20] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [damage_flip, damage_truncate, damage_header])
+def test_damaged_disk_entries_are_removed_not_loaded(loop, make_engine, tmp_path, damage):
+    first = make_engine(cache_dir=str(tmp_path))
+    loop.run(collect(first, request_for("capital")))
+    loop.run(first.stop())
+    files = list(tmp_path.glob("*/*.safetensors"))
+    assert files
+    for f in files:
+        damage(f)
+    second = make_engine(cache_dir=str(tmp_path))
+    events = loop.run(collect(second, request_for("capital")))
+    assert isinstance(events[-1], Done) and started(events).cached_tokens == 0
+    assert not any(f.exists() for f in files)
+
+
+def test_entries_of_another_model_are_removed(loop, make_engine, tmp_path):
+    copy = tmp_path / "other-model"
+    shutil.copytree(MODEL_DIR, copy)
+    cache = tmp_path / "cache"
+    other = make_engine(model=str(copy), cache_dir=str(cache))
+    loop.run(collect(other, request_for("capital")))
+    loop.run(other.stop())
+    [other_dir] = list(cache.iterdir())
+    loop.run(make_engine(cache_dir=str(cache)).stop())
+    [ours] = [d for d in cache.iterdir() if d != other_dir]
+    planted = [Path(shutil.copy(f, ours)) for f in other_dir.glob("*.safetensors")]
+    engine = make_engine(cache_dir=str(cache))
+    events = loop.run(collect(engine, request_for("capital")))
+    assert started(events).cached_tokens == 0
+    assert planted and not any(p.exists() for p in planted)
+
+
+def test_concurrent_conversations_each_hit(loop, make_engine):
+    engine = make_engine()
+    names = ["weather_paris", "reasoning"]
+    loop.run(asyncio.gather(*(collect(engine, request_for(n)) for n in names)))
+    follow = loop.run(asyncio.gather(*(collect(engine, request_for(n)) for n in ["tool_result", "reasoning_multi_turn"])))
+    assert all(started(f).cached_tokens > 20 for f in follow)

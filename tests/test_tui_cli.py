@@ -1,0 +1,36 @@
+"""The command line's dashboard mode: a busy port is reported, not fatal; `--serve` still refuses it."""
+
+import socket
+
+import pytest
+
+from mlx_tui.tui.app import MlxTui
+from mlx_tui.tui.cli import listen, local_backend, main, parse_args
+
+from test_tui_app import ready, shown, until
+
+
+@pytest.fixture
+def busy_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+def test_serve_refuses_a_busy_port(busy_port, capsys):
+    assert main(["--serve", "--port", str(busy_port)]) == 1
+    assert f"cannot listen on 127.0.0.1:{busy_port}" in capsys.readouterr().err
+
+
+@pytest.mark.asyncio
+async def test_the_dashboard_runs_without_the_api_when_its_port_is_busy(busy_port):
+    args = parse_args(["--port", str(busy_port)])
+    backend = local_backend(args, *listen(args))
+    app = MlxTui(backend)
+    try:
+        async with app.run_test() as pilot:
+            await until(pilot, lambda: "not served: cannot listen on" in shown(app, "#engine-info"))
+            await ready(pilot)
+    finally:
+        await backend.stop()

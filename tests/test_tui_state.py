@@ -1,0 +1,68 @@
+"""The dashboard's state model: bus events in, what the views show out."""
+
+from dataclasses import asdict
+
+from mlx_tui.engine.bus import EventBus
+from mlx_tui.engine.events import Done, RawText, Started, Timings, ToolCallEnd, Usage
+from mlx_tui.engine.transcripts import Transcripts
+from mlx_tui.tui.chart import nice_ceiling
+from mlx_tui.tui.state import State, percentile
+
+
+def request(id: str, phase: str, **data) -> dict:
+    return {"kind": "request", "time": 100.0, "id": id, "phase": phase, **data}
+
+
+def test_a_request_row_follows_its_lifecycle():
+    state = State()
+    state.apply(request("r1", "queued", source="anthropic", client="claude-cli"))
+    state.apply(request("r1", "prefill", prompt_tokens=900, cached_tokens=600))
+    state.apply(request("r1", "prefill", done=256, total=300))
+    row = state.requests["r1"]
+    assert (row.phase, row.prompt_tokens, row.cached_tokens, row.prefill_done) == ("prefill", 900, 600, 256)
+    state.apply(request("r1", "done", stop_reason="end", note=None, prompt_tokens=900, cached_tokens=600,
+                        generated_tokens=40, ttft_s=0.2, decode_s=0.5))
+    assert (row.phase, row.stop_reason, row.tokens_per_s) == ("done", "end", 80.0)
+    state.apply(request("r2", "queued"))
+    state.apply(request("r2", "error", error_kind="overloaded", message="the queue is full"))
+    assert state.requests["r2"].error == "overloaded: the queue is full"
+    assert state.ttft_p50 == 0.2
+
+
+def test_percentiles_and_hit_rates():
+    assert percentile([], 0.5) is None
+    assert percentile([0.1, 0.2, 0.3, 0.4], 0.5) == 0.2
+    assert percentile([float(i) for i in range(1, 101)], 0.95) == 95.0
+    state = State()
+    assert state.token_hit_rate is None and state.request_hit_rate is None
+    state.apply({"kind": "stats", "time": 1.0, "decode_tps": 12.5, "cache": {"prompt_tokens": 1000, "reused_tokens": 750, "lookups": 4, "hits": 1}})
+    assert (state.token_hit_rate, state.request_hit_rate, list(state.decode_tps)) == (0.75, 0.25, [12.5])
+
+
+def test_transcript_records_match_the_recorders_shape():
+    """Built from the bus alone, a record exports what the engine's recorder keeps."""
+    bus = EventBus()
+    state = State()
+    recorder = Transcripts(bus, None)
+    t = recorder.open("r1", "openai", "curl/8", received={"messages": []})
+    recorder.record(t, Started(12, 4, "<|im_start|>user\nhi<|im_end|>\n", 10))
+    recorder.record(t, RawText('<tool_call>{"name": "f", "arguments": {}}</tool_call>'))
+    recorder.record(t, ToolCallEnd(0, "call_1", "f", {}, "{}"))
+    recorder.record(t, Done("tool_calls", Usage(12, 4, 9), Timings(0, 0.1, 0.2)))
+    recorder.sent(t, "data: ...")
+    recorder.finish(t)
+    state.apply(request("r1", "queued"))
+    for event in bus.recent:
+        state.apply(event)
+    assert state.transcripts["r1"].as_dict() == asdict(t)
+    assert state.requests["r1"].tool_calls == 1
+
+
+def test_a_breaker_from_stats_counts_down_to_its_probe():
+    state = State(clock=lambda: 110.0)
+    state.apply({"kind": "stats", "time": 100.0, "breaker": {"state": "open", "failures": 3, "next_probe_s": 30.0}})
+    assert state.breaker.state == "open" and state.breaker.probe_in(state.clock()) == 20.0
+
+
+def test_chart_scale_starts_at_zero_and_ends_round():
+    assert [nice_ceiling(v) for v in (0, 0.4, 7, 120, 180, 2100)] == [1, 1, 10, 200, 200, 5000]

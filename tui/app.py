@@ -1,0 +1,137 @@
+"""The Textual app: tabs for the dashboard, chat, transcripts and log, drawn from one state model.
+
+A backend feeds it: `LocalBackend` (the engine in this process, serving the API from this
+event loop) or `RemoteBackend` (a server elsewhere, over HTTP). Events are applied to the
+state as they come; the views redraw what changed four times a second.
+"""
+
+from collections.abc import AsyncIterator, Iterable
+from typing import Protocol
+
+from textual import work
+from textual.app import App, ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.widgets import Footer, TabbedContent, TabPane
+
+from mlx_tui.engine.events import Event
+from mlx_tui.engine.request import Request
+
+from .changes import Changes, EventArrived
+from .chat import ChatView
+from .dashboard import DashboardView
+from .help import HelpScreen
+from .logview import LoggerRoute, LogRecordPosted, LogView
+from .state import State
+from .transcripts import TranscriptsView
+
+
+class Backend(Protocol):
+    address: str
+
+    def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def events(self) -> AsyncIterator[dict]: ...
+
+    def chat(self, request: Request) -> AsyncIterator[Event]: ...
+
+    async def transcript(self, id: str) -> dict | None: ...
+
+
+TABS = {"dashboard": "Dashboard", "chat": "Chat", "transcripts": "Transcripts", "log": "Log"}
+
+
+class MlxTui(App):
+    TITLE = "mlx-tui"
+    CSS_PATH = ["app.tcss", "dashboard.tcss", "chat.tcss", "transcripts.tcss"]
+    BINDINGS = [
+        Binding("ctrl+q", "quit", "Quit", priority=True),
+        Binding("question_mark", "help", "Help"),
+        *(Binding(str(i), f"tab('{tab}')", title, show=False) for i, (tab, title) in enumerate(TABS.items(), 1)),
+    ]
+    FLUSH_S = 0.25
+
+    def __init__(self, backend: Backend, state: State | None = None):
+        super().__init__()
+        self.backend = backend
+        self.state = state or State()
+        self.changes = Changes()
+        self.logs = LoggerRoute(self)
+
+    def compose(self) -> ComposeResult:
+        with TabbedContent(initial="dashboard"):
+            with TabPane("1 Dashboard", id="dashboard"):
+                yield DashboardView(self.state)
+            with TabPane("2 Chat", id="chat"):
+                yield ChatView(self.backend)
+            with TabPane("3 Transcripts", id="transcripts"):
+                yield TranscriptsView(self.state, self.backend)
+            with TabPane("4 Log", id="log"):
+                yield LogView()
+        yield Footer()
+
+    def on_mount(self):
+        self.logs.install()
+        self.backend.start()
+        self.follow_events()
+        self.set_interval(self.FLUSH_S, self.flush)
+        self.set_interval(1.0, lambda: self.changes.areas.add("clock"))
+
+    def on_unmount(self):
+        self.logs.remove()
+
+    @work(group="events")
+    async def follow_events(self):
+        async for event in self.backend.events():
+            self.ingest(event)
+
+    def ingest(self, event: dict):
+        self.changes.note(self.state.apply(event), event)
+
+    def flush(self):
+        """Redraw what changed since the last flush."""
+        if not self.changes:
+            return
+        changes, self.changes = self.changes, Changes()
+        self.query_one(DashboardView).show(changes)
+        if changes.transcripts:
+            self.query_one(TranscriptsView).show(changes)
+
+    def on_event_arrived(self, message: EventArrived):
+        self.ingest(message.event)
+
+    def on_log_record_posted(self, message: LogRecordPosted):
+        self.query_one(LogView).add(message.record)
+
+    def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated):
+        targets = {"chat": "#prompt", "transcripts": "#transcript-list", "dashboard": "#requests-table", "log": LogView}
+        self.query_one(targets[event.pane.id]).focus()
+
+    def action_tab(self, tab: str):
+        self.query_one(TabbedContent).active = tab
+
+    def action_help(self):
+        everywhere = [b for b in self.BINDINGS if b.show] + GLOBAL_KEYS
+        self.push_screen(HelpScreen([
+            ("Everywhere", everywhere), ("Dashboard", DashboardView.BINDINGS),
+            ("Chat", [Binding("enter", "", "Send the message"), *ChatView.BINDINGS]),
+            ("Transcripts", TranscriptsView.BINDINGS),
+        ]))
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        for tab, title in TABS.items():
+            yield SystemCommand(title, f"Show the {title.lower()}", lambda tab=tab: self.action_tab(tab))
+        yield SystemCommand("Pause charts", "Pause or resume the dashboard's charts",
+                            self.query_one(DashboardView).action_pause)
+        yield SystemCommand("Clear chat", "Start a new conversation", self.query_one(ChatView).action_clear)
+        yield SystemCommand("Help", "Show every key binding", self.action_help)
+
+
+GLOBAL_KEYS = [
+    Binding("1,2,3,4", "", "Dashboard, chat, transcripts, log (or click the tabs)"),
+    Binding("ctrl+p", "", "Command palette"),
+    Binding("tab,shift+tab", "", "Move the focus"),
+]

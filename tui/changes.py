@@ -1,0 +1,33 @@
+"""What moved in the state since the views last drew it."""
+
+from dataclasses import dataclass, field
+
+from textual.message import Message
+
+
+@dataclass(slots=True)
+class Changes:
+    areas: set[str] = field(default_factory=set)
+    requests: set[str] = field(default_factory=set)
+    transcripts: set[str] = field(default_factory=set)
+
+    def note(self, area: str, event: dict):
+        self.areas.add(area)
+        if area == "requests":
+            self.requests.add(event["id"])
+        elif area == "transcripts":
+            self.transcripts.add(event["id"])
+            if event["step"] == "tool_call":  # counted on the request's row too
+                self.areas.add("requests")
+                self.requests.add(event["id"])
+
+    def __bool__(self) -> bool:
+        return bool(self.areas)
+
+
+class EventArrived(Message):
+    """A bus-shaped event a view fetched itself (a full transcript), for the app to apply."""
+
+    def __init__(self, event: dict):
+        super().__init__()
+        self.event = event

@@ -1,0 +1,99 @@
+"""Multi-turn chat with the loaded model, streamed through the same engine (or server) as everything else."""
+
+import asyncio
+from contextlib import aclosing
+
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.widgets import Checkbox, Input, Label
+
+from mlx_tui.engine.demo.conversations import TOOLS
+from mlx_tui.engine.request import Request, Sampling
+
+from .turns import AssistantTurn, UserTurn
+
+CLIENT = "mlx-tui chat"
+
+
+class ChatView(Vertical):
+    BINDINGS = [
+        Binding("escape", "stop", "Stop / leave input"),
+        Binding("ctrl+l", "clear", "Clear chat"),
+    ]
+
+    def __init__(self, backend, **kwargs):
+        super().__init__(**kwargs)
+        self.backend = backend
+        self.history: list[dict] = []
+
+    def compose(self) -> ComposeResult:
+        with Horizontal(id="chat-settings"):
+            yield Label("system prompt")
+            yield Input(placeholder="none", id="system")
+            yield Label("temperature")
+            yield Input("0.0", type="number", id="temperature")
+            yield Checkbox("example tools", id="tools", tooltip="offer get_weather and get_time to the model")
+        yield VerticalScroll(id="conversation")
+        yield Input(placeholder="Message the model: enter sends, esc stops, ctrl+l clears", id="prompt")
+
+    @property
+    def busy(self) -> bool:
+        return any(w.group == "chat" and not w.is_finished for w in self.workers)
+
+    def on_input_submitted(self, event: Input.Submitted):
+        if event.input.id == "prompt" and event.value.strip():
+            self.send(event.value.strip())
+            event.input.clear()
+
+    def send(self, text: str):
+        if self.busy:
+            self.notify("Still answering: press esc to stop it first.", severity="warning")
+            return
+        try:
+            temperature = float(self.query_one("#temperature", Input).value or 0)
+        except ValueError:
+            self.notify("The temperature must be a number.", severity="error")
+            return
+        self.history.append({"role": "user", "content": text})
+        system = self.query_one("#system", Input).value.strip()
+        request = Request(
+            messages=([{"role": "system", "content": system}] if system else []) + self.history,
+            tools=TOOLS if self.query_one("#tools", Checkbox).value else None,
+            sampling=Sampling(temperature=temperature),
+            source="chat",
+            client=CLIENT,
+        )
+        self.reply(text, request)
+
+    @work(exclusive=True, group="chat")
+    async def reply(self, text: str, request: Request):
+        conversation = self.query_one("#conversation", VerticalScroll)
+        history = self.history  # a clear starts a new one
+        turn = AssistantTurn()
+        await conversation.mount(UserTurn(text), turn)
+        try:
+            async with aclosing(self.backend.chat(request)) as events:
+                async for event in events:
+                    turn.add(event)
+                    conversation.scroll_end(animate=False)
+        except asyncio.CancelledError:
+            turn.stopped()
+            raise
+        finally:
+            if turn.failed or not turn.answered:
+                history.pop()  # the question that got no answer
+            else:
+                history.append(turn.message())
+
+    def action_stop(self):
+        if self.busy:
+            self.workers.cancel_group(self, "chat")
+        else:
+            self.query_one("#conversation").focus()
+
+    def action_clear(self):
+        self.workers.cancel_group(self, "chat")
+        self.history = []
+        self.query_one("#conversation").remove_children()

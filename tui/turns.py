@@ -1,0 +1,126 @@
+"""The chat's turns: the user's message, and the assistant's reply built up from the engine's events."""
+
+import time
+
+from rich.json import JSON
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.widgets import Collapsible, Static
+
+from mlx_tui.engine.events import (
+    Done,
+    Error,
+    Event,
+    ParseError,
+    PrefillProgress,
+    Queued,
+    ReasoningDelta,
+    Started,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallEnd,
+    ToolCallStart,
+)
+
+from . import format as fmt
+
+
+class UserTurn(Static):
+    def __init__(self, text: str):
+        super().__init__(Text(text))
+        self.border_title = "you"
+
+
+class ToolCallCard(Static):
+    """One tool call: its name, then its arguments as they stream and, once parsed, as JSON."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.border_title = f"tool call · {name}"
+        self.arguments = ""
+
+    def stream(self, text: str):
+        self.arguments += text
+        self.update(Text(self.arguments, style="dim"))
+
+    def end(self, arguments: dict):
+        self.update(JSON.from_data(arguments))
+
+
+class AssistantTurn(Vertical):
+    """The reply as it streams; `message()` is what it adds to the conversation."""
+
+    def __init__(self):
+        super().__init__()
+        self.border_title = "assistant"
+        self.text = ""
+        self.reasoning = ""
+        self.calls: list[dict] = []
+        self.cards: dict[int, ToolCallCard] = {}
+        self.started = time.monotonic()
+        self.failed = False
+
+    def compose(self) -> ComposeResult:
+        with Collapsible(title="reasoning", collapsed=True, id="reasoning"):
+            yield Static(id="reasoning-text")
+        yield Static(id="reply")
+        yield Vertical(id="calls")
+        yield Static("waiting for the engine…", id="status")
+
+    def on_mount(self):
+        self.query_one("#reasoning").display = False
+        self.query_one("#reply").display = False
+
+    def add(self, event: Event):
+        status = self.query_one("#status", Static)
+        if isinstance(event, Queued):
+            status.update(f"queued behind {event.ahead}")
+        elif isinstance(event, Started):
+            status.update(f"reading {event.prompt_tokens:,} prompt tokens ({event.cached_tokens:,} cached)")
+        elif isinstance(event, PrefillProgress):
+            status.update(f"reading the prompt: {event.done:,} / {event.total:,} tokens")
+        elif isinstance(event, ReasoningDelta):
+            self.reasoning += event.text
+            self.query_one("#reasoning").display = True
+            self.query_one("#reasoning-text", Static).update(Text(self.reasoning, style="italic"))
+            status.update("thinking…")
+        elif isinstance(event, TextDelta):
+            self.text += event.text
+            reply = self.query_one("#reply", Static)
+            reply.display = True
+            reply.update(Text(self.text))
+            status.update("writing…")
+        elif isinstance(event, ToolCallStart):
+            self.cards[event.index] = card = ToolCallCard(event.name)
+            self.query_one("#calls").mount(card)
+        elif isinstance(event, ToolCallDelta):
+            self.cards[event.index].stream(event.text)
+        elif isinstance(event, ToolCallEnd):
+            self.calls.append({"id": event.id, "type": "function", "function": {"name": event.name, "arguments": event.arguments}})
+            self.cards[event.index].end(event.arguments)
+        elif isinstance(event, ParseError):
+            self.query_one("#calls").mount(Static(Text(f"tool call did not parse: {event.message}", style="red")))
+        elif isinstance(event, Done):
+            tps = event.usage.generated_tokens / event.timings.decode_s if event.timings.decode_s else None
+            status.update(Text(
+                f"{event.stop_reason} · {event.usage.generated_tokens} tokens · {fmt.number(tps, 1)} tok/s · "
+                f"first token after {fmt.seconds(event.timings.queued_s + event.timings.prefill_s)}", style="dim"))
+        elif isinstance(event, Error):
+            self.failed = True
+            status.update(Text(f"{event.kind}: {event.message}", style="bold red"))
+
+    def stopped(self):
+        self.query_one("#status", Static).update(Text("stopped", style="yellow"))
+
+    @property
+    def answered(self) -> bool:
+        return bool(self.text or self.calls)
+
+    def message(self) -> dict:
+        message = {"role": "assistant", "content": self.text}
+        if self.reasoning:
+            message["reasoning_content"] = self.reasoning
+        if self.calls:
+            message["tool_calls"] = self.calls
+        return message
