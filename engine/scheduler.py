@@ -151,7 +151,8 @@ class Scheduler:
             raise RequestError(f"tool_choice names {request.tool_choice!r}, which is not among the tools")
         if self.parser_name != "json_tools":
             return "\n"
-        return f'\n{{"name": {json.dumps(request.tool_choice)}, "arguments": '
+        # no trailing space: the model saw " {" as one piece after the colon, never a lone space
+        return f'\n{{"name": {json.dumps(request.tool_choice)}, "arguments":'
 
     def count_tokens(self, request: Request) -> int:
         return len(self.render(request).tokens)
@@ -333,6 +334,7 @@ class Scheduler:
                 "lookups": cache.lookups,
                 "hits": cache.hits,
                 "disk_hits": cache.disk_hits,
+                "disk_rejected": self.cache.disk.rejected if self.cache.disk else 0,
                 "prompt_tokens": cache.prompt_tokens,
                 "reused_tokens": cache.reused_tokens,
                 "evictions": cache.evictions,

@@ -27,12 +27,12 @@ BY_NAME = {c["name"]: c for c in CONVERSATIONS}
 
 
 def request_for(conversation: dict, **changes) -> Request:
-    return Request(
-        messages=conversation["messages"][:-1],
-        tools=conversation["tools"],
-        enable_thinking=conversation.get("enable_thinking"),
-        **changes,
-    )
+    given = {
+        "messages": conversation["messages"][:-1],
+        "tools": conversation["tools"],
+        "enable_thinking": conversation.get("enable_thinking"),
+    }
+    return Request(**given | changes)
 
 
 async def collect(engine: EngineClient, request: Request) -> list:
@@ -190,12 +190,19 @@ def test_prompt_longer_than_the_context_is_refused(loop, engine):
     assert f"> {engine.info['context_length'] - 1} maximum" in events[0].message
 
 
-def test_forced_tool_call(loop, engine):
-    request = request_for(BY_NAME["capital"], tools=BY_NAME["weather_paris"]["tools"], tool_choice="get_time")
-    events = loop.run(collect(engine, request))
-    calls = [e for e in events if isinstance(e, ToolCallEnd)]
-    assert [c.name for c in calls] == ["get_time"]
+@pytest.mark.parametrize("choice", ["required", "get_weather"])
+def test_tool_choice_forces_a_call_by_prefilling_its_markup(loop, engine, choice):
+    events = loop.run(collect(engine, request_for(BY_NAME["weather_tokyo"], tool_choice=choice)))
+    calls = [(e.name, e.arguments) for e in events if isinstance(e, ToolCallEnd)]
+    assert calls == [("get_weather", {"city": "Tokyo"})]
     assert events[-1].stop_reason == "tool_calls"
+    assert "<tool_call>" not in text(events, RawText), "the forced opening is prompt, not output"
+
+
+def test_tool_choice_none_leaves_the_tools_out(loop, engine):
+    with_tools = loop.run(engine.count_tokens(request_for(BY_NAME["weather_tokyo"])))
+    without = loop.run(engine.count_tokens(request_for(BY_NAME["weather_tokyo"], tool_choice="none")))
+    assert without < with_tools - 50
 
 
 def test_count_tokens_matches_the_prompt(loop, engine):

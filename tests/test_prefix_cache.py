@@ -18,7 +18,8 @@ SYSTEM = {"role": "system", "content": "You are a careful assistant. " * 40}
 
 def request_for(name: str, **changes) -> Request:
     c = BY_NAME[name]
-    return Request(messages=c["messages"][:-1], tools=c["tools"], enable_thinking=c.get("enable_thinking"), **changes)
+    given = {"messages": c["messages"][:-1], "tools": c["tools"], "enable_thinking": c.get("enable_thinking")}
+    return Request(**given | changes)
 
 
 async def collect(engine, request: Request) -> list:
@@ -41,8 +42,8 @@ def test_next_turn_reuses_the_whole_previous_turn(loop, make_engine):
     second = loop.run(collect(engine, request_for("tool_result")))
     done = first[-1]
     assert started(first).cached_tokens == 0
-    # everything the first turn's KV holds: its prompt and its reply but the final end-of-turn token
-    assert started(second).cached_tokens == done.usage.prompt_tokens + done.usage.generated_tokens - 1
+    # the first turn's KV holds its prompt and its whole reply, the end-of-turn token included
+    assert started(second).cached_tokens == done.usage.prompt_tokens + done.usage.generated_tokens
     assert second[-1].usage.cached_tokens == started(second).cached_tokens
 
 
@@ -51,7 +52,7 @@ def test_reasoning_turns_are_reused_too(loop, make_engine):
     first = loop.run(collect(engine, request_for("reasoning")))
     second = loop.run(collect(engine, request_for("reasoning_multi_turn")))
     done = first[-1]
-    assert started(second).cached_tokens == done.usage.prompt_tokens + done.usage.generated_tokens - 1
+    assert started(second).cached_tokens == done.usage.prompt_tokens + done.usage.generated_tokens
 
 
 @pytest.mark.parametrize("names", [["multi_turn", "greeting", "tool_result", "parallel_results", "reasoning_multi_turn"]])
@@ -78,22 +79,28 @@ def test_system_prompt_and_tools_are_a_checkpoint_of_their_own(loop, make_engine
 
 
 def test_side_requests_do_not_evict_the_conversation(loop, make_engine):
-    engine = make_engine()
     long_system = {"role": "system", "content": "Follow the house rules carefully. " * 300}
     main = [long_system, {"role": "user", "content": "What is the capital of France?"}]
-    first = loop.run(collect(engine, Request(messages=main, max_tokens=16)))
-    budget_bytes = loop.run(engine.stats())["cache"]["ram_bytes"] * 1.6
-    engine = make_engine(cache_ram_gb=budget_bytes / 2**30)
+
+    def side(i):
+        return Request(messages=[{"role": "user", "content": f"Write a short title for chat number {i}."}], max_tokens=8)
+
+    sizing = make_engine()
+    loop.run(collect(sizing, Request(messages=main, max_tokens=16)))
+    main_bytes = loop.run(sizing.stats())["cache"]["ram_bytes"]
+    loop.run(collect(sizing, side(0)))
+    side_bytes = loop.run(sizing.stats())["cache"]["ram_bytes"] - main_bytes
+    engine = make_engine(cache_ram_gb=(main_bytes + 2.5 * side_bytes) / 2**30)
+
     first = loop.run(collect(engine, Request(messages=main, max_tokens=16)))
     for i in range(6):
-        side = [{"role": "user", "content": f"Write a title for conversation {i} please, short."}]
-        loop.run(collect(engine, Request(messages=side, max_tokens=8)))
+        loop.run(collect(engine, side(i)))
     text = "".join(e.text for e in first if isinstance(e, TextDelta))
     follow = main + [{"role": "assistant", "content": text}, {"role": "user", "content": "And of Italy?"}]
     again = loop.run(collect(engine, Request(messages=follow, max_tokens=8)))
     assert started(again).cached_tokens >= first[-1].usage.prompt_tokens
     stats = loop.run(engine.stats())["cache"]
-    assert stats["evictions"] > 0 and stats["ram_bytes"] <= stats["ram_budget"]
+    assert stats["evictions"] >= 3 and stats["ram_bytes"] <= stats["ram_budget"]
 
 
 def test_ram_budget_is_never_exceeded(loop, make_engine):
@@ -147,10 +154,12 @@ def test_damaged_disk_entries_are_removed_not_loaded(loop, make_engine, tmp_path
     assert files
     for f in files:
         damage(f)
+    damaged = {f: f.read_bytes() for f in files}
     second = make_engine(cache_dir=str(tmp_path))
     events = loop.run(collect(second, request_for("capital")))
     assert isinstance(events[-1], Done) and started(events).cached_tokens == 0
-    assert not any(f.exists() for f in files)
+    assert loop.run(second.stats())["cache"]["disk_rejected"] == len(files)
+    assert not any(f.exists() and f.read_bytes() == content for f, content in damaged.items())
 
 
 def test_entries_of_another_model_are_removed(loop, make_engine, tmp_path):
@@ -165,14 +174,19 @@ def test_entries_of_another_model_are_removed(loop, make_engine, tmp_path):
     [ours] = [d for d in cache.iterdir() if d != other_dir]
     planted = [Path(shutil.copy(f, ours)) for f in other_dir.glob("*.safetensors")]
     engine = make_engine(cache_dir=str(cache))
+    assert planted and not any(p.exists() for p in planted), "removed when the cache directory is read"
     events = loop.run(collect(engine, request_for("capital")))
     assert started(events).cached_tokens == 0
-    assert planted and not any(p.exists() for p in planted)
+    assert loop.run(engine.stats())["cache"]["disk_rejected"] == len(planted)
 
 
 def test_concurrent_conversations_each_hit(loop, make_engine):
     engine = make_engine()
-    names = ["weather_paris", "reasoning"]
-    loop.run(asyncio.gather(*(collect(engine, request_for(n)) for n in names)))
-    follow = loop.run(asyncio.gather(*(collect(engine, request_for(n)) for n in ["tool_result", "reasoning_multi_turn"])))
-    assert all(started(f).cached_tokens > 20 for f in follow)
+
+    async def together(names):
+        return await asyncio.gather(*(collect(engine, request_for(n)) for n in names))
+
+    first = loop.run(together(["weather_paris", "reasoning"]))
+    follow = loop.run(together(["tool_result", "reasoning_multi_turn"]))
+    for f, s in zip(first, follow):
+        assert started(s).cached_tokens == f[-1].usage.prompt_tokens + f[-1].usage.generated_tokens
