@@ -11,9 +11,11 @@ from collections.abc import Coroutine
 
 import pytest
 import uvicorn
+from tokenizers import Tokenizer
 
 from mlx_tui.engine.client import EngineClient
 from mlx_tui.engine.config import EngineConfig
+from mlx_tui.engine.demo import MODEL_DIR
 
 
 class LoopThread:
@@ -64,6 +66,11 @@ def loop():
     thread = LoopThread()
     yield thread
     thread.close()
+
+
+def letter_token() -> int:
+    """The demo model's token for "a": forced with a logit bias, it makes a generation that never ends."""
+    return Tokenizer.from_file(str(MODEL_DIR / "tokenizer.json")).token_to_id("a")
 
 
 def start_engine(loop: LoopThread, **settings) -> EngineClient:

@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+from conftest import letter_token
 
 from mlx_tui.engine.client import EngineClient
 from mlx_tui.engine.config import EngineConfig
@@ -148,7 +149,7 @@ def test_four_concurrent_requests_decode_in_one_batch(loop, engine):
 def test_cancelled_request_leaves_the_batch(loop, engine):
     async def start_then_leave():
         stream = engine.generate(request_for(BY_NAME["greeting"], max_tokens=5000,
-                                             sampling=Sampling(logit_bias={100: 50.0})))
+                                             sampling=Sampling(logit_bias={letter_token(): 50.0})))
         async for event in stream:
             if isinstance(event, TextDelta):
                 break
@@ -160,7 +161,7 @@ def test_cancelled_request_leaves_the_batch(loop, engine):
 
 
 def test_repetition_guard_ends_a_loop(loop, engine):
-    request = request_for(BY_NAME["greeting"], sampling=Sampling(logit_bias={100: 50.0}), max_tokens=2000)
+    request = request_for(BY_NAME["greeting"], sampling=Sampling(logit_bias={letter_token(): 50.0}), max_tokens=2000)
     done = loop.run(collect(engine, request))[-1]
     assert (done.stop_reason, done.note) == ("length", "repetition")
     assert done.usage.generated_tokens < 2000

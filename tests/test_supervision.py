@@ -5,6 +5,7 @@ import os
 import signal
 
 import pytest
+from conftest import letter_token
 
 from mlx_tui.engine.client import EngineUnavailable
 from mlx_tui.engine.demo.conversations import CONVERSATIONS
@@ -20,7 +21,7 @@ def request(**changes) -> Request:
 
 def endless(**changes) -> Request:
     """A request that keeps generating until stopped (one token forced, the loop guard off)."""
-    return request(sampling=Sampling(logit_bias={100: 50.0}), **{"max_tokens": 100_000, **changes})
+    return request(sampling=Sampling(logit_bias={letter_token(): 50.0}), **{"max_tokens": 100_000, **changes})
 
 
 async def collect(engine, req: Request) -> list:
@@ -84,14 +85,14 @@ def test_sigstop_is_caught_by_the_watchdog(loop, broken):
 
 
 def test_a_long_prefill_is_not_a_stall(loop, broken):
-    engine = broken(stall_timeout=0.5, prefill_step=128)
+    engine = broken(stall_timeout=1.5, prefill_step=32)
     words = "lorem ipsum dolor sit amet "
     per_copy = loop.run(engine.count_tokens(Request(messages=[{"role": "user", "content": words * 100}]))) / 100
-    long = Request(messages=[{"role": "user", "content": words * int(16_000 / per_copy)}], max_tokens=4)
+    long = Request(messages=[{"role": "user", "content": words * int(10_000 / per_copy)}], max_tokens=4)
     events = loop.run(collect(engine, long))
     done = events[-1]
     assert isinstance(done, Done), done
-    assert done.timings.queued_s + done.timings.prefill_s > 1.0, "the prefill must outlast the stall timeout for this to show anything"
+    assert done.timings.queued_s + done.timings.prefill_s > 1.5, "the prefill must outlast the stall timeout for this to show anything"
     assert sum(isinstance(e, PrefillProgress) for e in events) > 100
     assert engine.restarts == 0
 
