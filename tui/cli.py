@@ -7,8 +7,9 @@ import os
 import signal
 import socket
 import sys
+from pathlib import Path
 
-from mlx_tui.engine.config import EngineConfig, model_problem
+from mlx_tui.engine.config import EngineConfig, cache_dir, model_problem
 
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain"}
 
@@ -34,7 +35,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e.add_argument("--tool-parser", help="an mlx-lm tool parser name, for models where none is found")
     e.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template file to use instead of the model's")
     e.add_argument("--blas", choices=("auto", "reference"), default="auto", help="auto: an optimised OpenBLAS on Linux where found")
+    c = p.add_argument_group("prefix cache")
+    c.add_argument("--cache-ram-gb", type=float, default=0.0, help="RAM for cached KV state (default: a fifth of the machine's memory)")
+    c.add_argument("--cache-dir", default=str(cache_dir() / "prefix-cache"), help="where the disk tier keeps entries, per model")
+    c.add_argument("--cache-disk-gb", type=float, default=10.0, help="disk for cached KV state (0: no disk tier)")
+    c.add_argument("--warm", metavar="FILE", type=Path, help="prefill this system prompt (text) or request (JSON) at start")
+    r = p.add_argument_group("reliability")
+    r.add_argument("--max-queue", type=int, default=16, help="requests that may wait for a batch slot; more get 429")
+    r.add_argument("--request-timeout", type=float, default=0.0, help="seconds a request may take (0: no limit)")
+    r.add_argument("--stall-timeout", type=float, default=60.0, help="restart a worker that has work but makes no progress this long")
+    r.add_argument("--max-kv-gb", type=float, default=0.0, help="refuse requests whose KV cache could grow past this (0: no limit)")
+    r.add_argument("--no-transcripts", action="store_true", help="keep transcripts in memory only, not on disk")
+    r.add_argument("--debug-faults", action="store_true", help="let the X-MLX-TUI-Fault header inject faults (tests only)")
     args = p.parse_args(argv)
+    if args.warm and not args.warm.is_file():
+        p.error(f"--warm {args.warm}: no such file")
     for name in ("max_concurrency", "prefill_step", "max_tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -52,10 +67,28 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         tool_parser=args.tool_parser,
         chat_template=args.chat_template,
         blas=args.blas,
+        cache_ram_gb=args.cache_ram_gb,
+        cache_dir=args.cache_dir if args.cache_disk_gb > 0 else None,
+        cache_disk_gb=args.cache_disk_gb,
+        max_queue=args.max_queue,
+        request_timeout=args.request_timeout,
+        stall_timeout=args.stall_timeout,
+        max_kv_gb=args.max_kv_gb,
     )
+    if args.no_transcripts:
+        config.transcripts_dir = None
     if args.model:
         config.model = args.model
     return config
+
+
+def app_settings(args: argparse.Namespace) -> dict:
+    return {
+        "api_key": args.api_key,
+        "max_body_mb": args.max_body_mb,
+        "allow_any_host": args.insecure,
+        "debug_faults": args.debug_faults,
+    }
 
 
 def is_loopback(host: str) -> bool:
@@ -95,6 +128,7 @@ async def serve(args: argparse.Namespace, sock: socket.socket) -> int:
     import uvicorn
 
     from mlx_tui.api.server import create_app
+    from mlx_tui.api.warm import warm
     from mlx_tui.engine.client import EngineClient, ModelLoadError
 
     engine = EngineClient(engine_config(args), on_progress=ProgressBar())
@@ -105,7 +139,9 @@ async def serve(args: argparse.Namespace, sock: socket.socket) -> int:
         return 1
     if engine.info["tool_parser"] is None:
         print("mlx-tui: no tool-call parser found for this model; pass --tool-parser NAME to enable tool calls", file=sys.stderr)
-    app = create_app(engine, api_key=args.api_key, max_body_mb=args.max_body_mb)
+    if args.warm:
+        print(f"mlx-tui: {await warm(engine, args.warm)}", file=sys.stderr)
+    app = create_app(engine, **app_settings(args))
     server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5))
     print(f"mlx-tui: serving {engine.config.model} at http://{args.host}:{args.port} (BLAS: {engine.blas})", file=sys.stderr)
     try:
@@ -133,9 +169,9 @@ def local_backend(args: argparse.Namespace, sock: socket.socket | None, problem:
 
     engine = EngineClient(engine_config(args))
     if sock is None:
-        return LocalBackend(engine, problem=problem)
-    app = create_app(engine, api_key=args.api_key, max_body_mb=args.max_body_mb)
-    return LocalBackend(engine, ApiServer(app, sock), url(args.host, args.port))
+        return LocalBackend(engine, problem=problem, warm_file=args.warm)
+    app = create_app(engine, **app_settings(args))
+    return LocalBackend(engine, ApiServer(app, sock), url(args.host, args.port), warm_file=args.warm)
 
 
 async def dashboard(args: argparse.Namespace, sock: socket.socket | None, problem: str | None) -> int:

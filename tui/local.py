@@ -8,8 +8,10 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import asdict
+from pathlib import Path
 
 from mlx_tui.api.server import model_name
+from mlx_tui.api.warm import warm
 from mlx_tui.engine.client import EngineClient, EngineUnavailable, ModelLoadError
 from mlx_tui.engine.events import Error, Event, TextDelta, ToolCallEnd
 from mlx_tui.engine.request import Request
@@ -23,10 +25,16 @@ class LocalBackend:
     """Starts the engine (and the API server, if there is one) and reads the engine's bus directly."""
 
     def __init__(
-        self, engine: EngineClient, server: ApiServer | None = None, address: str = "", problem: str | None = None
+        self,
+        engine: EngineClient,
+        server: ApiServer | None = None,
+        address: str = "",
+        problem: str | None = None,
+        warm_file: Path | None = None,
     ):
-        """`problem` says why there is no server (a busy port, say)."""
+        """`problem` says why there is no server (a busy port, say); `warm_file` is prefilled once loaded."""
         self.engine = engine
+        self.warm_file = warm_file
         self.server = server
         self.address = address
         self.problem = problem
@@ -49,6 +57,8 @@ class LocalBackend:
             return
         if self.engine.info.get("tool_parser") is None:
             log.warning("no tool-call parser found for this model; pass --tool-parser NAME to enable tool calls")
+        if self.warm_file:
+            log.info("%s", await warm(self.engine, self.warm_file))
 
     async def stop(self):
         if self._loading and not self._loading.done():
