@@ -19,10 +19,12 @@ def check(s: Sampling, vocab_size: int) -> str | None:
         return f"temperature must be between 0 and 100, got {s.temperature}"
     if not 0 <= s.top_p <= 1:
         return f"top_p must be between 0 and 1, got {s.top_p}"
-    if not 0 <= s.min_p <= 1:
-        return f"min_p must be between 0 and 1, got {s.min_p}"
-    if s.top_k < 0:
-        return f"top_k must be 0 or more, got {s.top_k}"
+    if not 0 <= s.min_p < 1:
+        return f"min_p must be at least 0 and below 1, got {s.min_p}"
+    if not 0 <= s.top_k < vocab_size:
+        return f"top_k must be 0 (off) or below the vocabulary size {vocab_size}, got {s.top_k}"
+    if s.seed is not None and not 0 <= s.seed < 2**64:
+        return f"seed must be between 0 and 2^64 - 1, got {s.seed}"
     if s.repetition_penalty < 0:
         return f"repetition_penalty must be 0 (off) or more, got {s.repetition_penalty}"
     for name in ("presence_penalty", "frequency_penalty"):

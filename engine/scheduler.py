@@ -164,9 +164,11 @@ class Scheduler:
             if problem := sampling.check(request.sampling, len(self.tokenizer)):
                 raise RequestError(problem)
             fault = faults.parse(request.fault) if request.fault else None
-        except (RequestError, ValueError) as e:
+            s = request.sampling
+            sampler = sampling.sampler(s)
+            processors = sampling.logits_processors(s, self.config.repetition_penalty)
+        except (RequestError, ValueError, TypeError) as e:
             return [(rid, Error("invalid_request", str(e)))]
-        s = request.sampling
         tokens = prompt.tokens
         layers, cached = self.cache.match(tokens)
         checkpoint_at = prompt.system_end if prompt.system_end > cached else 0
@@ -176,8 +178,8 @@ class Scheduler:
             caches=[layers] if layers else None,
             all_tokens=[tokens[:cached]],
             max_tokens=[max_tokens],
-            samplers=[sampling.sampler(s)],
-            logits_processors=[sampling.logits_processors(s, self.config.repetition_penalty)],
+            samplers=[sampler],
+            logits_processors=[processors],
         )
         markup = MarkupParser(
             self.think, self.tool, self.tokenizer.tool_parser, request.tools, prompt.state, prompt.body

@@ -173,6 +173,10 @@ def test_repetition_guard_ends_a_loop(loop, engine):
         ({"sampling": Sampling(temperature=-1)}, "temperature"),
         ({"sampling": Sampling(top_p=2)}, "top_p"),
         ({"sampling": Sampling(logit_bias={10**6: 1.0})}, "logit_bias"),
+        ({"sampling": Sampling(top_k=10**6)}, "top_k"),
+        ({"sampling": Sampling(min_p=1.0, temperature=1)}, "min_p"),
+        ({"sampling": Sampling(seed=-1, temperature=1)}, "seed"),
+        ({"sampling": Sampling(seed=2**64, temperature=1)}, "seed"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"tool_choice": "no_such_tool"}, "no_such_tool"),
     ],
@@ -181,6 +185,7 @@ def test_bad_request_fails_alone(loop, engine, changes, message):
     events = loop.run(collect(engine, request_for(BY_NAME["weather_paris"], **changes)))
     assert len(events) == 1 and isinstance(events[0], Error)
     assert events[0].kind == "invalid_request" and message in events[0].message
+    assert engine.restarts == 0 and engine.breaker.failures == 0
 
 
 def test_prompt_longer_than_the_context_is_refused(loop, engine):

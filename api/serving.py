@@ -1,0 +1,166 @@
+"""What both protocols share: a bounded, validated body; one request's trip through the engine; a client leaving."""
+
+import asyncio
+import json
+from collections.abc import AsyncGenerator, Awaitable
+from contextlib import aclosing
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from mlx_tui.engine.client import EngineClient, EngineUnavailable
+from mlx_tui.engine.events import Error, Event, ParseError, Started, TextDelta, ToolCallDelta, ToolCallEnd, ToolCallStart
+from mlx_tui.engine.request import Request as EngineRequest
+
+from .errors import ApiError, from_event, from_unavailable
+
+Body = TypeVar("Body", bound=BaseModel)
+FAULT_HEADER = "x-mlx-tui-fault"
+
+
+async def read_body(request: Request) -> bytes:
+    """The raw body, or 413 as soon as it is known to exceed the app's limit."""
+    limit = request.app.state.max_body
+    too_large = ApiError(413, f"the request body is larger than {limit} bytes")
+    if int(request.headers.get("content-length") or 0) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
+async def parse(request: Request, model: type[Body]) -> tuple[Body, Any]:
+    """The body validated against `model` (400 naming the first problems otherwise), and as received."""
+    raw = await read_body(request)
+    try:
+        return model.model_validate_json(raw), json.loads(raw)
+    except ValidationError as e:
+        raise ApiError(400, describe(e)) from None
+
+
+def describe(error: ValidationError, most: int = 3) -> str:
+    problems = []
+    for e in error.errors(include_url=False)[:most]:
+        where = ".".join(str(part) for part in e["loc"])
+        problems.append(f"{where}: {e['msg']}" if where else e["msg"])
+    more = error.error_count() - most
+    return "; ".join(problems) + (f" (and {more} more)" if more > 0 else "")
+
+
+def engine_of(request: Request) -> EngineClient:
+    return request.app.state.engine
+
+
+class Exchange:
+    """One request's trip through the engine, kept as a transcript: start, events, what was sent, finish."""
+
+    def __init__(self, http: Request, request: EngineRequest, id: str, received: Any):
+        self.engine = engine_of(http)
+        if http.app.state.debug_faults:
+            request.fault = http.headers.get(FAULT_HEADER)
+        self.request = request
+        self.id = id
+        self.transcript = self.engine.transcripts.open(id, request.source, request.client, received)
+        self.events: AsyncGenerator[Event, None] | None = None
+        self.finished = False
+
+    async def start(self) -> Started:
+        """Submit the request and wait for its Started event.
+
+        A failure before that (engine unavailable, prompt too long, bad settings) raises
+        ApiError, so the client gets an HTTP error status rather than a broken stream.
+        """
+        try:
+            self.events = self.engine.generate(self.request, self.id, self.transcript)
+            async for event in self.events:
+                if isinstance(event, Started):
+                    return event
+                if isinstance(event, Error):
+                    raise from_event(event)
+            raise ApiError(500, "the engine ended the request without an answer")
+        except BaseException as e:
+            if self.events is not None:
+                await self.events.aclose()
+            self.finish()
+            if isinstance(e, EngineUnavailable):
+                raise from_unavailable(e) from None
+            raise
+
+    def rest(self):
+        """The events after Started, with tool calls whole, in a context that closes (and so
+        cancels) the generation when left early."""
+        return aclosing(whole_calls(self.events))
+
+    def sent(self, text: str):
+        self.engine.transcripts.sent(self.transcript, text)
+
+    def finish(self):
+        if not self.finished:
+            self.finished = True
+            self.engine.transcripts.finish(self.transcript)
+
+
+async def whole_calls(events: AsyncGenerator[Event, None]) -> AsyncGenerator[Event, None]:
+    """The events with each tool call only as its ToolCallEnd, once it has parsed.
+
+    A call the model botched must never reach a client as a half-formed tool use (an agent
+    would run it): where the engine had begun one (ToolCallStart) and it then failed to
+    parse, its markup goes out as text, as the engine does for calls it never began.
+    """
+    async with aclosing(events):
+        begun = False
+        async for event in events:
+            match event:
+                case ToolCallStart():
+                    begun = True
+                case ToolCallDelta():
+                    pass
+                case ParseError(_, markup):
+                    if begun:
+                        yield TextDelta(markup)
+                    begun = False
+                case ToolCallEnd():
+                    begun = False
+                    yield event
+                case _:
+                    yield event
+
+
+async def count_tokens(engine: EngineClient, request: EngineRequest) -> int:
+    try:
+        count = await engine.count_tokens(request)
+    except EngineUnavailable as e:
+        raise from_unavailable(e) from None
+    if isinstance(count, Error):
+        raise from_event(count)
+    return count
+
+
+async def unless_disconnected(request: Request, work: Awaitable[Response]) -> Response:
+    """Await `work`, cancelling it if the client disconnects first (a non-streaming generation)."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(disconnected(request))
+    try:
+        await asyncio.wait([task, gone], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait([task])
+    if task.cancelled():
+        return Response(status_code=499)  # nobody is left to read it
+    return task.result()
+
+
+async def disconnected(request: Request):
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def dumps(data: dict) -> str:
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))

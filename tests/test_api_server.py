@@ -1,0 +1,34 @@
+"""The routes around generation: /health, /v1/models in both shapes, count_tokens."""
+
+import httpx
+
+from mlx_tui.engine.request import Request
+
+
+def test_health(server, engine):
+    """The contract's fields (later issues may add more, never rename)."""
+    health = httpx.get(server.url + "/health").json()
+    assert health.items() >= {
+        "status": "ok",
+        "model": "mlx-tui-demo",
+        "breaker": {"state": "closed", "failures": 0, "next_probe_s": None},
+        "worker": {"pid": engine.pid, "restarts": engine.restarts},
+        "ranks": 1,
+        "blas": engine.blas,
+        "dtype": engine.info["dtype"],
+        "tool_parser": engine.info["tool_parser"],
+    }.items()
+
+
+def test_models_shape_follows_the_protocol_header(server):
+    openai = httpx.get(server.url + "/v1/models").json()
+    assert openai["object"] == "list" and openai["data"][0]["id"] == "mlx-tui-demo"
+    anthropic = httpx.get(server.url + "/v1/models", headers={"anthropic-version": "2023-06-01"}).json()
+    assert anthropic["data"][0]["type"] == "model" and anthropic["has_more"] is False
+
+
+def test_count_tokens_matches_the_engine(server, loop, engine):
+    body = {"model": "m", "system": "Be brief.", "messages": [{"role": "user", "content": "Good morning!"}]}
+    counted = httpx.post(server.url + "/v1/messages/count_tokens", json=body).json()
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Good morning!"}]
+    assert counted == {"input_tokens": loop.run(engine.count_tokens(Request(messages, enable_thinking=False)))}
