@@ -19,9 +19,9 @@ from .events import Done, Error, ParseError, RawText, Started, ToolCallEnd
 @dataclass(slots=True)
 class Transcript:
     id: str
-    source: str
-    client: str
-    received: Any
+    source: str = ""
+    client: str = ""
+    received: Any = None
     started: float = field(default_factory=time.time)
     prompt: str = ""
     prompt_tokens: int = 0

@@ -8,8 +8,9 @@ import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, fields
+
+from mlx_tui.engine.transcripts import Transcript
 
 HISTORY = 600  # one-second samples kept for the charts
 KEEP = 200  # requests and transcripts kept
@@ -42,25 +43,9 @@ class RequestRow:
 
 
 @dataclass(slots=True)
-class TranscriptRecord:
+class TranscriptRecord(Transcript):
     """A transcript as the views know it; `as_dict()` has the shape of `/v1/transcripts/{id}`."""
 
-    id: str
-    source: str = ""
-    client: str = ""
-    received: Any = None
-    started: float = 0.0
-    prompt: str = ""
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    cached_chars: int = 0
-    raw: str = ""
-    tool_calls: list[dict] = field(default_factory=list)
-    parse_errors: list[dict] = field(default_factory=list)
-    sent: list[str] = field(default_factory=list)
-    stop_reason: str | None = None
-    error: str | None = None
-    finished: float | None = None
     complete: bool = True  # False when only its summary is known (attached after it began)
 
     def summarize(self, summary: dict):
@@ -70,13 +55,15 @@ class TranscriptRecord:
 
     def load(self, data: dict):
         """Take every field of a full transcript (as `/v1/transcripts/{id}` serves it)."""
-        for name in self.__slots__:
+        for name in (f.name for f in fields(self)):
             if name in data and name not in ("id", "complete"):
                 setattr(self, name, data[name])
         self.complete = True
 
     def as_dict(self) -> dict:
-        return {name: getattr(self, name) for name in self.__slots__ if name != "complete"}
+        record = asdict(self)
+        del record["complete"]
+        return record
 
     @property
     def failed(self) -> bool:
