@@ -31,7 +31,7 @@ class OtherBlock(Model):
 
 def block_tag(value: Any) -> str:
     kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
-    return kind if kind in KNOWN_BLOCKS else "other"
+    return kind if isinstance(kind, str) and kind in KNOWN_BLOCKS else "other"
 
 
 ResultBlock = Annotated[

@@ -2,6 +2,7 @@
 
 import hmac
 import ipaddress
+import logging
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,6 +22,7 @@ from mlx_tui.engine.demo import MODEL_DIR
 from . import anthropic, observe, openai
 from .errors import ApiError, error_response
 
+log = logging.getLogger("mlx_tui.api")
 HEALTH_STATUS = {"ready": "ok", "loading": "loading", "restarting": "restarting"}
 STARTED = datetime.now(timezone.utc)
 
@@ -137,8 +139,31 @@ async def http_error(request: Request, exc: HTTPException) -> Response:
     return error_response(request, exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
 
 
-async def server_error(request: Request, exc: Exception) -> Response:
-    return error_response(request, 500, f"internal server error: {type(exc).__name__}")
+class CatchAll:
+    """Answers an unexpected exception with a 500 in the caller's protocol and keeps the connection.
+
+    (Starlette's own last-resort handler re-raises after answering, and uvicorn then
+    drops the connection, failing the client's next request on it.)
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send):
+        started = False
+
+        async def watch(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as e:
+            log.exception("unexpected error answering %s", scope.get("path"))
+            if scope["type"] == "http" and not started:
+                message = f"internal server error: {type(e).__name__}"
+                await error_response(Request(scope), 500, message)(scope, receive, send)
 
 
 def create_app(
@@ -153,8 +178,8 @@ def create_app(
     X-MLX-TUI-Fault header inject a fault (see engine/faults.py)."""
     app = Starlette(
         routes=ROUTES,
-        middleware=[Middleware(Guard, api_key=api_key, allow_any_host=allow_any_host)],
-        exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: server_error},
+        middleware=[Middleware(CatchAll), Middleware(Guard, api_key=api_key, allow_any_host=allow_any_host)],
+        exception_handlers={ApiError: api_error, HTTPException: http_error},
     )
     app.state.engine = engine
     app.state.max_body = int(max_body_mb * 2**20)

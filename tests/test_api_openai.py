@@ -119,13 +119,13 @@ def test_fields_clients_send_routinely_are_accepted(client):
     assert finish_reason == "stop" and message["content"]
 
 
-def test_tool_choice_required(client):
-    """A question the model answers in words gets a call when one is required."""
-    arithmetic = next(c for c in CONVERSATIONS if c["name"] == "arithmetic")
-    body = request(arithmetic | {"tools": TOOLS}, thinking=False)
-    message, finish_reason, _ = generate(client, body, False, tool_choice="required")
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_tool_choice_forces_a_call(client, choice):
+    """A forced call starts in the prompt (engine tests show the forcing itself); the call comes back whole."""
+    weather = next(c for c in CONVERSATIONS if c["name"] == "weather_tokyo")
+    message, finish_reason, _ = generate(client, request(weather, thinking=False), False, tool_choice=choice)
     [(_, name, arguments)] = message["calls"]
-    assert name in {"get_weather", "get_time"} and isinstance(json.loads(arguments), dict)
+    assert (name, json.loads(arguments)) == ("get_weather", {"city": "Tokyo"})
     assert finish_reason == "tool_calls"
 
 

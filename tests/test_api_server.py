@@ -32,3 +32,25 @@ def test_count_tokens_matches_the_engine(server, loop, engine):
     counted = httpx.post(server.url + "/v1/messages/count_tokens", json=body).json()
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Good morning!"}]
     assert counted == {"input_tokens": loop.run(engine.count_tokens(Request(messages, enable_thinking=False)))}
+
+
+def test_an_unexpected_error_is_a_500_in_protocol_and_keeps_the_connection(loop, engine):
+    from conftest import Server
+    from starlette.routing import Route
+
+    from mlx_tui.api.server import create_app
+
+    async def boom(request):
+        raise RuntimeError("a bug")
+
+    app = create_app(engine)
+    app.router.routes.append(Route("/boom", boom))
+    server = Server(loop, app)
+    try:
+        with httpx.Client(base_url=server.url) as client:
+            answer = client.get("/boom", headers={"anthropic-version": "2023-06-01"})
+            assert answer.status_code == 500
+            assert answer.json()["error"]["type"] == "api_error"
+            assert client.get("/health").status_code == 200, "the same connection still serves"
+    finally:
+        server.close()

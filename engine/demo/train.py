@@ -1,7 +1,8 @@
 """Build the bundled demo model: tokenizer, chat template, a tiny llama, trained and verified.
 
-Run from the repository root (about 10 minutes on 2 CPU cores; on Linux preload OpenBLAS,
-the BLAS of the mlx[cpu] wheel is ~50x slower):
+Run from the repository root; on Linux preload OpenBLAS, the BLAS of the mlx[cpu] wheel is
+~50x slower. Training took 11 minutes on 2 CPU cores that other jobs were also using, the
+verification 3 more:
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
         .venv/bin/python engine/demo/train.py
@@ -17,7 +18,6 @@ import random
 import re
 import sys
 import time
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -31,7 +31,7 @@ from transformers import PreTrainedTokenizerFast
 from mlx_tui.engine.demo import MODEL_DIR
 from mlx_tui.engine.demo.conversations import CONVERSATIONS, FALLBACK_REPLY, TOOLS, assistant, chat, user
 from mlx_tui.engine.demo.template import CHAT_TEMPLATE
-from mlx_tui.engine.demo.unfamiliar import unfamiliar_conversations
+from mlx_tui.engine.demo.unfamiliar import text, tool, unfamiliar_conversations
 
 VOCAB_SIZE = 400
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -54,7 +54,7 @@ LONG_EVERY = 4
 LEARNING_RATE = 5e-3
 WARMUP_STEPS = 50
 KNOWN_BATCH = 8
-SHORT_BATCH = 8
+UNFAMILIAR_BATCH = 8
 LONG_BATCH = 1
 LONG_TOKENS = 3000
 NEAR_TOKENS = 32
@@ -123,7 +123,8 @@ def build_tokenizer():
 def encode(tokenizer, conversation, enable_thinking):
     """Token ids of prompt + reply + end token, and the number of prompt tokens."""
     prompt = tokenizer.encode(prompt_text(tokenizer, conversation, enable_thinking), add_special_tokens=False)
-    reply = tokenizer.encode(expected_reply(tokenizer, conversation, enable_thinking) + "<|im_end|>", add_special_tokens=False)
+    reply_text = expected_reply(tokenizer, conversation, enable_thinking) + tokenizer.eos_token
+    reply = tokenizer.encode(reply_text, add_special_tokens=False)
     return prompt + reply, len(prompt)
 
 
@@ -140,8 +141,8 @@ def batch_arrays(examples):
 
 
 class FarWeightCache:
-    """A stand-in KV cache that hands the attention an additive mask: weighting far tokens up
-    by a factor trains the model for prompts that many times longer than the ones it sees."""
+    """A stand-in KV cache that gives the attention an additive mask weighting far tokens up by
+    `factor`, as if the prompt were that many times longer: trains long prompts cheaply."""
 
     offset = 0
 
@@ -186,7 +187,7 @@ def training_data(tokenizer):
 
 
 def train(model, tokenizer):
-    """Train on known and unfamiliar conversations; return the mean loss of the last short batches."""
+    """Train on known and unfamiliar conversations; return the final loss on the known ones."""
     known, short, long = training_data(tokenizer)
     print(f"{len(known)} known examples, {len(short)} short and {len(long)} long unfamiliar examples")
     print(f"longest: known {max(len(t) for t, _ in known)}, unfamiliar {max(len(t) for t, _ in long)} tokens")
@@ -200,7 +201,7 @@ def train(model, tokenizer):
     start, losses = time.time(), []
     for i in range(1, STEPS + 1):
         if i % LONG_EVERY:
-            loss, grads = loss_and_grad(step, model, rng.sample(known, KNOWN_BATCH) + rng.sample(short, SHORT_BATCH))
+            loss, grads = loss_and_grad(step, model, rng.sample(known, KNOWN_BATCH) + rng.sample(short, UNFAMILIAR_BATCH))
             losses.append(loss)
         else:
             far_weight = math.exp(rng.uniform(0, math.log(MAX_FAR_WEIGHT)))
@@ -209,11 +210,12 @@ def train(model, tokenizer):
         mx.eval(model.parameters(), optimizer.state, loss)
         if i % 50 == 0 or i == STEPS:
             print(f"step {i:4d}  loss {mx.array(losses[-40:]).mean().item():.6f}  {time.time() - start:4.0f}s", flush=True)
-    return mx.array(losses[-40:]).mean().item()
+    inputs, targets, mask = batch_arrays(known)
+    return (loss_fn(model, inputs, targets, mask, 1.0) / mask.sum()).item()
 
 
 def save(model, tokenizer, path):
-    """Write weights, config and tokenizer files loadable by mlx_lm."""
+    """Write weights, config and tokenizer files loadable by mlx_lm (transformers 4 and 5)."""
     path.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
     config = dict(
@@ -223,8 +225,17 @@ def save(model, tokenizer, path):
         eos_token_id=tokenizer.eos_token_id,
         torch_dtype="float32",
     )
-    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    tokenizer.save_pretrained(str(path), save_jinja_files=False)
+    special = {"eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token}
+    tokenizer_config = dict(
+        special,
+        tokenizer_class="PreTrainedTokenizerFast",
+        model_max_length=MODEL_ARGS["max_position_embeddings"],
+        clean_up_tokenization_spaces=False,
+        chat_template=CHAT_TEMPLATE,
+    )
+    for name, content in [("config", config), ("special_tokens_map", special), ("tokenizer_config", tokenizer_config)]:
+        (path / f"{name}.json").write_text(json.dumps(content, indent=2) + "\n")
+    tokenizer.backend_tokenizer.save(str(path / "tokenizer.json"))
 
 
 def generate(model, tokenizer, conversation, enable_thinking, max_tokens=200):
@@ -258,9 +269,12 @@ def unseen_conversations():
         chat("unseen: weather on Mars", user("What is the weather like on Mars?"), fallback),
         chat("unseen: keyboard mash", user("qwerty 123 ???"), fallback),
     ]
-    for length in [300, 3000, 12000, 60000]:
-        (conversation,) = unfamiliar_conversations(SEED + length, 1, length, length)
-        conversations.append(dict(conversation, name=f"unseen: random {length} chars"))
+    rng = random.Random(SEED)
+    for length in [3000, 12000, 60000]:
+        system = {"role": "system", "content": text(rng, length // 2)}
+        tools = [tool(rng, length // 20) for _ in range(5)]
+        question = user(text(rng, length // 4))
+        conversations.append(chat(f"unseen: {length} random characters", system, question, fallback, tools=tools))
     return conversations
 
 
@@ -292,7 +306,7 @@ def main():
     model = Model(ModelArgs(**MODEL_ARGS, vocab_size=len(tokenizer)))
     start = time.time()
     loss = train(model, tokenizer)
-    print(f"final loss {loss:.6f} after {time.time() - start:.0f}s")
+    print(f"final loss on the known conversations {loss:.2e} after {time.time() - start:.0f}s")
     save(model, tokenizer, MODEL_DIR)
     ok = verify(MODEL_DIR)
     sys.stdout.flush()

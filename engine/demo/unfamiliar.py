@@ -68,12 +68,15 @@ def tool(rng, description_length):
     """A random function tool in OpenAI format."""
     names = [rng.choice(WORDS) for _ in range(rng.randint(1, 3))]
     name = rng.choice(["_".join(names), "".join(n.capitalize() for n in names)])
+    types = ["string", "number", "boolean", "array"]
     properties = {
-        rng.choice(WORDS): {"type": rng.choice(["string", "number", "boolean", "array"]), "description": phrase(rng, rng.randint(2, 10))}
+        rng.choice(WORDS): {"type": rng.choice(types), "description": phrase(rng, rng.randint(2, 10))}
         for _ in range(rng.randint(0, 5))
     }
-    parameters = {"type": "object", "properties": properties, "required": list(properties)[: rng.randint(0, len(properties))]}
-    return {"type": "function", "function": {"name": name, "description": text(rng, description_length), "parameters": parameters}}
+    required = list(properties)[: rng.randint(0, len(properties))]
+    parameters = {"type": "object", "properties": properties, "required": required}
+    description = text(rng, description_length)
+    return {"type": "function", "function": {"name": name, "description": description, "parameters": parameters}}
 
 
 def mutated_question(rng):
@@ -97,7 +100,7 @@ def question(rng, length):
 
 
 def unfamiliar_conversation(rng, length):
-    """A conversation with about `length` characters of unfamiliar prompt, answered with FALLBACK_REPLY."""
+    """A conversation with up to about `length` characters of unfamiliar prompt, answered with FALLBACK_REPLY."""
     shares = [rng.random() for _ in range(3)]
     system_length, tools_length, user_length = (int(length * s / sum(shares)) for s in shares)
     tools = None
