@@ -49,10 +49,10 @@ def serve(conn: Connection, scheduler: Scheduler):
             events += handle(message, scheduler, conn)
         if scheduler.busy:
             events += scheduler.step()
+        while scheduler.failures:  # first, so the breaker has counted it before anyone sees the error
+            conn.send(("failure", scheduler.failures.pop(0)))
         if events:
             conn.send(("events", events))
-        while scheduler.failures:
-            conn.send(("failure", scheduler.failures.pop(0)))
 
 
 def handle(message: tuple, scheduler: Scheduler, conn: Connection) -> list:
