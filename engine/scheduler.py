@@ -205,7 +205,7 @@ class Scheduler:
         kv_gb = (prompt_tokens + max_tokens) * self.kv_bytes_per_token / 2**30
         if self.config.max_kv_gb and kv_gb > self.config.max_kv_gb:
             raise RequestError(
-                f"this request's KV cache could reach {kv_gb:.2f} GB ({prompt_tokens} prompt + {max_tokens} "
+                f"this request's KV cache could reach {kv_gb:.3g} GB ({prompt_tokens} prompt + {max_tokens} "
                 f"new tokens), over the server's --max-kv-gb {self.config.max_kv_gb:g}; lower max_tokens"
             )
         return max_tokens

@@ -232,3 +232,19 @@ def test_model_path_to_a_copy_of_the_demo_model(loop, tmp_path):
         assert engine.info["tool_parser"] == "json_tools" and engine.info["thinking"]
     finally:
         loop.run(engine.stop())
+
+
+def test_a_request_whose_kv_could_outgrow_max_kv_gb_is_refused(make_engine, loop):
+    engine = make_engine(max_kv_gb=0.001)  # the demo model's KV takes 1 KiB a token
+    events = loop.run(collect(engine, request_for(BY_NAME["capital"], max_tokens=100)))
+    assert events[-1].usage.generated_tokens > 0, "a small request fits"
+    events = loop.run(collect(engine, request_for(BY_NAME["capital"], max_tokens=30000)))
+    assert isinstance(events[0], Error) and "--max-kv-gb" in events[0].message
+
+
+def test_greedy_output_is_the_same_with_either_blas(make_engine, loop, engine):
+    reference = make_engine(blas="reference")
+    assert reference.blas == "reference" and engine.blas.startswith("openblas")
+    for name in ("parallel_calls", "reasoning_multi_turn", "tool_result"):
+        texts = [text(loop.run(collect(e, request_for(BY_NAME[name]))), RawText) for e in (engine, reference)]
+        assert texts[0] == texts[1]

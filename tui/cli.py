@@ -116,12 +116,22 @@ def bind(host: str, port: int) -> socket.socket:
 class ProgressBar:
     """Prints model loading as a one-line progress bar on stderr."""
 
+    def __init__(self):
+        self.open = False
+
     def __call__(self, phase: str, fraction: float):
         filled = int(fraction * 30)
         sys.stderr.write(f"\rloading model: {phase:<8} [{'#' * filled}{'.' * (30 - filled)}] {fraction:4.0%}")
-        if phase == "weights" and fraction >= 1:
+        self.open = not (phase == "weights" and fraction >= 1)
+        if not self.open:
             sys.stderr.write("\n")
         sys.stderr.flush()
+
+    def close(self):
+        """End the bar's line, so that what follows starts on a line of its own."""
+        if self.open:
+            sys.stderr.write("\n")
+            self.open = False
 
 
 async def serve(args: argparse.Namespace, sock: socket.socket) -> int:
@@ -131,10 +141,12 @@ async def serve(args: argparse.Namespace, sock: socket.socket) -> int:
     from mlx_tui.api.warm import warm
     from mlx_tui.engine.client import EngineClient, ModelLoadError
 
-    engine = EngineClient(engine_config(args), on_progress=ProgressBar())
+    progress = ProgressBar()
+    engine = EngineClient(engine_config(args), on_progress=progress)
     try:
         await engine.start()
     except ModelLoadError as e:
+        progress.close()
         print(f"mlx-tui: {e}", file=sys.stderr)
         return 1
     if engine.info["tool_parser"] is None:
