@@ -38,7 +38,8 @@ def sign(thinking: str) -> str:
 
 
 def signed(thinking: str, signature: str) -> bool:
-    return hmac.compare_digest(sign(thinking), signature)
+    # bytes: compare_digest refuses str with characters outside ASCII
+    return hmac.compare_digest(sign(thinking).encode(), signature.encode())
 
 
 # Request: Anthropic → the engine's chat-template shape.

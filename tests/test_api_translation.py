@@ -248,3 +248,10 @@ def test_a_botched_tool_call_goes_out_as_text():
         ev.TextDelta('<tool_call>{"name": "get_time", "arguments": me"}}</tool_call>'),
         ev.ToolCallEnd(0, "def", "get_weather", {}, "{}"),
     ]
+
+
+def test_a_signature_with_any_characters_is_just_not_ours():
+    from mlx_tui.api.anthropic import sign, signed
+
+    assert signed("hm", sign("hm"))
+    assert not signed("hm", "\x80 not ascii")
