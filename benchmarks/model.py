@@ -1,0 +1,144 @@
+"""The benchmark model: a randomly initialised float32 llama with a byte-level BPE tokenizer.
+
+Random weights never say when to stop, so the output rows of the end token and of every
+token that is not complete UTF-8 text on its own are zeroed: greedy decoding then never
+picks them (some other logit is always above zero), so every request generates exactly
+`max_tokens` and every token is text at once, on every server alike.
+"""
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+from .corpus import corpus_texts
+
+VOCAB_SIZE = 8192
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+MARKUP_TOKENS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
+MODEL_ARGS = dict(
+    model_type="llama",
+    hidden_size=768,
+    num_hidden_layers=8,
+    intermediate_size=2048,
+    num_attention_heads=12,
+    num_key_value_heads=4,
+    rms_norm_eps=1e-5,
+    vocab_size=VOCAB_SIZE,
+    max_position_embeddings=65536,
+    rope_theta=500000.0,
+    tie_word_embeddings=False,
+)
+SEED = 0
+VERSION = 1
+
+
+def chat_template() -> str:
+    """The demo model's template (tools, reasoning), so that both servers render the same prompt."""
+    from mlx_tui.engine.demo.template import CHAT_TEMPLATE
+
+    return CHAT_TEMPLATE
+
+
+def model_key() -> str:
+    blob = json.dumps([MODEL_ARGS, VOCAB_SIZE, SEED, VERSION, chat_template()], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def default_dir() -> Path:
+    import os
+
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "mlx-tui" / "benchmark-models" / f"llama-random-{model_key()}"
+
+
+def build_tokenizer():
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    markup = "|".join(re.escape(t) for t in SPECIAL_TOKENS + MARKUP_TOKENS)
+    pieces = [piece for text in corpus_texts() for piece in re.split(markup, text)]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE - len(MARKUP_TOKENS),
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(pieces, trainer)
+    bpe.add_tokens([AddedToken(t, special=False, normalized=False) for t in MARKUP_TOKENS])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=chat_template(),
+        model_max_length=MODEL_ARGS["max_position_embeddings"],
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def never_emitted(tokenizer) -> list[int]:
+    """Token ids that would end generation or stream as an incomplete character."""
+    ids = []
+    specials = set(SPECIAL_TOKENS + MARKUP_TOKENS)
+    for token, i in tokenizer.get_vocab().items():
+        if token in specials:
+            ids.append(i)
+            continue
+        text = tokenizer.decode([i])
+        if not text or "\ufffd" in text:
+            ids.append(i)
+    return sorted(ids)
+
+
+def build(path: Path) -> Path:
+    """Write config.json, model.safetensors and the tokenizer to `path` (once; reused after)."""
+    if (path / "model.safetensors").exists() and (path / "tokenizer.json").exists():
+        return path
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.models.llama import Model, ModelArgs
+
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    assert len(tokenizer) == VOCAB_SIZE, len(tokenizer)
+    mx.random.seed(SEED)
+    model = Model(ModelArgs.from_dict(MODEL_ARGS))
+    # the default init leaves logits tiny and nearly flat; scale the head so greedy choices vary
+    blocked = never_emitted(tokenizer)
+    head = model.lm_head.weight * 4.0
+    mask = mx.ones((VOCAB_SIZE, 1))
+    mask[mx.array(blocked)] = 0.0
+    model.lm_head.weight = head * mask
+    weights = dict(tree_flatten(model.parameters()))
+    mx.eval(weights)
+    tmp = path / "model.tmp.safetensors"
+    mx.save_safetensors(str(tmp), weights, metadata={"format": "mlx"})
+    tmp.rename(path / "model.safetensors")
+    config = dict(MODEL_ARGS, torch_dtype="float32", eos_token_id=tokenizer.eos_token_id)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer.save_pretrained(str(path))
+    (path / "never_emitted.json").write_text(json.dumps(blocked))
+    return path
+
+
+def describe(path: Path) -> dict:
+    config = json.loads((path / "config.json").read_text())
+    size = (path / "model.safetensors").stat().st_size
+    return {
+        "path": str(path),
+        "params_m": round(size / 4 / 1e6, 1),
+        "layers": config.get("num_hidden_layers"),
+        "hidden": config.get("hidden_size"),
+        "vocab": config.get("vocab_size"),
+        "dtype": config.get("torch_dtype", "float32"),
+    }
+
+
+if __name__ == "__main__":
+    import sys
+
+    out = build(Path(sys.argv[1]) if len(sys.argv) > 1 else default_dir())
+    print(json.dumps(describe(out), indent=2))
