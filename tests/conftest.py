@@ -8,6 +8,7 @@ import asyncio
 import socket
 import threading
 from collections.abc import Coroutine
+from pathlib import Path
 
 import pytest
 import uvicorn
@@ -16,6 +17,15 @@ from tokenizers import Tokenizer
 from mlx_tui.engine.client import EngineClient
 from mlx_tui.engine.config import EngineConfig
 from mlx_tui.engine.demo import MODEL_DIR
+
+
+def shared_dir() -> Path:
+    """The project's shared/ folder: beside the checkout (as CI lays it), else where sessions find it."""
+    beside = Path(__file__).resolve().parents[2] / "shared"
+    return beside if beside.is_dir() else Path("/work/shared")
+
+
+CLAUDE_CODE_SAMPLE = shared_dir() / "samples" / "claude-code-2.1.332-first-turn.json"
 
 
 class LoopThread:

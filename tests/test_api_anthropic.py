@@ -5,11 +5,12 @@ import json
 import anthropic
 import httpx
 import pytest
+from conftest import CLAUDE_CODE_SAMPLE
 
 from mlx_tui.api.anthropic import sign
 from mlx_tui.engine.demo.conversations import CONVERSATIONS, FALLBACK_REPLY, TOOLS
 
-SAMPLE = "/work/shared/samples/claude-code-2.1.332-first-turn.json"
+
 ANTHROPIC_TOOLS = [
     {"name": t["function"]["name"], "description": t["function"]["description"], "input_schema": t["function"]["parameters"]}
     for t in TOOLS
@@ -171,7 +172,7 @@ def test_stream_event_sequence(server):
 
 def test_claude_code_sample_as_is(server):
     """Claude Code's first turn, headers and body as it sent them, streams to message_stop."""
-    with open(SAMPLE) as f:
+    with open(CLAUDE_CODE_SAMPLE) as f:
         sample = json.load(f)
     skip = {"host", "content-length", "connection", "accept-encoding"}
     headers = {k: v for k, v in sample["headers"].items() if k.lower() not in skip}

@@ -4,6 +4,7 @@ import asyncio
 import json
 
 import pytest
+from conftest import CLAUDE_CODE_SAMPLE
 
 from mlx_tui.api import anthropic, openai, serving
 from mlx_tui.api.anthropic_models import MessagesRequest
@@ -11,7 +12,7 @@ from mlx_tui.api.errors import ApiError
 from mlx_tui.api.openai_models import ChatRequest
 from mlx_tui.engine import events as ev
 
-SAMPLE = "/work/shared/samples/claude-code-2.1.332-first-turn.json"
+
 USAGE = ev.Usage(prompt_tokens=30, cached_tokens=10, generated_tokens=7)
 TIMINGS = ev.Timings(0.0, 0.1, 0.2)
 
@@ -25,7 +26,7 @@ def openai_request(**body):
 
 
 def test_claude_code_sample_translates():
-    with open(SAMPLE) as f:
+    with open(CLAUDE_CODE_SAMPLE) as f:
         body = json.load(f)["body"]
     request = anthropic.to_request(MessagesRequest.model_validate(body))
     system = request.messages[0]

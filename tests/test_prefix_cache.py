@@ -1,11 +1,13 @@
 """The prefix KV cache on the real engine: reuse across turns, checkpoints, eviction, budgets, the disk tier."""
 
 import asyncio
+import json
 import random
 import shutil
 from pathlib import Path
 
 import pytest
+from conftest import CLAUDE_CODE_SAMPLE
 
 from mlx_tui.engine.demo import MODEL_DIR
 from mlx_tui.engine.demo.conversations import CONVERSATIONS
@@ -190,3 +192,24 @@ def test_concurrent_conversations_each_hit(loop, make_engine):
     follow = loop.run(together(["tool_result", "reasoning_multi_turn"]))
     for f, s in zip(first, follow):
         assert started(s).cached_tokens == f[-1].usage.prompt_tokens + f[-1].usage.generated_tokens
+
+
+def test_warm_up_makes_the_first_request_hit(loop, make_engine, tmp_path):
+    from mlx_tui.api.warm import warm
+
+    system_prompt = "You are the house assistant. Keep answers short and exact. " * 30
+    (tmp_path / "system.txt").write_text(system_prompt)
+    engine = make_engine()
+    line = loop.run(warm(engine, tmp_path / "system.txt"))
+    assert line.startswith("warmed the prefix cache with ")
+    first = loop.run(collect(engine, Request(messages=[{"role": "system", "content": system_prompt},
+                                                       {"role": "user", "content": "Good morning!"}], max_tokens=8)))
+    assert started(first).cached_tokens > 300
+
+
+def test_warm_up_reads_a_captured_claude_code_request():
+    from mlx_tui.api.warm import warm_request
+
+    request = warm_request(CLAUDE_CODE_SAMPLE)
+    assert request.max_tokens == 1 and len(request.tools) > 5
+    assert "x-anthropic-billing-header" not in json.dumps(request.messages)
