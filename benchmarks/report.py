@@ -77,7 +77,11 @@ def write(results: dict, out: Path):
         body += replay_table(r, targets)
     if db := results.get("dashboard"):
         body += dashboard_table(db, targets)
-    summary = ["## Targets", "", "| target | measured | |", "|---|---|---|"]
+    summary = ["## Targets", ""]
+    if results.get("mode") == "quick":
+        summary += ["*Quick run: a smoke check with one to three rounds per measurement; on a shared machine "
+                    "that is too few to judge a target. Use the full run for that.*", ""]
+    summary += ["| target | measured | |", "|---|---|---|"]
     summary += [f"| {name} | {value} | {target(ok)} |" for name, value, ok in targets] + [""]
     charts = ["## Charts", ""] + [f"![{c.stem}]({c.name})" for c in draw(results, out)] + [""]
     (out / "README.md").write_text("\n".join(header(results) + summary + body + charts))
@@ -306,7 +310,7 @@ def draw(results: dict, out: Path) -> list[Path]:
             bottom.plot(turns, [x["ttft_s"] for x in rows], "o-", label=server, color=color)
         top.set_ylabel("prompt from cache, %")
         top.set_ylim(0, 105)
-        top.legend(fontsize=8)
+        top.legend(fontsize=8, loc="upper left")
         bottom.set_ylabel("TTFT, s")
         bottom.set_xlabel("turn")
         top.set_title(f"Claude-Code-shaped replay (billing header changing per turn)\n{subtitle}", fontsize=9)

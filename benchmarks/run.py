@@ -29,7 +29,7 @@ class Plan:
 
 
 QUICK = Plan(decode_rounds=3, decode_tokens=48, overhead_rounds=1, ttft_sizes={1024: 1}, streams=(1, 4),
-             concurrency_rounds=1, concurrency_tokens=32, replay_turns=3, replay_tokens=1200, dashboard_rounds=1)
+             concurrency_rounds=1, concurrency_tokens=32, replay_turns=3, replay_tokens=2500, dashboard_rounds=1)
 FULL = Plan(decode_rounds=10, decode_tokens=64, overhead_rounds=2, ttft_sizes={1024: 3, 4096: 2, 8192: 1},
             streams=(1, 2, 4, 8), concurrency_rounds=3, concurrency_tokens=64, replay_turns=10, replay_tokens=2500,
             dashboard_rounds=3)
@@ -63,7 +63,8 @@ async def run(args, blas: str) -> int:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    results = {"meta": meta, "model": describe(model_dir), "plan": dataclasses.asdict(plan), "sections": list(sections)}
+    results = {"meta": meta, "model": describe(model_dir), "plan": dataclasses.asdict(plan), "sections": list(sections),
+               "mode": "quick" if args.quick else "full"}
     workdir = Path(tempfile.mkdtemp(prefix="mlx-tui-bench-"))
     cache_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 5  # our default RAM budget
     ours = servers.ours(model_dir, workdir, CONCURRENCY)
@@ -100,8 +101,8 @@ async def run(args, blas: str) -> int:
                 pids = {
                     decode.BASELINE: {"this process": None},
                     decode.ENGINE: {"worker": engine.pid, "front (this process)": None},
-                    decode.OURS_HTTP: ours.pids(),
-                    decode.MLX_HTTP: theirs.pids(),
+                    decode.OURS_HTTP: {**ours.pids(), "HTTP client (this process)": None},
+                    decode.MLX_HTTP: {**theirs.pids(), "HTTP client (this process)": None},
                 }
                 results["decode"] = await decode.run(contestants, plan.decode_rounds, plan.decode_tokens, pids)
                 del contestants
