@@ -8,14 +8,11 @@ picks them (some other logit is always above zero), so every request generates e
 
 import hashlib
 import json
-import re
 from pathlib import Path
 
 from .corpus import corpus_texts
 
 VOCAB_SIZE = 8192
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-MARKUP_TOKENS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
 MODEL_ARGS = dict(
     model_type="llama",
     hidden_size=768,
@@ -53,36 +50,17 @@ def default_dir() -> Path:
 
 
 def build_tokenizer():
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from mlx_tui.engine.demo import train
 
-    markup = "|".join(re.escape(t) for t in SPECIAL_TOKENS + MARKUP_TOKENS)
-    pieces = [piece for text in corpus_texts() for piece in re.split(markup, text)]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE - len(MARKUP_TOKENS),
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(pieces, trainer)
-    bpe.add_tokens([AddedToken(t, special=False, normalized=False) for t in MARKUP_TOKENS])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=bpe,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        chat_template=chat_template(),
-        model_max_length=MODEL_ARGS["max_position_embeddings"],
-        clean_up_tokenization_spaces=False,
-    )
+    return train.train_bpe(list(corpus_texts()), VOCAB_SIZE, chat_template(), MODEL_ARGS["max_position_embeddings"])
 
 
 def never_emitted(tokenizer) -> list[int]:
     """Token ids that would end generation or stream as an incomplete character."""
+    from mlx_tui.engine.demo import train
+
     ids = []
-    specials = set(SPECIAL_TOKENS + MARKUP_TOKENS)
+    specials = set(train.SPECIAL_TOKENS + train.MARKUP_TOKENS)
     for token, i in tokenizer.get_vocab().items():
         if token in specials:
             ids.append(i)

@@ -97,13 +97,22 @@ def build_tokenizer():
     """Train a byte-level BPE on the rendered conversations and wrap it for transformers."""
     bare = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE()), chat_template=CHAT_TEMPLATE)
     texts = {prompt_text(bare, c, mode) + expected_reply(bare, c, mode) for c in CONVERSATIONS for mode in modes(c)}
+    texts = sorted(texts) + [FALLBACK_REPLY] * 100
+    return train_bpe(texts, VOCAB_SIZE, CHAT_TEMPLATE, MODEL_ARGS["max_position_embeddings"])
+
+
+def train_bpe(texts: list[str], vocab_size: int, chat_template: str, max_length: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE of `vocab_size` tokens trained on `texts`, with the chat markup as single tokens.
+
+    The benchmark's model uses it too.
+    """
     markup = "|".join(re.escape(t) for t in SPECIAL_TOKENS + MARKUP_TOKENS)
-    pieces = [piece for text in sorted(texts) for piece in re.split(markup, text)] + [FALLBACK_REPLY] * 100
+    pieces = [piece for text in texts for piece in re.split(markup, text)]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE - len(MARKUP_TOKENS),
+        vocab_size=vocab_size - len(MARKUP_TOKENS),
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
@@ -114,8 +123,8 @@ def build_tokenizer():
         tokenizer_object=bpe,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        chat_template=CHAT_TEMPLATE,
-        model_max_length=MODEL_ARGS["max_position_embeddings"],
+        chat_template=chat_template,
+        model_max_length=max_length,
         clean_up_tokenization_spaces=False,
     )
 
