@@ -94,13 +94,15 @@ class EngineClient:
         The first step of a shutdown: supervision stops (nothing is restarted), the state
         becomes "stopping" (new requests get EngineUnavailable), and each stream still
         running after `grace` ends with an "engine" Error, which the API sends as the
-        protocol's error event.
+        protocol's error event. Called again with a shorter grace (a second Ctrl-C), it
+        ends them sooner.
         """
         for task in self._tasks:
             task.cancel()
-        if self.state != "ready":
+        if self.state == "ready":
+            self._set_state("stopping")
+        if self.state != "stopping":
             return
-        self._set_state("stopping")
         deadline = time.monotonic() + grace
         while self._streams and not self._exit.is_set() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)

@@ -138,7 +138,6 @@ def test_sigterm_lets_a_running_stream_finish_and_refuses_new_requests(serve):
     body = {"model": "m", "max_tokens": tokens, "stream": True, "stream_options": {"include_usage": True},
             "messages": HELLO, "logit_bias": {str(letter_token()): 50}}
     with httpx.Client(timeout=60) as http, stream_until_delta(http, server.url, "openai", body) as (lines, seen):
-        began = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
         until_stopping(server)
 
@@ -202,6 +201,23 @@ def test_a_stream_past_the_grace_ends_with_an_error_event(serve, protocol):
     assert server.exit_code(30) == 0, server.stderr()  # a hung worker is killed after 10 s
     with pytest.raises(ProcessLookupError):
         os.kill(server.worker_pid, 0)
+
+
+def test_a_second_signal_ends_running_streams_at_once(serve):
+    server = serve("--shutdown-grace", "120")
+    body = {"model": "m", "max_tokens": 30000, "stream": True, "messages": HELLO,
+            "logit_bias": {str(letter_token()): 50}}
+    with httpx.Client(timeout=60) as http, stream_until_delta(http, server.url, "openai", body) as (lines, _):
+        os.killpg(server.process.pid, signal.SIGINT)
+        until_stopping(server)
+        began = time.monotonic()
+        os.killpg(server.process.pid, signal.SIGINT)
+        after = rest(lines)
+    ended = time.monotonic() - began
+    assert after[-1] == "[DONE]" and after[-2]["error"]["type"] == "service_unavailable", after[-3:]
+    assert "shutting down" in after[-2]["error"]["message"]
+    assert ended < 10, f"the stream took {ended:.1f} s to end after the second signal, not at once"
+    assert server.exit_code(30) == 0, server.stderr()
 
 
 @pytest.mark.asyncio

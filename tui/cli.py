@@ -161,15 +161,21 @@ async def serve(args: argparse.Namespace, sock: socket.socket) -> int:
     server = ApiServer(app, sock, args.shutdown_grace, log_config=uvicorn.config.LOGGING_CONFIG, log_level="info")
     print(f"mlx-tui: serving {engine.config.model} at http://{args.host}:{args.port} (BLAS: {engine.blas})", file=sys.stderr)
     signalled = asyncio.Event()
+
+    def on_signal():
+        if signalled.is_set():  # a second one: end what still runs now
+            asyncio.ensure_future(engine.drain(0))
+        signalled.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, signalled.set)
+        loop.add_signal_handler(sig, on_signal)
     server.start()
     waiting = asyncio.create_task(signalled.wait())
     try:
         await asyncio.wait([server.task, waiting], return_when=asyncio.FIRST_COMPLETED)
         if signalled.is_set():
-            print(f"mlx-tui: stopping; running requests have {args.shutdown_grace:g} s to finish", file=sys.stderr)
+            print(f"mlx-tui: stopping; running requests have {args.shutdown_grace:g} s to finish (again to end them now)", file=sys.stderr)
         await server.stop()
     finally:
         waiting.cancel()
