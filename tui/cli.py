@@ -175,7 +175,8 @@ async def serve(args: argparse.Namespace, sock: socket.socket) -> int:
     try:
         await asyncio.wait([server.task, waiting], return_when=asyncio.FIRST_COMPLETED)
         if signalled.is_set():
-            print(f"mlx-tui: stopping; running requests have {args.shutdown_grace:g} s to finish (again to end them now)", file=sys.stderr)
+            grace = f"running requests have {args.shutdown_grace:g} s to finish (signal again to end them now)"
+            print(f"mlx-tui: stopping; {grace}", file=sys.stderr)
         await server.stop()
     finally:
         waiting.cancel()
