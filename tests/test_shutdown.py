@@ -5,6 +5,7 @@ with the protocol's error event, flushes the disk cache and transcripts, and exi
 """
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -12,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -100,7 +101,7 @@ def is_delta(protocol: str, item) -> bool:
     return isinstance(item, dict) and bool(item["choices"]) and bool(item["choices"][0]["delta"].get("content"))
 
 
-@contextmanager
+@contextlib.contextmanager
 def stream_until_delta(http: httpx.Client, url: str, protocol: str, body: dict, headers: dict | None = None):
     """A stream read up to its first text delta: its remaining lines, and the data read so far."""
     with http.stream("POST", url + PATHS[protocol], json=body, headers=headers or {}) as response:
@@ -201,6 +202,29 @@ def test_a_stream_past_the_grace_ends_with_an_error_event(serve, protocol):
     assert server.exit_code(30) == 0, server.stderr()  # a hung worker is killed after 10 s
     with pytest.raises(ProcessLookupError):
         os.kill(server.worker_pid, 0)
+
+
+def test_a_whole_answer_past_the_grace_is_an_error_response(serve):
+    """Not streaming: the answer still running when the grace ends is a 503 in OpenAI's shape. An
+    open /v1/events stream (never ending by itself) does not hold the exit up."""
+    server = serve("--shutdown-grace", "0.5")
+    body = {"model": "m", "max_tokens": 30000, "messages": HELLO, "logit_bias": {str(letter_token()): 50}}
+    with ThreadPoolExecutor(1) as pool, httpx.Client(timeout=60) as http:
+        with http.stream("GET", server.url + "/v1/events") as events:
+            answer = pool.submit(httpx.post, server.url + PATHS["openai"], json=body, timeout=60)
+            lines = events.iter_lines()
+            for line in lines:  # the request's lifecycle, as the dashboard sees it
+                event = json.loads(line.removeprefix("data: ")) if line.startswith("data: ") else {}
+                if event.get("kind") == "request" and event.get("phase") == "generating":
+                    break
+            server.process.send_signal(signal.SIGTERM)
+            response = answer.result(30)
+            with contextlib.suppress(httpx.RemoteProtocolError):  # closed when the server exits
+                rest(lines)
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["type"] == "service_unavailable"
+    assert "shutting down" in response.json()["error"]["message"]
+    assert server.exit_code(30) == 0, server.stderr()
 
 
 def test_a_second_signal_ends_running_streams_at_once(serve):
