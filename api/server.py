@@ -23,7 +23,7 @@ from . import anthropic, observe, openai
 from .errors import ApiError, error_response
 
 log = logging.getLogger("mlx_tui.api")
-HEALTH_STATUS = {"ready": "ok", "loading": "loading", "restarting": "restarting"}
+HEALTH_STATUS = {"ready": "ok", "loading": "loading", "restarting": "restarting", "stopping": "stopping"}
 STARTED = datetime.now(timezone.utc)
 
 

@@ -88,6 +88,26 @@ class EngineClient:
             raise ModelLoadError(self._fatal)
         self._tasks = [asyncio.create_task(t) for t in (self._supervise(), self._tick(), self._watchdog())]
 
+    async def drain(self, grace: float):
+        """Refuse new requests, give the running ones `grace` seconds to finish, then end the rest with an error.
+
+        The first step of a shutdown: supervision stops (nothing is restarted), the state
+        becomes "stopping" (new requests get EngineUnavailable), and each stream still
+        running after `grace` ends with an "engine" Error, which the API sends as the
+        protocol's error event. Called again with a shorter grace (a second Ctrl-C), it
+        ends them sooner.
+        """
+        for task in self._tasks:
+            task.cancel()
+        if self.state == "ready":
+            self._set_state("stopping")
+        if self.state != "stopping":
+            return
+        deadline = time.monotonic() + grace
+        while self._streams and not self._exit.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self._fail_in_flight("the engine worker exited" if self._exit.is_set() else "the server is shutting down")
+
     async def stop(self, grace: float = 10.0):
         """Stop the worker (it flushes its disk cache first); in-flight requests end with an error."""
         for task in self._tasks:

@@ -13,6 +13,7 @@ failed batched step (the breaker counts it).
 
 import os
 import queue
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -72,6 +73,10 @@ def handle(message: tuple, scheduler: Scheduler, conn: Connection) -> list:
 
 
 def main(argv: list[str] = sys.argv[1:]) -> int:
+    # The front process decides when the worker stops ("stop", or its connection closing): a
+    # Ctrl-C or SIGTERM sent to the whole process group must not cut the requests it lets finish.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     host, port = argv[0].rsplit(":", 1)
     authkey = bytes.fromhex(os.environ.pop("MLX_TUI_AUTHKEY"))
     conn = Client((host, int(port)), authkey=authkey)

@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--request-timeout", type=float, default=0.0, help="seconds a request may take (0: no limit)")
     r.add_argument("--stall-timeout", type=float, default=60.0, help="restart a worker that has work but makes no progress this long")
     r.add_argument("--max-kv-gb", type=float, default=0.0, help="refuse requests whose KV cache could grow past this (0: no limit)")
+    r.add_argument("--shutdown-grace", type=float, default=10.0, metavar="SECONDS",
+                   help="on SIGINT/SIGTERM or quit, how long running requests may take to finish")
     r.add_argument("--no-transcripts", action="store_true", help="keep transcripts in memory only, not on disk")
     r.add_argument("--debug-faults", action="store_true", help="let the X-MLX-TUI-Fault header inject faults (tests only)")
     args = p.parse_args(argv)
@@ -141,6 +143,8 @@ async def serve(args: argparse.Namespace, sock: socket.socket) -> int:
     from mlx_tui.api.warm import warm
     from mlx_tui.engine.client import EngineClient, ModelLoadError
 
+    from .server import ApiServer
+
     progress = ProgressBar()
     engine = EngineClient(engine_config(args), on_progress=progress)
     try:
@@ -154,13 +158,30 @@ async def serve(args: argparse.Namespace, sock: socket.socket) -> int:
     if args.warm:
         print(f"mlx-tui: {await warm(engine, args.warm)}", file=sys.stderr)
     app = create_app(engine, **app_settings(args))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5))
+    server = ApiServer(app, sock, args.shutdown_grace, log_config=uvicorn.config.LOGGING_CONFIG, log_level="info")
     print(f"mlx-tui: serving {engine.config.model} at http://{args.host}:{args.port} (BLAS: {engine.blas})", file=sys.stderr)
+    signalled = asyncio.Event()
+
+    def on_signal():
+        if signalled.is_set():  # a second one: end what still runs now
+            asyncio.ensure_future(engine.drain(0))
+        signalled.set()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    server.start()
+    waiting = asyncio.create_task(signalled.wait())
     try:
-        await server.serve(sockets=[sock])
+        await asyncio.wait([server.task, waiting], return_when=asyncio.FIRST_COMPLETED)
+        if signalled.is_set():
+            grace = f"running requests have {args.shutdown_grace:g} s to finish (signal again to end them now)"
+            print(f"mlx-tui: stopping; {grace}", file=sys.stderr)
+        await server.stop()
     finally:
+        waiting.cancel()
         await engine.stop()
-    return 0
+    return 0 if signalled.is_set() else 1
 
 
 def listen(args: argparse.Namespace) -> tuple[socket.socket | None, str | None]:
@@ -183,7 +204,7 @@ def local_backend(args: argparse.Namespace, sock: socket.socket | None, problem:
     if sock is None:
         return LocalBackend(engine, problem=problem, warm_file=args.warm)
     app = create_app(engine, **app_settings(args))
-    return LocalBackend(engine, ApiServer(app, sock), url(args.host, args.port), warm_file=args.warm)
+    return LocalBackend(engine, ApiServer(app, sock, args.shutdown_grace), url(args.host, args.port), warm_file=args.warm)
 
 
 async def dashboard(args: argparse.Namespace, sock: socket.socket | None, problem: str | None) -> int:

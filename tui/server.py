@@ -1,4 +1,4 @@
-"""uvicorn as a task of the dashboard's event loop: no signal handlers of its own, logs to the log pane."""
+"""uvicorn as a task of our event loop (the dashboard's, or --serve's): no signal handlers of its own."""
 
 import asyncio
 import contextlib
@@ -19,14 +19,21 @@ class EmbeddedServer(uvicorn.Server):
 
 
 class ApiServer:
-    """Serves an ASGI app on an already bound socket until `stop()`."""
+    """Serves the API app on an already bound socket until `stop()`, which lets running requests finish.
 
-    GRACE_S = 2.0  # how long open streams (such as /v1/events) may take to finish on shutdown
+    `grace` is how long running requests may take to finish once `stop()` is called;
+    `settings` go to uvicorn (by default its logging is left to the app: the log pane).
+    """
 
-    def __init__(self, app, sock: socket.socket):
-        config = uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=self.GRACE_S)
+    GRACE_S = 2.0  # how long open streams (such as /v1/events) may take to finish once uvicorn stops
+
+    def __init__(self, app, sock: socket.socket, grace: float = 10.0, **settings):
+        settings = {"log_config": None, **settings}
+        config = uvicorn.Config(app, timeout_graceful_shutdown=self.GRACE_S, **settings)
         self.server = EmbeddedServer(config)
+        self.engine = app.state.engine
         self.sock = sock
+        self.grace = grace
         self.task: asyncio.Task | None = None
 
     def start(self):
@@ -39,13 +46,17 @@ class ApiServer:
             log.error("the API server stopped: %r", e)
 
     async def stop(self):
-        """Ask uvicorn to finish; it cancels what is still open (an event stream) after the grace period.
+        """Shut down gracefully: the engine refuses new requests and gives running ones `grace`
+        seconds before it ends them with an error event; then uvicorn closes the socket and,
+        after GRACE_S, cancels what is still open (an event stream).
 
         Not through `handle_exit`: sse-starlette hooks it to set a process-wide flag that is
-        never reset and would end every later event stream in this process.
+        never reset and would end every later event stream in this process (and cut the
+        running generations at once).
         """
         if self.task is None:
             return
+        await self.engine.drain(self.grace)
         self.server.should_exit = True
         try:
             await asyncio.wait_for(asyncio.shield(self.task), self.GRACE_S + 3)
