@@ -130,7 +130,7 @@ class JsonArgumentStream:
             if not NUMBER_RE.fullmatch(self.scalar):
                 return False
             self.mode = mode = "after"
-        if c.isspace():
+        if c in " \t\n\r":  # JSON's whitespace, no other
             if mode == "start":
                 self.released = self.safe = self.pos + 1
             return True
@@ -156,7 +156,7 @@ class JsonArgumentStream:
         if c == '"':
             self.mode, self.key = "string", False
             self._mark()
-        elif c == "-" or c.isdigit():
+        elif c in "-0123456789":
             self.mode, self.scalar = "number", c
             if c != "-":
                 self._mark()
