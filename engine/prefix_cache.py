@@ -189,16 +189,16 @@ class TurnMemory:
 
     def encode(self, text: str, encode) -> list[int]:
         """`text` as token ids: a remembered turn's ids for the longest part it covers, `encode` for the rest."""
-        best, best_ids, best_chars = None, [], 0
+        best_ids, best_chars = None, 0
         for turn in self.turns:
             if not text.startswith(turn.text):
                 continue
             rest = text[len(turn.text) :]
             kept = longest(len(turn.reply), lambda n: rest.startswith(self.decode(turn.reply[:n])))
             chars = len(turn.text) + len(self.decode(turn.reply[:kept]))
-            if best is None or chars > best_chars:
-                best, best_ids, best_chars = turn, turn.tokens + turn.reply[:kept], chars
-        if best is None:
+            if best_ids is None or chars > best_chars:
+                best_ids, best_chars = turn.tokens + turn.reply[:kept], chars
+        if best_ids is None:
             return encode(text)
         return best_ids + (encode(text[best_chars:]) if best_chars < len(text) else [])
 

@@ -130,6 +130,16 @@ def test_a_reply_that_tokenises_differently_as_text_is_reused_whole(loop, make_e
     assert started(second).prompt_tokens != len(plain), "the prompt keeps the generated ids, not the text's own"
 
 
+def test_a_reply_cut_by_a_stop_sequence_is_reused_as_far_as_it_was_sent(loop, make_engine):
+    engine = make_engine()
+    first = loop.run(collect(engine, request_for("greeting", stop=["help"])))
+    text, _ = reply(first)
+    assert first[-1].stop_reason == "stop_sequence" and text == "Good morning! How can I"
+    follow = BY_NAME["greeting"]["messages"][:-1] + [{"role": "assistant", "content": text}, user("Thanks.")]
+    second = loop.run(collect(engine, Request(messages=follow, max_tokens=4)))
+    assert started(second).cached_chars >= len(started(first).prompt_text) + len(text)
+
+
 def test_system_prompt_and_tools_are_a_checkpoint_of_their_own(loop, make_engine):
     engine = make_engine()
     tools = BY_NAME["weather_paris"]["tools"]
