@@ -183,4 +183,9 @@ def test_a_call_cut_off_by_the_length_ends_well_formed(client, loop, engine):
     whole, whole_reason, usage = generate(client, body, stream=False, max_tokens=cut)
     assert [(name, arguments) for _, name, arguments in whole["calls"]] == [tuple(c) for c in message["calls"]]
     assert whole_reason == "length" and usage.completion_tokens == cut
+    with client.chat.completions.stream(**body, max_tokens=cut, temperature=0) as stream:  # the SDK's own accumulation
+        kinds = [event.type for event in stream]
+        [choice] = stream.current_completion_snapshot.choices
+    assert "tool_calls.function.arguments.delta" in kinds and choice.finish_reason == "length"
+    assert choice.message.tool_calls[0].function.arguments == message["calls"][0][1]
 
