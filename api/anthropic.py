@@ -183,10 +183,16 @@ class MessageStream:
                 self.reasoning.append(text)
                 block = {"type": "thinking", "thinking": "", "signature": ""}
                 return self.open("thinking", block) + self.delta({"type": "thinking_delta", "thinking": text})
-            case ev.ToolCallEnd(_, call_id, name, _, arguments_json):
+            case ev.ToolCallStart(_, call_id, name):
                 block = {"type": "tool_use", "id": f"toolu_{call_id}", "name": name, "input": {}}
-                arguments = self.open("tool_use", block) + self.delta({"type": "input_json_delta", "partial_json": arguments_json})
-                return arguments + self.close()
+                return self.close() + self.open("tool_use", block)
+            case ev.ToolCallDelta(_, text):
+                return self.delta({"type": "input_json_delta", "partial_json": text})
+            case ev.ToolCallEnd():
+                return self.close()
+            case ev.ToolCallAbandoned(_, _, completion):
+                closing = self.delta({"type": "input_json_delta", "partial_json": completion}) if completion else []
+                return closing + self.close()
             case ev.Done(reason, used, _, stop_sequence):
                 delta = {"stop_reason": STOP_REASONS[reason], "stop_sequence": stop_sequence}
                 data = {"type": "message_delta", "delta": delta, "usage": usage(*astuple(used))}

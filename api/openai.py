@@ -157,10 +157,11 @@ class ChunkStream:
                 return [self.chunk({"content": text})]
             case ev.ReasoningDelta(text):
                 return [self.chunk({"reasoning_content": text})]
-            case ev.ToolCallEnd(index, call_id, name, _, arguments_json):
+            case ev.ToolCallStart(index, call_id, name):
                 call = {"index": index, "id": f"call_{call_id}", "type": "function", "function": {"name": name, "arguments": ""}}
-                arguments = {"index": index, "function": {"arguments": arguments_json}}
-                return [self.chunk({"tool_calls": [call]}), self.chunk({"tool_calls": [arguments]})]
+                return [self.chunk({"tool_calls": [call]})]
+            case ev.ToolCallDelta(index, text) | ev.ToolCallAbandoned(index, _, text) if text:
+                return [self.chunk({"tool_calls": [{"index": index, "function": {"arguments": text}}]})]
             case ev.Done(reason, used):
                 chunks = [self.chunk({}, FINISH_REASONS[reason])]
                 if self.include_usage:

@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from mlx_tui.engine.client import EngineClient, EngineUnavailable
-from mlx_tui.engine.events import Error, Event, ParseError, Started, TextDelta, ToolCallDelta, ToolCallEnd, ToolCallStart
+from mlx_tui.engine.events import Error, Event, Started
 from mlx_tui.engine.request import Request as EngineRequest
 
 from .errors import ApiError, from_event, from_unavailable
@@ -92,9 +92,8 @@ class Exchange:
             raise
 
     def rest(self):
-        """The events after Started, with tool calls whole, in a context that closes (and so
-        cancels) the generation when left early."""
-        return aclosing(whole_calls(self.events))
+        """The events after Started, in a context that closes (and so cancels) the generation when left early."""
+        return aclosing(self.events)
 
     def sent(self, text: str):
         self.engine.transcripts.sent(self.transcript, text)
@@ -103,32 +102,6 @@ class Exchange:
         if not self.finished:
             self.finished = True
             self.engine.transcripts.finish(self.transcript)
-
-
-async def whole_calls(events: AsyncGenerator[Event, None]) -> AsyncGenerator[Event, None]:
-    """The events with each tool call only as its ToolCallEnd, once it has parsed.
-
-    A call the model botched must never reach a client as a half-formed tool use (an agent
-    would run it): where the engine had begun one (ToolCallStart) and it then failed to
-    parse, its markup goes out as text, as the engine does for calls it never began.
-    """
-    async with aclosing(events):
-        begun = False
-        async for event in events:
-            match event:
-                case ToolCallStart():
-                    begun = True
-                case ToolCallDelta():
-                    pass
-                case ParseError(_, markup):
-                    if begun:
-                        yield TextDelta(markup)
-                    begun = False
-                case ToolCallEnd():
-                    begun = False
-                    yield event
-                case _:
-                    yield event
 
 
 async def count_tokens(engine: EngineClient, request: EngineRequest) -> int:

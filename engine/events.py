@@ -69,8 +69,21 @@ class ToolCallEnd:
 
 
 @dataclass(slots=True, frozen=True)
+class ToolCallAbandoned:
+    """A call begun (ToolCallStart) that ends without parsing: its markup broke, or generation stopped inside it.
+
+    `completion` is the shortest text (closing quote and brackets) that makes the
+    arguments sent so far valid JSON; a ParseError comes just before it.
+    """
+
+    index: int
+    id: str
+    completion: str
+
+
+@dataclass(slots=True, frozen=True)
 class ParseError:
-    """Tool-call markup that did not parse; `text` is the markup, also sent on as text."""
+    """Tool-call markup that did not parse; `text` is the markup, sent on as text unless the call had begun."""
 
     message: str
     text: str
@@ -124,6 +137,7 @@ Event = (
     | ToolCallStart
     | ToolCallDelta
     | ToolCallEnd
+    | ToolCallAbandoned
     | ParseError
     | Done
     | Error

@@ -12,6 +12,7 @@ from .events import (
     RawText,
     ReasoningDelta,
     TextDelta,
+    ToolCallAbandoned,
     ToolCallDelta,
     ToolCallEnd,
     ToolCallStart,
@@ -60,22 +61,35 @@ NAME_RE = re.compile(r'"name"\s*:\s*"((?:[^"\\]|\\.)*)"')
 ARGUMENTS_RE = re.compile(r'"arguments"\s*:\s*')
 
 
-class JsonArgumentStream:
-    """Streams the `arguments` value of a JSON-shaped call body as it is generated.
+NUMBER_RE = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?")
+LITERALS = ("true", "false", "null")
+HEX = "0123456789abcdefABCDEF"
 
-    Tracks strings, escapes and nesting to know where the value ends, so the pieces
-    it yields join to exactly the arguments' JSON text.
+
+class JsonArgumentStream:
+    """Streams the `arguments` object of a JSON-shaped call body as it is generated.
+
+    A small JSON scanner. It releases the arguments' text only up to points where that text
+    is a valid JSON prefix which `completion` (a closing quote, then brackets) makes a valid
+    object: keys, commas, colons, partial numbers, literals and escapes wait for the value
+    or character that completes them. The pieces join to exactly the arguments' JSON text.
+    Text that stops being JSON ends the stream (`broken`); arguments that are not an object
+    are never streamed.
     """
 
     def __init__(self):
         self.name: str | None = None
-        self.start: int | None = None
-        self.pos = 0
-        self.depth = 0
-        self.in_string = False
-        self.escaped = False
-        self.begun = False
+        self.pos = 0  # the next character of the body to scan
+        self.released = 0  # where the text released so far ends
+        self.safe = 0  # where the text that may be released ends
+        self.completion = ""  # what makes the text up to `safe` valid JSON
+        self.stack: list[str] = []
+        self.mode = "start"
+        self.key = False  # the open string is a key
+        self.escape = ""  # the escape sequence being read
+        self.scalar = ""  # the number or literal being read
         self.ended = False
+        self.broken = False
 
     def head(self, body: str) -> str | None:
         """The call's name once both it and the start of the arguments are known."""
@@ -84,43 +98,118 @@ class JsonArgumentStream:
         if not (name and args and name.start() < args.start()):
             return None
         self.name = json.loads(f'"{name.group(1)}"')
-        self.start = self.pos = args.end()
+        self.pos = self.released = self.safe = args.end()
         return self.name
 
     def advance(self, body: str) -> str:
-        """The new part of the arguments' text in `body`."""
-        begin = self.pos
-        for i in range(self.pos, len(body)):
-            c = body[i]
-            if not self.begun:
-                if c.isspace():
-                    begin = i + 1
-                    continue
-                self.begun = True
-            if self.in_string:
-                if self.escaped:
-                    self.escaped = False
-                elif c == "\\":
-                    self.escaped = True
-                elif c == '"':
-                    self.in_string = False
-                    if self.depth == 0:
-                        return self._end(body, begin, i + 1)
-            elif c == '"':
-                self.in_string = True
-            elif c in "{[":
-                self.depth += 1
-            elif c in "}]":
-                self.depth -= 1
-                if self.depth == 0:
-                    return self._end(body, begin, i + 1)
-        self.pos = len(body)
-        return body[begin:]
+        """The new part of the arguments' text in `body` that is safe to send."""
+        while self.pos < len(body) and not (self.ended or self.broken):
+            self.broken = not self._scan(body[self.pos])
+            self.pos += 1
+        piece = body[self.released : self.safe]
+        self.released = max(self.released, self.safe)
+        return piece
 
-    def _end(self, body: str, begin: int, end: int) -> str:
-        self.ended = True
-        self.pos = end
-        return body[begin:end]
+    def _scan(self, c: str) -> bool:
+        """Take one character; False where it cannot continue the JSON text."""
+        mode = self.mode
+        if mode == "string":
+            return self._string(c)
+        if mode == "literal":
+            self.scalar += c
+            if self.scalar in LITERALS:
+                self.mode = "after"
+                self._mark()
+            return any(word.startswith(self.scalar) for word in LITERALS)
+        if mode == "number":
+            if c in "0123456789+-.eE":
+                self.scalar += c
+                if NUMBER_RE.fullmatch(self.scalar):
+                    self._mark()
+                return any(NUMBER_RE.fullmatch(self.scalar + tail) for tail in ("", "0", "1"))
+            if not NUMBER_RE.fullmatch(self.scalar):
+                return False
+            self.mode = mode = "after"
+        if c in " \t\n\r":  # JSON's whitespace, no other
+            if mode == "start":
+                self.released = self.safe = self.pos + 1
+            return True
+        if mode == "start":
+            return c == "{" and self._open(c)
+        if mode == "after":
+            if c == ",":
+                self.mode = "key" if self.stack[-1] == "{" else "value"
+                return True
+            return self._close(c)
+        if mode in ("key", "first_key"):
+            if c == '"':
+                self.mode, self.key = "string", True
+                return True
+            return mode == "first_key" and self._close(c)
+        if mode == "colon":
+            self.mode = "value"
+            return c == ":"
+        if mode == "first_value" and c == "]":
+            return self._close(c)
+        if c in "{[":
+            return self._open(c)
+        if c == '"':
+            self.mode, self.key = "string", False
+            self._mark()
+        elif c in "-0123456789":
+            self.mode, self.scalar = "number", c
+            if c != "-":
+                self._mark()
+        elif c in "tfn":
+            self.mode, self.scalar = "literal", c
+        else:
+            return False
+        return True
+
+    def _string(self, c: str) -> bool:
+        if self.escape:
+            self.escape += c
+            if self.escape == "\\u":
+                return True
+            if self.escape.startswith("\\u"):
+                if c not in HEX:
+                    return False
+                if len(self.escape) < 6:
+                    return True
+            elif c not in '"\\/bfnrt':
+                return False
+            self.escape = ""
+        elif c == "\\":
+            self.escape = c
+            return True
+        elif c == '"':
+            self.mode = "colon" if self.key else "after"
+        elif c < " ":
+            return False
+        if not self.key:
+            self._mark()
+        return True
+
+    def _open(self, c: str) -> bool:
+        self.stack.append(c)
+        self.mode = "first_key" if c == "{" else "first_value"
+        self._mark()
+        return True
+
+    def _close(self, c: str) -> bool:
+        if c != ("}" if self.stack[-1] == "{" else "]"):
+            return False
+        self.stack.pop()
+        self.mode = "after"
+        self.ended = not self.stack
+        self._mark()
+        return True
+
+    def _mark(self):
+        """The text up to this character may be sent: `completion` makes it valid JSON."""
+        self.safe = self.pos + 1
+        closers = "".join("}" if b == "{" else "]" for b in reversed(self.stack))
+        self.completion = ('"' if self.mode == "string" else "") + closers
 
 
 class MarkupParser:
@@ -147,7 +236,8 @@ class MarkupParser:
         self.tools = tools
         self.state = state
         self.buffer = body
-        self.calls = 0
+        self.calls = 0  # calls that parsed
+        self.index = 0  # the index of the next call begun
         self.strip_next = True
         self.call: JsonArgumentStream | None = None
         self.call_id = ""
@@ -231,13 +321,14 @@ class MarkupParser:
         if call.name is None:
             if call.head(body) is None:
                 return
-            events.append(ToolCallStart(self.calls, self.call_id, call.name))
+            events.append(ToolCallStart(self.index, self.call_id, call.name))
         if piece := call.advance(body):
             self.streamed.append(piece)
-            events.append(ToolCallDelta(self.calls, piece))
+            events.append(ToolCallDelta(self.index, piece))
 
     def _close_call(self, body: str, events: list[Event]):
-        started = self.call is not None and self.call.name is not None
+        call, self.call = self.call, None
+        started = call is not None and call.name is not None
         try:
             parsed = self.parse_tool(body, self.tools)
             name, arguments = parsed["name"], parsed.get("arguments", {})
@@ -245,22 +336,28 @@ class MarkupParser:
                 arguments = json.loads(arguments)
             if not isinstance(arguments, dict):
                 raise ValueError("the arguments are not a JSON object")
+            if self.streamed and not call.ended:
+                raise ValueError("the arguments are not strict JSON")
         except Exception as e:  # the parsers raise anything from ValueError to KeyError
             markup = f"{self.tool[0]}{body}{self.tool[1]}"
             events.append(ParseError(f"tool call did not parse: {e}", markup))
-            if not started:
+            if started:
+                completion = call.completion if self.streamed else "{}"
+                events.append(ToolCallAbandoned(self.index, self.call_id, completion))
+                self.index += 1
+            else:
                 events.append(TextDelta(markup))
-            self.call = None
             return
         if not started:
-            events.append(ToolCallStart(self.calls, self.call_id, name))
+            events.append(ToolCallStart(self.index, self.call_id, name))
+        if not self.streamed:  # arguments given as a JSON string, or not JSON-shaped markup
             self.streamed = [json.dumps(arguments, ensure_ascii=False)]
-            events.append(ToolCallDelta(self.calls, self.streamed[0]))
+            events.append(ToolCallDelta(self.index, self.streamed[0]))
         events.append(
-            ToolCallEnd(self.calls, self.call_id, name, arguments, "".join(self.streamed))
+            ToolCallEnd(self.index, self.call_id, name, arguments, "".join(self.streamed))
         )
+        self.index += 1
         self.calls += 1
-        self.call = None
 
     @staticmethod
     def _emit(kind, text: str, events: list[Event]):

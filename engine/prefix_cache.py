@@ -149,3 +149,69 @@ class PrefixCache:
             self.entries.remove(victim)
             total -= victim.nbytes
             self.stats.evictions += 1
+
+
+@dataclass(slots=True)
+class Turn:
+    """A prompt's text and ids, and the ids generated after it."""
+
+    text: str
+    tokens: list[int]
+    reply: list[int]
+
+
+class TurnMemory:
+    """Recent prompts with their replies, so that the next turn starts with exactly their token ids.
+
+    A chat template renders the next turn as text, and encoding that text again can give
+    other ids for the reply than the ones generated (a BPE merges differently), which would
+    end the prefix cache's match there. A prompt whose text starts with a remembered prompt's
+    text keeps its ids, then the generated ids as far as their text matches, and only the
+    rest is encoded.
+    """
+
+    def __init__(self, decode, size: int = 8):
+        self.decode = decode
+        self.size = size
+        self.turns: list[Turn] = []
+
+    def remember(self, text: str, tokens: list[int], reply: list[int]):
+        """Keep a finished request's prompt and reply where its ids decode to exactly its text.
+
+        The reply is kept up to the first id that decodes to a replacement character (a
+        byte that is not a whole character): text cannot stand for it.
+        """
+        if self.decode(tokens) != text:
+            return
+        kept = longest(len(reply), lambda n: "\ufffd" not in self.decode(reply[:n]))
+        turn = Turn(text, list(tokens), reply[:kept])
+        self.turns = [t for t in self.turns if t.text != text][-(self.size - 1) :] + [turn]
+
+    def encode(self, text: str, encode) -> list[int]:
+        """`text` as token ids: a remembered turn's ids for the longest part it covers, `encode` for the rest."""
+        best_ids, best_chars = None, 0
+        for turn in self.turns:
+            if not text.startswith(turn.text):
+                continue
+            rest = text[len(turn.text) :]
+            kept = longest(len(turn.reply), lambda n: rest.startswith(self.decode(turn.reply[:n])))
+            chars = len(turn.text) + len(self.decode(turn.reply[:kept]))
+            if best_ids is None or chars > best_chars:
+                best_ids, best_chars = turn.tokens + turn.reply[:kept], chars
+        if best_ids is None:
+            return encode(text)
+        return best_ids + (encode(text[best_chars:]) if best_chars < len(text) else [])
+
+
+def longest(n: int, fits) -> int:
+    """The largest k ≤ n with `fits(k)`, for a `fits` that holds up to some k and not after (and for 0)."""
+    if fits(n):
+        return n
+    low, high = 0, n
+    while high - low > 1:
+        mid = (low + high) // 2
+        if fits(mid):
+            low = mid
+        else:
+            high = mid
+    return low

@@ -14,7 +14,7 @@ from .config import EngineConfig
 from .events import Done, Error, Event, PrefillProgress, Queued, Started, Timings, Usage
 from .loader import Loaded
 from .output import MarkupParser, OutputStream
-from .prefix_cache import PrefixCache
+from .prefix_cache import PrefixCache, TurnMemory
 from .request import Request
 
 Tagged = tuple[int, Event]
@@ -41,6 +41,7 @@ class Active:
     uid: int
     output: OutputStream
     guard: sampling.LoopGuard
+    prompt: Prompt
     prompt_tokens: int
     cached_tokens: int
     checkpoint_at: int
@@ -50,6 +51,7 @@ class Active:
     fault: tuple[str, int] | None = None
     first_token: float | None = None
     generated: int = 0
+    reply: list[int] = field(default_factory=list)
 
 
 def kv_bytes_per_token(model) -> int:
@@ -89,6 +91,7 @@ class Scheduler:
         self.generation_tokens_total = 0
         self.failures: list[str] = []
         self.kv_bytes_per_token = kv_bytes_per_token(self.model)
+        self.turns = TurnMemory(self.tokenizer.decode)
         self.generator = self._new_generator()
 
     def _new_generator(self) -> BatchGenerator:
@@ -124,8 +127,11 @@ class Scheduler:
         if tools and request.tool_choice not in ("auto", "none"):
             state, body = MarkupParser.TOOL, self._forced_call(request)
             text += self.tool[0] + body
-        tokens = self.tokenizer.encode(text, add_special_tokens=False)
+        tokens = self.turns.encode(text, self._encode)
         return Prompt(text, tokens, state, body, self._system_end(request.messages, tools, text, tokens))
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
     def _system_end(self, messages: list[dict], tools, text: str, tokens: list[int]) -> int:
         """The token count of the leading system turn (with the tools), where the prompt starts with it."""
@@ -187,7 +193,7 @@ class Scheduler:
         output = OutputStream(self.tokenizer.detokenizer, request.stop, markup)
         guard = sampling.LoopGuard(self.config.loop_window, self.config.loop_max_period)
         ahead = sum(a.prefill_started is None for a in self.active.values())
-        self.active[uid] = Active(rid, uid, output, guard, len(tokens), cached, checkpoint_at, fault=fault)
+        self.active[uid] = Active(rid, uid, output, guard, prompt, len(tokens), cached, checkpoint_at, fault=fault)
         self.uid_of[rid] = uid
         self.prompt_tokens_total += len(tokens)
         cached_chars = len(self.tokenizer.decode(tokens[:cached])) if cached else 0
@@ -245,6 +251,7 @@ class Scheduler:
     def _token(self, a: Active, r, now: float) -> list[Tagged]:
         a.first_token = a.first_token or now
         a.generated += 1
+        a.reply.append(r.token)
         self.generation_tokens_total += 1
         reason = note = None
         fault = a.fault[0] if a.fault and a.generated == a.fault[1] else None
@@ -297,7 +304,8 @@ class Scheduler:
         )
 
     def _retire(self, a: Active, still_batched: bool):
-        """Take the request out; what it left in a running batch is kept in the prefix cache."""
+        """Take the request out; what it left in a running batch is kept in the prefix cache, its tokens in `turns`."""
+        self.turns.remember(a.prompt.text, a.prompt.tokens, a.reply)
         if still_batched:
             kept = self.generator.remove([a.uid], return_prompt_caches=True)
             if a.uid in kept and a.prefill_started is not None:

@@ -120,3 +120,20 @@ def server(loop, engine):
     server = Server(loop, create_app(engine))
     yield server
     server.close()
+
+
+def tokens_until(loop: LoopThread, engine: EngineClient, conversation: dict, marker: str) -> int:
+    """How many tokens the demo model generates (greedy, thinking off) for a demo conversation until its raw text holds `marker`."""
+    from mlx_tui.engine.events import RawText
+    from mlx_tui.engine.request import Request
+
+    async def raw_pieces():
+        request = Request(conversation["messages"][:-1], tools=conversation["tools"], enable_thinking=False)
+        return [e.text async for e in engine.generate(request) if isinstance(e, RawText)]
+
+    raw = ""
+    for count, piece in enumerate(loop.run(raw_pieces()), 1):
+        raw += piece
+        if marker in raw:
+            return count
+    raise AssertionError(f"{marker!r} was never generated")

@@ -5,7 +5,7 @@ import json
 import anthropic
 import httpx
 import pytest
-from conftest import CLAUDE_CODE_SAMPLE
+from conftest import CLAUDE_CODE_SAMPLE, tokens_until
 
 from mlx_tui.api.anthropic import sign
 from mlx_tui.engine.demo.conversations import CONVERSATIONS, FALLBACK_REPLY, TOOLS
@@ -194,3 +194,42 @@ def test_claude_code_sample_as_is(server):
 def test_models_in_anthropic_shape(client):
     [model] = client.models.list().data
     assert model.id == "mlx-tui-demo" and model.type == "model"
+
+
+def without_ids(message) -> dict:
+    """The message's content and ending, with the ids each response makes anew left out."""
+    content = [{k: v for k, v in b.model_dump().items() if k != "id"} for b in message.content]
+    return {"content": content, "stop_reason": message.stop_reason, "output_tokens": message.usage.output_tokens}
+
+
+def stream_events(client, body: dict, **settings) -> tuple[list, object]:
+    with client.messages.stream(**body, **({"max_tokens": 256} | settings)) as stream:
+        return list(stream), stream.get_final_message()
+
+
+def test_tool_arguments_stream_in_pieces(client):
+    parallel = next(c for c in CONVERSATIONS if c["name"] == "parallel_calls")
+    body = request(parallel, False)
+    events, message = stream_events(client, body)
+    for block in (b for b in message.content if b.type == "tool_use"):
+        index = message.content.index(block)
+        pieces = [e.delta.partial_json for e in events if e.type == "content_block_delta" and e.index == index]
+        stop = next(i for i, e in enumerate(events) if e.type == "content_block_stop" and e.index == index)
+        assert len(pieces) > 1 and all(e.type != "content_block_delta" or e.index != index for e in events[stop:])
+        assert json.loads("".join(pieces)) == block.input
+    assert calls(message) == [(c["function"]["name"], c["function"]["arguments"]) for c in parallel["messages"][-1]["tool_calls"]]
+    assert without_ids(message) == without_ids(generate(client, body, stream=False))
+
+
+def test_a_call_cut_off_by_max_tokens_ends_well_formed(client, loop, engine):
+    weather = next(c for c in CONVERSATIONS if c["name"] == "weather_paris")
+    cut = tokens_until(loop, engine, weather, '"city": "Pa')
+    body = request(weather, False)
+    events, message = stream_events(client, body, max_tokens=cut)
+    assert message.stop_reason == "max_tokens" and message.usage.output_tokens == cut
+    assert calls(message) == [("get_weather", {"city": "Pa"})]
+    [index] = [i for i, b in enumerate(message.content) if b.type == "tool_use"]
+    pieces = [e.delta.partial_json for e in events if e.type == "content_block_delta" and e.index == index]
+    assert json.loads("".join(pieces)) == {"city": "Pa"}
+    assert [e.type for e in events][-3:] == ["content_block_stop", "message_delta", "message_stop"]
+    assert without_ids(message) == without_ids(generate(client, body, stream=False, max_tokens=cut))

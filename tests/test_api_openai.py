@@ -4,6 +4,7 @@ import json
 
 import openai
 import pytest
+from conftest import tokens_until
 
 from mlx_tui.engine.demo.conversations import CONVERSATIONS, TOOLS
 from mlx_tui.engine.request import Request
@@ -138,3 +139,53 @@ def test_n_above_one_is_refused(client):
 def test_models_in_openai_shape(client):
     [model] = client.models.list().data
     assert model.id == "mlx-tui-demo" and model.object == "model"
+
+
+def stream_pieces(client, body: dict, **settings) -> tuple[list, dict, str]:
+    """The raw tool-call deltas of a streamed reply, the message they build, and its finish reason."""
+    settings = {"max_tokens": 256, "temperature": 0} | settings
+    pieces, message, finish_reason = [], {"content": "", "calls": []}, None
+    for chunk in client.chat.completions.create(**body, **settings, stream=True):
+        for choice in chunk.choices:
+            message["content"] += choice.delta.content or ""
+            for call in choice.delta.tool_calls or []:
+                pieces.append(call)
+                if call.id:
+                    message["calls"].append([call.function.name, call.function.arguments or ""])
+                else:
+                    message["calls"][call.index][1] += call.function.arguments
+            finish_reason = choice.finish_reason or finish_reason
+    return pieces, message, finish_reason
+
+
+def test_tool_arguments_stream_in_pieces(client):
+    parallel = next(c for c in CONVERSATIONS if c["name"] == "parallel_calls")
+    body = request(parallel, thinking=False)
+    pieces, message, finish_reason = stream_pieces(client, body)
+    want = [(c["function"]["name"], c["function"]["arguments"]) for c in parallel["messages"][-1]["tool_calls"]]
+    assert [(name, json.loads(arguments)) for name, arguments in message["calls"]] == want
+    for index in range(len(want)):
+        first, *rest = [p for p in pieces if p.index == index]
+        assert first.id and first.function.name and len(rest) > 1
+        assert all(p.id is None and p.function.name is None for p in rest)
+    whole, whole_reason, _ = generate(client, body, stream=False)
+    assert [(name, arguments) for _, name, arguments in whole["calls"]] == [tuple(c) for c in message["calls"]]
+    assert finish_reason == whole_reason == "tool_calls"
+
+
+def test_a_call_cut_off_by_the_length_ends_well_formed(client, loop, engine):
+    weather = next(c for c in CONVERSATIONS if c["name"] == "weather_paris")
+    cut = tokens_until(loop, engine, weather, '"city": "Pa')
+    body = request(weather, thinking=False)
+    _, message, finish_reason = stream_pieces(client, body, max_tokens=cut)
+    assert finish_reason == "length"
+    assert [(name, json.loads(arguments)) for name, arguments in message["calls"]] == [("get_weather", {"city": "Pa"})]
+    whole, whole_reason, usage = generate(client, body, stream=False, max_tokens=cut)
+    assert [(name, arguments) for _, name, arguments in whole["calls"]] == [tuple(c) for c in message["calls"]]
+    assert whole_reason == "length" and usage.completion_tokens == cut
+    with client.chat.completions.stream(**body, max_tokens=cut, temperature=0) as stream:  # the SDK's own accumulation
+        kinds = [event.type for event in stream]
+        [choice] = stream.current_completion_snapshot.choices
+    assert "tool_calls.function.arguments.delta" in kinds and choice.finish_reason == "length"
+    assert choice.message.tool_calls[0].function.arguments == message["calls"][0][1]
+

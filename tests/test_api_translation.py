@@ -1,12 +1,11 @@
 """The protocol translations on their own: requests into the engine's shape, engine events into frames."""
 
-import asyncio
 import json
 
 import pytest
 from conftest import CLAUDE_CODE_SAMPLE
 
-from mlx_tui.api import anthropic, openai, serving
+from mlx_tui.api import anthropic, openai
 from mlx_tui.api.anthropic_models import MessagesRequest
 from mlx_tui.api.errors import ApiError
 from mlx_tui.api.openai_models import ChatRequest
@@ -138,7 +137,7 @@ def test_anthropic_frames_follow_the_protocol():
         "message_start",
         "content_block_start", "content_block_delta", "content_block_delta", "content_block_delta", "content_block_stop",
         "content_block_start", "content_block_delta", "content_block_delta", "content_block_stop",
-        "content_block_start", "content_block_delta", "content_block_stop",
+        "content_block_start", "content_block_delta", "content_block_delta", "content_block_stop",
         "content_block_start", "content_block_delta", "content_block_stop",
         "message_delta", "message_stop",
     ]  # fmt: skip
@@ -219,7 +218,7 @@ def test_openai_chunks_and_fold():
         chunks += stream.feed(event)
     calls = [c["choices"][0]["delta"]["tool_calls"][0] for c in chunks if c["choices"] and "tool_calls" in c["choices"][0]["delta"]]
     assert calls[0] == {"index": 0, "id": "call_abc", "type": "function", "function": {"name": "get_weather", "arguments": ""}}
-    assert calls[1] == {"index": 0, "function": {"arguments": '{"city": "Paris"}'}}
+    assert calls[1:3] == [{"index": 0, "function": {"arguments": '{"city": '}}, {"index": 0, "function": {"arguments": '"Paris"}'}}]
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["prompt_tokens"] == 30
     completion = openai.fold(stream, chunks)
     message = completion["choices"][0]["message"]
@@ -232,23 +231,40 @@ def test_openai_chunks_and_fold():
     assert completion["usage"] == {"prompt_tokens": 30, "completion_tokens": 7, "total_tokens": 37, "prompt_tokens_details": {"cached_tokens": 10}}
 
 
-def test_a_botched_tool_call_goes_out_as_text():
-    async def events():
-        yield ev.ToolCallStart(0, "abc", "get_time")
-        yield ev.ToolCallDelta(0, 'me"}}')
-        yield ev.ParseError("tool call did not parse", '<tool_call>{"name": "get_time", "arguments": me"}}</tool_call>')
-        yield ev.ToolCallStart(0, "def", "get_weather")
-        yield ev.ToolCallDelta(0, "{}")
-        yield ev.ToolCallEnd(0, "def", "get_weather", {}, "{}")
-        yield ev.ParseError("tool call did not parse", "<tool_call>x</tool_call>")  # already sent as text
-
-    async def collect():
-        return [e async for e in serving.whole_calls(events())]
-
-    assert asyncio.run(collect()) == [
-        ev.TextDelta('<tool_call>{"name": "get_time", "arguments": me"}}</tool_call>'),
-        ev.ToolCallEnd(0, "def", "get_weather", {}, "{}"),
+def abandoned_then_text():
+    return [
+        ev.ToolCallStart(0, "abc", "get_weather"),
+        ev.ToolCallDelta(0, "{"),
+        ev.ToolCallDelta(0, '"city": "Pa'),
+        ev.ParseError("tool call did not parse", '<tool_call>{"name": "get_weather", "arguments": {"city": "Pa'),
+        ev.ToolCallAbandoned(0, "abc", '"}'),
+        ev.Done("length", USAGE, TIMINGS),
     ]
+
+
+def test_anthropic_closes_an_abandoned_call_with_valid_json():
+    stream = anthropic.MessageStream("m", thinking=False)
+    frames = stream.start(ev.Started(30, 10))
+    for event in abandoned_then_text():
+        frames += stream.feed(event)
+    assert [name for name, _ in frames] == [
+        "message_start", "content_block_start", "content_block_delta", "content_block_delta", "content_block_delta",
+        "content_block_stop", "message_delta", "message_stop",
+    ]  # fmt: skip
+    message = anthropic.fold(frames)
+    assert message["content"] == [{"type": "tool_use", "id": "toolu_abc", "name": "get_weather", "input": {"city": "Pa"}}]
+    assert message["stop_reason"] == "max_tokens"
+
+
+def test_openai_closes_an_abandoned_call_with_valid_json():
+    stream = openai.ChunkStream("m", include_usage=False)
+    chunks = stream.start(ev.Started(30, 10))
+    for event in abandoned_then_text():
+        chunks += stream.feed(event)
+    completion = openai.fold(stream, chunks)
+    [call] = completion["choices"][0]["message"]["tool_calls"]
+    assert json.loads(call["function"]["arguments"]) == {"city": "Pa"}
+    assert completion["choices"][0]["finish_reason"] == "length"
 
 
 def test_a_signature_with_any_characters_is_just_not_ours():

@@ -10,11 +10,12 @@ from mlx_tui.engine.events import (
     ParseError,
     ReasoningDelta,
     TextDelta,
+    ToolCallAbandoned,
     ToolCallDelta,
     ToolCallEnd,
     ToolCallStart,
 )
-from mlx_tui.engine.output import MarkupParser, StopMatcher
+from mlx_tui.engine.output import JsonArgumentStream, MarkupParser, StopMatcher
 
 THINK = ("<think>", "</think>")
 TOOL = ("<tool_call>", "</tool_call>")
@@ -131,3 +132,67 @@ def test_unclosed_call_at_the_end_is_parsed():
 def test_a_lone_angle_bracket_is_plain_text(cuts):
     events = run("a < b and <tool is not a tag", cuts)
     assert joined(events, TextDelta) == "a < b and <tool is not a tag"
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    max_leaves=12,
+)
+layouts = st.sampled_from([{}, {"indent": 2}, {"separators": (",", ":")}, {"ensure_ascii": False}])
+
+
+@given(st.dictionaries(st.text(max_size=5), json_values, max_size=5), layouts, cuts)
+def test_every_piece_sent_leaves_arguments_that_complete_to_valid_json(arguments, layout, cuts):
+    text = json.dumps(arguments, **layout)
+    body = '{"name": "f", "arguments": ' + text + "}"
+    stream, sent = JsonArgumentStream(), ""
+    assert stream.head(body) == "f"
+    for end in sorted({c % (len(body) + 1) for c in cuts} | {len(body)}):
+        sent += stream.advance(body[:end])
+        if sent:
+            assert json.loads(sent + stream.completion) is not None
+    assert sent == text and stream.ended and stream.completion == ""
+
+
+def abandoned(events) -> tuple[str, ToolCallAbandoned]:
+    [gone] = [e for e in events if isinstance(e, ToolCallAbandoned)]
+    sent = "".join(e.text for e in events if isinstance(e, ToolCallDelta) and e.index == gone.index)
+    return sent, gone
+
+
+@given(cuts)
+def test_arguments_that_stop_being_json_stop_streaming_and_are_closed(cuts):
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "when": tomorrow}}\n</tool_call>Done.'
+    events = run(text, cuts)
+    sent, gone = abandoned(events)
+    assert sent == '{"city": "Paris"' and json.loads(sent + gone.completion) == {"city": "Paris"}
+    error = next(i for i, e in enumerate(events) if isinstance(e, ParseError))
+    assert events[error + 1] == gone and "tomorrow" in events[error].text
+    assert joined(events, TextDelta) == "Done." and not any(isinstance(e, ToolCallEnd) for e in events)
+
+
+@given(cuts)
+def test_a_call_cut_off_inside_a_string_is_closed_at_the_end(cuts):
+    text = 'Checking.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par'
+    events = run(text, cuts)
+    sent, gone = abandoned(events)
+    assert sent + gone.completion == '{"city": "Par"}'
+    assert [type(e) for e in events[-2:]] == [ParseError, ToolCallAbandoned]
+
+
+def test_a_call_cut_off_before_its_arguments_is_closed_empty():
+    events = run('<tool_call>\n{"name": "get_time", "arguments": ', [])
+    sent, gone = abandoned(events)
+    assert (sent, gone.completion) == ("", "{}")
+
+
+def test_the_next_call_after_an_abandoned_one_has_its_own_index():
+    text = (
+        '<tool_call>\n{"name": "get_time", "arguments": {"timezone": UTC}}\n</tool_call>'
+        '<tool_call>\n{"name": "get_time", "arguments": {"timezone": "UTC"}}\n</tool_call>'
+    )
+    parser = MarkupParser(THINK, TOOL, parse_tool_call, None)
+    events = parser.feed(text) + parser.finish()
+    assert [e.index for e in events if isinstance(e, ToolCallStart)] == [0, 1]
+    assert [e.index for e in events if isinstance(e, ToolCallEnd)] == [1] and parser.calls == 1

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 from conftest import CLAUDE_CODE_SAMPLE
+from tokenizers import Tokenizer
 
 from mlx_tui.engine.demo import MODEL_DIR
-from mlx_tui.engine.demo.conversations import CONVERSATIONS
-from mlx_tui.engine.events import Done, Started, TextDelta, ToolCallEnd
-from mlx_tui.engine.request import Request
+from mlx_tui.engine.demo.conversations import CONVERSATIONS, TOOLS, result, user
+from mlx_tui.engine.events import Done, ReasoningDelta, Started, TextDelta, ToolCallEnd
+from mlx_tui.engine.request import Request, Sampling
 
 BY_NAME = {c["name"]: c for c in CONVERSATIONS}
 SYSTEM = {"role": "system", "content": "You are a careful assistant. " * 40}
@@ -67,6 +68,76 @@ def test_greedy_output_is_the_same_with_and_without_the_cache(loop, make_engine,
         assert started(without).cached_tokens == 0
         assert reply(with_cache) == reply(without)
     assert loop.run(cached.stats())["cache"]["hits"] >= len(names)
+
+
+def as_message(events) -> dict:
+    """The reply as a client sends it back: text, reasoning and the parsed calls."""
+    text, calls = reply(events)
+    message = {"role": "assistant", "content": text}
+    if reasoning := "".join(e.text for e in events if isinstance(e, ReasoningDelta)):
+        message["reasoning_content"] = reasoning
+    if calls:
+        message["tool_calls"] = [{"id": f"call_{i}", "type": "function", "function": {"name": n, "arguments": a}}
+                                 for i, (n, a) in enumerate(calls)]
+    return message
+
+
+TOOL_TURNS = [
+    [user("What are the weather and the time in Berlin?")],
+    [result("call_0", '{"city": "Berlin", "temperature_c": 12, "condition": "cloudy"}'),
+     result("call_1", '{"timezone": "Europe/Berlin", "time": "14:05"}')],
+    [user("What is the weather in Paris?")],
+]
+REASONING_TURNS = [[user("Is 17 a prime number?")], [user("And 18?")], [user("Good morning!")]]
+
+
+@pytest.mark.parametrize("steps, tools", [(TOOL_TURNS, TOOLS), (REASONING_TURNS, None)], ids=["tool_calls", "reasoning"])
+def test_a_conversation_built_from_its_replies_reuses_each_whole_turn(loop, make_engine, steps, tools):
+    """Each turn resends the replies as parsed (calls as JSON, reasoning): the next prompt starts with all of the last turn's tokens."""
+    cached, uncached = make_engine(), make_engine(cache_ram_gb=1e-9)
+    messages, previous = [], None
+    for step in steps:
+        messages += step
+        request = Request(messages=list(messages), tools=tools, enable_thinking=True, max_tokens=64)
+        with_cache = loop.run(collect(cached, request))
+        without = loop.run(collect(uncached, request))
+        assert reply(with_cache) == reply(without) and started(without).cached_tokens == 0
+        if previous:
+            used = previous.usage
+            assert started(with_cache).cached_tokens >= used.prompt_tokens + used.generated_tokens - 1
+        previous = with_cache[-1]
+        messages.append(as_message(with_cache))
+    assert any(m.get("tool_calls" if tools else "reasoning_content") for m in messages)
+
+
+def test_a_reply_that_tokenises_differently_as_text_is_reused_whole(loop, make_engine):
+    """A reply of ids that encoding its text would merge differently: the next turn keeps the generated ids."""
+    tokenizer = Tokenizer.from_file(str(MODEL_DIR / "tokenizer.json"))
+    token, piece = next(
+        (i, text) for i in range(tokenizer.get_vocab_size()) if (text := tokenizer.decode([i])).isalpha()
+        and tokenizer.encode(text * 4, add_special_tokens=False).ids != [i] * 4
+    )
+    engine = make_engine()
+    messages = [user("Hiss like a snake.")]
+    first = loop.run(collect(engine, Request(messages=messages, sampling=Sampling(logit_bias={token: 100.0}), max_tokens=4)))
+    text, _ = reply(first)
+    assert text == piece * 4
+    follow = messages + [{"role": "assistant", "content": text}, user("Again?")]
+    second = loop.run(collect(engine, Request(messages=follow, max_tokens=4)))
+    used = first[-1].usage
+    assert started(second).cached_tokens >= used.prompt_tokens + used.generated_tokens - 1
+    plain = tokenizer.encode(started(second).prompt_text, add_special_tokens=False).ids
+    assert started(second).prompt_tokens != len(plain), "the prompt keeps the generated ids, not the text's own"
+
+
+def test_a_reply_cut_by_a_stop_sequence_is_reused_as_far_as_it_was_sent(loop, make_engine):
+    engine = make_engine()
+    first = loop.run(collect(engine, request_for("greeting", stop=["help"])))
+    text, _ = reply(first)
+    assert first[-1].stop_reason == "stop_sequence" and text == "Good morning! How can I"
+    follow = BY_NAME["greeting"]["messages"][:-1] + [{"role": "assistant", "content": text}, user("Thanks.")]
+    second = loop.run(collect(engine, Request(messages=follow, max_tokens=4)))
+    assert started(second).cached_chars >= len(started(first).prompt_text) + len(text)
 
 
 def test_system_prompt_and_tools_are_a_checkpoint_of_their_own(loop, make_engine):
