@@ -8,6 +8,8 @@ bounded queue turns overload into fast refusals too.
 import asyncio
 import itertools
 import logging
+import re
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -15,7 +17,7 @@ from pathlib import Path
 from .blas import worker_blas
 from .breaker import CircuitBreaker
 from .bus import EventBus
-from .config import EngineConfig
+from .config import EngineConfig, hostfile_hosts
 from .events import TERMINAL, Done, Error, Event, PrefillProgress, Started, TextDelta, ToolCallEnd
 from .metrics import BREAKER_STATES, Metrics
 from .request import Request
@@ -24,6 +26,9 @@ from .worker_process import WorkerProcess
 
 
 log = logging.getLogger("mlx_tui.engine")
+
+# What mlx.launch writes when one rank of the group ends; the first one named is the one that failed.
+RANK_ENDED = re.compile(r"Node with rank (\d+) (?:exited|was killed)")
 
 
 class EngineUnavailable(Exception):
@@ -77,6 +82,7 @@ class EngineClient:
         self._last_progress = time.monotonic()
         self._stalled = False
         self._tasks: list[asyncio.Task] = []
+        self._lost_rank: int | None = None
 
     @property
     def pid(self) -> int | None:
@@ -101,7 +107,17 @@ class EngineClient:
         self._fail_in_flight("the engine stopped")
 
     def health(self) -> dict:
-        return {"state": self.state, "pid": self.pid, "restarts": self.restarts, "breaker": self.breaker.snapshot()}
+        return {"state": self.state, "pid": self.pid, "restarts": self.restarts, "breaker": self.breaker.snapshot(),
+                "rank_states": self.rank_states()}
+
+    def rank_states(self) -> list[dict]:
+        """Each rank's host, pid and state (the group's, but "gone" for the rank whose end took the group down)."""
+        members = self.info.get("ranks")
+        if not members:  # one worker, or a group still starting
+            size = len(hostfile_hosts(self.config.hostfile, self.config.backend)) if self.config.hostfile else self.config.ranks
+            members = [{"rank": 0, "host": socket.gethostname(), "pid": self.pid if size == 1 else None}]
+            members += [{"rank": r, "host": None, "pid": None} for r in range(1, size)]
+        return [{**m, "state": "gone" if m["rank"] == self._lost_rank else self.state} for m in members]
 
     async def generate(
         self, request: Request, request_id: str | None = None, transcript: Transcript | None = None
@@ -219,10 +235,13 @@ class EngineClient:
             self.bus.publish("worker", state="loading", phase=message[1], fraction=message[2])
         elif kind == "ready":
             self.info = message[1]
+            self._lost_rank = None
             self._set_state("ready")
             self._ready.set()
         elif kind == "fatal":
             self._fatal = message[1]
+            if self.worker.group:
+                self.worker.kill()  # mlx.launch would wait on the other ranks
 
     def _engine_failure(self, reason: str):
         self.breaker.failure()
@@ -232,6 +251,8 @@ class EngineClient:
         """The worker's stderr, for the log: published on the bus and logged (stderr in --serve mode)."""
         log.warning("worker: %s", line)
         self.bus.publish("log", source="worker", line=line)
+        if (ended := RANK_ENDED.search(line)) and self._lost_rank is None:
+            self._lost_rank = int(ended[1])
 
     def _exited(self, code: int):
         self._exit_code = code
@@ -269,6 +290,10 @@ class EngineClient:
         if self.state == "ready":
             return True
         code = await self.worker.wait(10)
+        if self._lost_rank is not None and not self._fatal:
+            hosts = hostfile_hosts(self.config.hostfile, self.config.backend) if self.config.hostfile else None
+            host = hosts[self._lost_rank] if hosts else "127.0.0.1"
+            self._fatal = f"rank {self._lost_rank} ({host}) of the worker group ended before the group was ready"
         self._fatal = self._fatal or f"the engine worker exited with code {code} before it was ready"
         self._set_state("failed", message=self._fatal)
         return False
@@ -322,4 +347,4 @@ class EngineClient:
             self.metrics.cache_bytes.labels("disk").set(stats["cache"]["disk_bytes"])
             self.last_stats = stats
             self.bus.publish("stats", **stats, breaker=self.breaker.snapshot(), state=self.state,
-                             restarts=self.restarts, pid=self.pid)
+                             restarts=self.restarts, pid=self.pid, rank_states=self.rank_states())

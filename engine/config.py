@@ -75,8 +75,8 @@ def model_problem(ref: str) -> str | None:
     return f"{ref}: no such model directory"
 
 
-def hostfile_ranks(path: str, backend: str) -> int:
-    """The number of ranks the `mlx.launch` hostfile at `path` starts; ValueError (one line) if it cannot."""
+def hostfile_hosts(path: str, backend: str) -> list[str]:
+    """The hosts, one a rank, of the `mlx.launch` hostfile at `path`; ValueError (one line) if it cannot be used."""
     from mlx._distributed_utils.common import Hostfile  # the parser mlx.launch itself uses
 
     try:
@@ -87,4 +87,4 @@ def hostfile_ranks(path: str, backend: str) -> int:
         raise ValueError(f"--hostfile {path}: no hosts")
     if backend == "ring" and any(not h.ips for h in hosts):
         raise ValueError(f"--hostfile {path}: the ring backend needs \"ips\" for every host")
-    return len(hosts)
+    return [h.ssh_hostname for h in hosts]

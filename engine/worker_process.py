@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable
 from multiprocessing.connection import Client, Listener
 
-from .config import EngineConfig, hostfile_ranks
+from .config import EngineConfig, hostfile_hosts
 
 
 class WorkerProcess:
@@ -143,7 +143,7 @@ def launch_command(config: EngineConfig, worker: list[str], env: dict[str, str])
         hosts = ["--hostfile", config.hostfile, "--env", f"MLX_TUI_AUTHKEY={env['MLX_TUI_AUTHKEY']}"]
     else:
         hosts = ["--hosts", "127.0.0.1", "-n", str(config.ranks)]
-    port = free_ports(hostfile_ranks(config.hostfile, config.backend) if config.hostfile else config.ranks)
+    port = free_ports(len(hostfile_hosts(config.hostfile, config.backend)) if config.hostfile else config.ranks)
     return [sys.executable, "-c", LAUNCH, *hosts, "--backend", config.backend, "--starting-port", str(port), "--", *worker]
 
 

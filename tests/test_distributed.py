@@ -1,13 +1,21 @@
 """The worker as an mlx.distributed group: two local ranks started by mlx.launch, tensor parallel on the demo model."""
 
 import asyncio
+import json
 import os
 import signal
+import subprocess
+import sys
+import time
 
+import httpx
 import pytest
-from conftest import letter_token, start_engine
+from conftest import Server, letter_token, start_engine
+
+from mlx_tui.api.server import create_app
 
 from mlx_tui.engine.demo.conversations import CONVERSATIONS
+from mlx_tui.engine.group import CONNECT_TIMEOUT
 from mlx_tui.engine.events import Done, Error, RawText, Started, TextDelta, ToolCallEnd
 from mlx_tui.engine.request import Request, Sampling
 
@@ -50,6 +58,18 @@ def test_the_group_reports_its_ranks(group):
     assert [r["rank"] for r in ranks] == [0, 1]
     assert len({r["pid"] for r in ranks}) == 2 and all(r["host"] for r in ranks)
     assert group.info["shard"] == "tensor"
+
+
+def test_health_shows_each_rank(loop, group):
+    server = Server(loop, create_app(group))
+    try:
+        health = httpx.get(f"{server.url}/health").json()
+    finally:
+        server.close()
+    assert health["status"] == "ok" and health["ranks"] == 2
+    assert [(r["rank"], r["pid"], r["state"]) for r in health["rank_states"]] == [
+        (r["rank"], r["pid"], "ready") for r in group.info["ranks"]
+    ]
 
 
 @pytest.mark.parametrize("name", ["capital", "weather_paris", "reasoning", "text_then_call"])
@@ -102,6 +122,7 @@ def test_a_cancelled_request_leaves_every_rank(loop, group):
 def test_killing_rank_1_mid_stream_restarts_the_whole_group(loop, make_engine):
     engine = make_engine(ranks=2, loop_window=0)
     rank1 = engine.info["ranks"][1]["pid"]
+    gone_at_error = []
 
     async def until_restarted():
         while engine.restarts < 1 or engine.state != "ready":
@@ -113,11 +134,62 @@ def test_killing_rank_1_mid_stream_restarts_the_whole_group(loop, make_engine):
             events.append(event)
             if isinstance(event, RawText) and sum(isinstance(e, RawText) for e in events) == 3:
                 os.kill(rank1, signal.SIGKILL)
+        gone_at_error.extend(r["rank"] for r in engine.rank_states() if r["state"] == "gone")
         await asyncio.wait_for(until_restarted(), 120)
         return events, await collect(engine, request_for("capital"))
 
     events, after = loop.run(scenario())
     assert isinstance(events[-1], Error) and events[-1].kind == "engine"
+    assert gone_at_error == [1]
     assert isinstance(after[-1], Done)
     assert engine.info["ranks"][1]["pid"] != rank1
     assert engine.breaker.failures == 0, "the failure was counted, then the success reset it"
+
+
+def mlx_tui(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "mlx_tui.tui.cli", "--serve", "--port", "0", "--cache-disk-gb", "0", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+
+def error_line(done: subprocess.CompletedProcess) -> str:
+    [line] = [l for l in done.stderr.splitlines() if l.startswith("mlx-tui:")]
+    return line
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        (None, "doesn't exist"),
+        ('{"hosts": [', "Failed to parse hostfile"),
+        ('[{"ssh": "mac1"}, {"ssh": "mac2"}]', 'the ring backend needs "ips" for every host'),
+    ],
+)
+def test_a_hostfile_that_cannot_be_used(tmp_path, content, problem):
+    hostfile = tmp_path / "hosts.json"
+    if content is not None:
+        hostfile.write_text(content)
+    done = mlx_tui("--hostfile", str(hostfile))
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith(f"mlx-tui: --hostfile {hostfile}: ")
+    assert problem in done.stderr
+
+
+def test_an_unreachable_host_fails_the_start_in_bounded_time(tmp_path):
+    hostfile = tmp_path / "hosts.json"
+    hosts = [{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}, {"ssh": "192.0.2.1", "ips": ["192.0.2.1"]}]  # TEST-NET-1
+    hostfile.write_text(json.dumps(hosts))
+    started = time.monotonic()
+    done = mlx_tui("--hostfile", str(hostfile), timeout=CONNECT_TIMEOUT + 60)
+    assert time.monotonic() - started < CONNECT_TIMEOUT + 60
+    assert done.returncode == 1
+    line = error_line(done)
+    assert "rank 1 (192.0.2.1)" in line or "did not all connect" in line, line
+
+
+def test_a_model_that_cannot_be_split_is_named(tmp_path):
+    config = {"model_type": "gpt2", "n_ctx": 64, "n_embd": 32, "n_head": 2, "n_layer": 2, "n_positions": 64,
+              "layer_norm_epsilon": 1e-5, "vocab_size": 100}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    done = mlx_tui("--model", str(tmp_path), "--local-ranks", "2")
+    assert done.returncode == 1
+    assert error_line(done).startswith(f"mlx-tui: {tmp_path}: model type 'gpt2' cannot be split across ranks")

@@ -9,7 +9,7 @@ import socket
 import sys
 from pathlib import Path
 
-from mlx_tui.engine.config import EngineConfig, cache_dir, hostfile_ranks, model_problem
+from mlx_tui.engine.config import EngineConfig, cache_dir, hostfile_hosts, model_problem
 
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain"}
 
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.hostfile:
         try:
-            hostfile_ranks(args.hostfile, args.backend)
+            hostfile_hosts(args.hostfile, args.backend)
         except ValueError as e:
             print(f"mlx-tui: {e}", file=sys.stderr)
             return 2
