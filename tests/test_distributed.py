@@ -3,10 +3,12 @@
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -14,6 +16,7 @@ from conftest import Server, letter_token, start_engine
 
 from mlx_tui.api.server import create_app
 
+from mlx_tui.engine.demo import MODEL_DIR
 from mlx_tui.engine.demo.conversations import CONVERSATIONS
 from mlx_tui.engine.group import CONNECT_TIMEOUT
 from mlx_tui.engine.events import Done, Error, RawText, Started, TextDelta, ToolCallEnd
@@ -193,3 +196,60 @@ def test_a_model_that_cannot_be_split_is_named(tmp_path):
     done = mlx_tui("--model", str(tmp_path), "--local-ranks", "2")
     assert done.returncode == 1
     assert error_line(done).startswith(f"mlx-tui: {tmp_path}: model type 'gpt2' cannot be split across ranks")
+
+
+def tiny_pipeline_model(path: Path) -> Path:
+    """A randomly initialised ministral3 (a type with mlx-lm's PipelineMixin), with the demo model's tokenizer."""
+    import mlx.core as mx
+    from mlx.utils import tree_map
+    from mlx_lm.models import ministral3
+    from mlx_lm.utils import save_model
+
+    config = {"model_type": "ministral3", "hidden_size": 64, "num_hidden_layers": 4, "intermediate_size": 128,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "vocab_size": 400,
+              "max_position_embeddings": 4096, "tie_word_embeddings": True,
+              "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "llama_4_scaling_beta": 0.1,
+                                  "original_max_position_embeddings": 4096}}
+    mx.random.seed(0)
+    model = ministral3.Model(ministral3.ModelArgs.from_dict(config))
+    # weights large enough that greedy decoding wanders over the vocabulary instead of repeating one token
+    model.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.5 if p.ndim == 2 else p, model.parameters()))
+    save_model(path, model)  # writes model.safetensors.index.json, which the pipeline path reads
+    (path / "config.json").write_text(json.dumps(config))
+    for f in MODEL_DIR.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, path / f.name)
+    return path
+
+
+def test_pipeline_greedy_output_is_the_same_as_one_rank(loop, make_engine, tmp_path):
+    model = str(tiny_pipeline_model(tmp_path))
+    one = make_engine(model=model, loop_window=0)
+    two = make_engine(model=model, loop_window=0, ranks=2, shard="pipeline")
+    assert two.info["shard"] == "pipeline"
+    turns = [request_for("capital", max_tokens=24), request_for("capital", max_tokens=24)]
+    outputs = [[loop.run(collect(engine, r)) for r in turns] for engine in (one, two)]
+    assert [raw(e) for e in outputs[1]] == [raw(e) for e in outputs[0]]
+    assert len(set(raw(outputs[0][0]))) > 5, "the random model should not repeat one token"
+    assert started(outputs[1][1]).cached_tokens > 0, "the second turn hits on both pipeline stages"
+
+
+def test_a_hung_rank_is_caught_by_the_watchdog(loop, make_engine):
+    engine = make_engine(ranks=2, loop_window=0, stall_timeout=1.5)
+    rank1 = engine.info["ranks"][1]["pid"]
+
+    async def scenario():
+        events = []
+        async for event in engine.generate(endless()):
+            events.append(event)
+            if isinstance(event, RawText) and sum(isinstance(e, RawText) for e in events) == 3:
+                os.kill(rank1, signal.SIGSTOP)
+        while engine.restarts < 1 or engine.state != "ready":
+            await asyncio.sleep(0.05)
+        return events
+
+    events = loop.run(asyncio.wait_for(scenario(), 120))
+    assert isinstance(events[-1], Error) and "stalled" in events[-1].message
+    assert isinstance(loop.run(collect(engine, request_for("capital")))[-1], Done)
+    with pytest.raises(ProcessLookupError):
+        os.kill(rank1, 0)  # the whole group was killed, the stopped rank too
