@@ -143,6 +143,8 @@ def launch_command(config: EngineConfig, worker: list[str], env: dict[str, str])
         hosts = ["--hostfile", config.hostfile, "--env", f"MLX_TUI_AUTHKEY={env['MLX_TUI_AUTHKEY']}"]
     else:
         hosts = ["--hosts", "127.0.0.1", "-n", str(config.ranks)]
+        # the ranks share this machine's cores: OpenBLAS threads that spin beyond them starve the other ranks
+        env.setdefault("OPENBLAS_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // config.ranks)))
     port = free_ports(len(hostfile_hosts(config.hostfile, config.backend)) if config.hostfile else config.ranks)
     return [sys.executable, "-c", LAUNCH, *hosts, "--backend", config.backend, "--starting-port", str(port), "--", *worker]
 
