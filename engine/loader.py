@@ -76,7 +76,6 @@ def load(
     return Loaded(model, tokenizer, int(context or 4096), dtype, identity(source, config))
 
 
-
 def load_shard(ref: str, source: str, extra: dict, progress, group: mx.distributed.Group, shard: str | None) -> Loaded:
     """This rank's part of the model, split by mlx-lm's `sharded_load` across `group`."""
     try:

@@ -103,6 +103,7 @@ class WorkerProcess:
         code = self.process.wait()
         if self.group:
             kill_group(self.process.pid, signal.SIGKILL)  # no rank outlives mlx.launch
+            self.process.stdin.close()
         if not accepted.is_set():
             try:
                 Client(address, authkey=authkey).close()

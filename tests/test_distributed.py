@@ -75,6 +75,25 @@ def test_health_shows_each_rank(loop, group):
     ]
 
 
+@pytest.mark.asyncio
+async def test_the_dashboard_shows_the_ranks(loop, group):
+    from test_tui_app import SIZE, shown, until
+
+    from mlx_tui.tui.app import MlxTui
+    from mlx_tui.tui.remote import RemoteBackend
+
+    server = Server(loop, create_app(group))
+    app = MlxTui(RemoteBackend(server.url))
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: "ranks" in shown(app, "#engine-info"))
+            line = next(l for l in shown(app, "#engine-info").splitlines() if l.strip().startswith("ranks"))
+            assert all(f"{r['rank']} {r['host']}" in line for r in group.info["ranks"])
+    finally:
+        await app.backend.stop()
+        server.close()
+
+
 @pytest.mark.parametrize("name", ["capital", "weather_paris", "reasoning", "text_then_call"])
 def test_greedy_output_is_the_same_as_one_rank(loop, engine, group, name):
     one, two = (loop.run(collect(e, request_for(name))) for e in (engine, group))

@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = p.add_argument_group("distributed (mlx.launch)")
     d.add_argument("--local-ranks", type=int, default=1, metavar="N", help="run the model split across N ranks on this machine")
     d.add_argument("--hostfile", metavar="FILE", help="run the model split across the hosts of this mlx.launch hostfile")
-    d.add_argument("--backend", choices=("ring", "mpi"), default="ring", help="MLX's distributed backend")
+    d.add_argument("--backend", choices=("ring", "mpi", "jaccl"), default="ring", help="MLX's distributed backend")
     d.add_argument("--shard", choices=("tensor", "pipeline"), help="how to split the model (default: tensor where supported)")
     c = p.add_argument_group("prefix cache")
     c.add_argument("--cache-ram-gb", type=float, default=0.0, help="RAM for cached KV state (default: a fifth of the machine's memory)")
