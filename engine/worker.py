@@ -1,8 +1,9 @@
 """The engine worker: the one process where MLX runs.
 
 Started as `python -m mlx_tui.engine.worker HOST:PORT [BACKEND]` with the auth key in
-`MLX_TUI_AUTHKEY`; it connects back to the front process, receives its settings,
-loads the model and then serves requests until told to stop or disconnected.
+`MLX_TUI_AUTHKEY` (in a group: on the first line of stdin, which mlx.launch passes on);
+it connects back to the front process, receives its settings, loads the model and then
+serves requests until told to stop or disconnected.
 
 Front to worker: ("config", EngineConfig), ("submit", rid, Request), ("cancel", rid),
 ("count", rid, Request), ("stats", rid), ("stop",).
@@ -108,7 +109,7 @@ def main(argv: list[str] = sys.argv[1:]) -> int:
     conn = None
     if not rank:
         host, port = argv[0].rsplit(":", 1)
-        authkey = bytes.fromhex(os.environ.pop("MLX_TUI_AUTHKEY"))
+        authkey = bytes.fromhex(os.environ.pop("MLX_TUI_AUTHKEY", None) or sys.stdin.readline().strip())
         conn = Client((host, int(port)), authkey=authkey)
         kind, config = conn.recv()
         assert kind == "config" and isinstance(config, EngineConfig)

@@ -51,18 +51,22 @@ class WorkerProcess:
         env = {**os.environ, **self.env, "MLX_TUI_AUTHKEY": authkey.hex()}
         command = [sys.executable, "-m", "mlx_tui.engine.worker", "%s:%d" % address]
         self.group = is_group(config)
-        if self.group:
+        if self.group:  # the key goes to rank 0 through mlx.launch's stdin, not on any command line
+            del env["MLX_TUI_AUTHKEY"]
             command = launch_command(config, command + [config.backend], env)
         self.process = subprocess.Popen(
             command,
             env=env,
-            stdin=subprocess.PIPE if self.group else subprocess.DEVNULL,  # mlx.launch polls its stdin
+            stdin=subprocess.PIPE if self.group else subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
             errors="replace",
             start_new_session=self.group,
         )
+        if self.group:
+            self.process.stdin.write(authkey.hex() + "\n")
+            self.process.stdin.flush()
         threading.Thread(target=self._relay_output, args=(loop, self.process.stderr), daemon=True).start()
         accepted = threading.Event()
         threading.Thread(target=self._watch, args=(loop, address, authkey, accepted), daemon=True).start()
@@ -141,7 +145,7 @@ def is_group(config: EngineConfig) -> bool:
 def launch_command(config: EngineConfig, worker: list[str], env: dict[str, str]) -> list[str]:
     """`mlx.launch` starting `worker` on every rank: N ranks on 127.0.0.1, or the hostfile's hosts."""
     if config.hostfile:
-        hosts = ["--hostfile", config.hostfile, "--env", f"MLX_TUI_AUTHKEY={env['MLX_TUI_AUTHKEY']}"]
+        hosts = ["--hostfile", config.hostfile]
     else:
         hosts = ["--hosts", "127.0.0.1", "-n", str(config.ranks)]
         # the ranks share this machine's cores: OpenBLAS threads that spin beyond them starve the other ranks
