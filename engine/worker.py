@@ -128,6 +128,8 @@ def main(argv: list[str] = sys.argv[1:]) -> int:
     except ModelError as e:
         if conn:
             conn.send(("fatal", str(e)))
+        else:
+            print(f"rank {rank}: {e}", file=sys.stderr)
         return 1
     disk = None
     if config.cache_dir:
