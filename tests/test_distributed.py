@@ -272,3 +272,12 @@ def test_a_hung_rank_is_caught_by_the_watchdog(loop, make_engine):
     assert isinstance(loop.run(collect(engine, request_for("capital")))[-1], Done)
     with pytest.raises(ProcessLookupError):
         os.kill(rank1, 0)  # the whole group was killed, the stopped rank too
+
+
+def test_a_hostfile_group_serves(loop, make_engine, tmp_path):
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps({"hosts": [{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 2}))
+    engine = make_engine(hostfile=str(hostfile))
+    assert [r["rank"] for r in engine.info["ranks"]] == [0, 1]
+    events = loop.run(collect(engine, request_for("capital")))
+    assert isinstance(events[-1], Done) and raw(events)
