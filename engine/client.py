@@ -83,6 +83,8 @@ class EngineClient:
         self._stalled = False
         self._tasks: list[asyncio.Task] = []
         self._lost_rank: int | None = None
+        self._hosts = (hostfile_hosts(config.hostfile, config.backend) if config.hostfile
+                       else [socket.gethostname()] * config.ranks)
 
     @property
     def pid(self) -> int | None:
@@ -114,9 +116,8 @@ class EngineClient:
         """Each rank's host, pid and state (the group's, but "gone" for the rank whose end took the group down)."""
         members = self.info.get("ranks")
         if not members:  # one worker, or a group still starting
-            size = len(hostfile_hosts(self.config.hostfile, self.config.backend)) if self.config.hostfile else self.config.ranks
-            members = [{"rank": 0, "host": socket.gethostname(), "pid": self.pid if size == 1 else None}]
-            members += [{"rank": r, "host": None, "pid": None} for r in range(1, size)]
+            alone = len(self._hosts) == 1
+            members = [{"rank": r, "host": h, "pid": self.pid if alone else None} for r, h in enumerate(self._hosts)]
         return [{**m, "state": "gone" if m["rank"] == self._lost_rank else self.state} for m in members]
 
     async def generate(
@@ -235,7 +236,6 @@ class EngineClient:
             self.bus.publish("worker", state="loading", phase=message[1], fraction=message[2])
         elif kind == "ready":
             self.info = message[1]
-            self._lost_rank = None
             self._set_state("ready")
             self._ready.set()
         elif kind == "fatal":
@@ -280,6 +280,7 @@ class EngineClient:
         self._set_state("loading")
         self._exit.clear()
         self._fatal = None
+        self._lost_rank = None
         started = await self.worker.start(self.config)
         if started:
             ready = asyncio.ensure_future(self._ready.wait())
@@ -291,8 +292,7 @@ class EngineClient:
             return True
         code = await self.worker.wait(10)
         if self._lost_rank is not None and not self._fatal:
-            hosts = hostfile_hosts(self.config.hostfile, self.config.backend) if self.config.hostfile else None
-            host = hosts[self._lost_rank] if hosts else "127.0.0.1"
+            host = self._hosts[self._lost_rank]
             self._fatal = f"rank {self._lost_rank} ({host}) of the worker group ended before the group was ready"
         self._fatal = self._fatal or f"the engine worker exited with code {code} before it was ready"
         self._set_state("failed", message=self._fatal)

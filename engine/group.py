@@ -14,8 +14,11 @@ import threading
 import time
 
 import mlx.core as mx
-from mlx_lm.generate import generation_stream
 import numpy as np
+from mlx_lm.generate import generation_stream
+
+# Every collective here runs on the stream mlx-lm's BatchGenerator evaluates the model on: on another
+# stream, a step's broadcast could reach the sockets between the model's own all-reduces.
 
 # How long the ranks may take to find each other; `mx.distributed.init` waits forever for a missing one.
 CONNECT_TIMEOUT = 30.0
@@ -61,16 +64,18 @@ def gather(group: mx.distributed.Group, obj) -> list:
     """Every rank's `obj`, in rank order, on every rank."""
     data = pickle.dumps(obj)
     n, rank = group.size(), group.rank()
-    longest = mx.distributed.all_sum(mx.array([len(data) if r == rank else 0 for r in range(n)]), group=group, stream=generation_stream)
-    rows = mx.zeros((n, max(longest.tolist())), dtype=mx.uint8)
+    mine = mx.array([len(data) if r == rank else 0 for r in range(n)])
+    sizes = mx.distributed.all_sum(mine, group=group, stream=generation_stream).tolist()
+    rows = mx.zeros((n, max(sizes)), dtype=mx.uint8)
     rows[rank, : len(data)] = mx.array(list(data), dtype=mx.uint8)
     rows = mx.distributed.all_sum(rows, group=group, stream=generation_stream)
-    return [pickle.loads(np.array(rows[r, :size]).tobytes()) for r, size in enumerate(longest.tolist())]
+    return [pickle.loads(np.array(rows[r, :size]).tobytes()) for r, size in enumerate(sizes)]
 
 
 def seed(group: mx.distributed.Group):
     """The same random state on every rank, so sampled tokens agree (as `mlx_lm.server` does)."""
-    mx.random.seed(mx.distributed.all_sum(mx.random.state[0], group=group, stream=generation_stream).view(mx.uint64).item())
+    state = mx.distributed.all_sum(mx.random.state[0], group=group, stream=generation_stream)
+    mx.random.seed(state.view(mx.uint64).item())
 
 
 def describe(group: mx.distributed.Group) -> dict:

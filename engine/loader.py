@@ -46,7 +46,7 @@ def load(
     group: mx.distributed.Group | None = None,
     shard: str | None = None,
 ) -> Loaded:
-    """Load `ref`; with a `group`, this rank's shard of it (`shard`: tensor, pipeline, or None for tensor where supported)."""
+    """Load `ref`; with a `group`, this rank's shard of it (`shard`: tensor, pipeline, None: tensor where supported)."""
     if problem := model_problem(ref):
         raise ModelError(problem)
     extra = {}

@@ -151,7 +151,8 @@ def launch_command(config: EngineConfig, worker: list[str], env: dict[str, str])
         # the ranks share this machine's cores: OpenBLAS threads that spin beyond them starve the other ranks
         env.setdefault("OPENBLAS_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // config.ranks)))
     port = free_ports(len(hostfile_hosts(config.hostfile, config.backend)) if config.hostfile else config.ranks)
-    return [sys.executable, "-c", LAUNCH, *hosts, "--backend", config.backend, "--starting-port", str(port), "--", *worker]
+    options = [*hosts, "--backend", config.backend, "--starting-port", str(port)]
+    return [sys.executable, "-c", LAUNCH, *options, "--", *worker]
 
 
 def free_ports(n: int) -> int:
