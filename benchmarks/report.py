@@ -77,6 +77,8 @@ def write(results: dict, out: Path):
         body += replay_table(r, targets)
     if db := results.get("dashboard"):
         body += dashboard_table(db, targets)
+    if rk := results.get("ranks"):
+        body += ranks_table(rk)
     summary = ["## Targets", ""]
     if results.get("mode") == "quick":
         summary += ["*Quick run: a smoke check with one to three rounds per measurement; on a shared machine "
@@ -171,6 +173,22 @@ def dashboard_table(db: dict, targets: list) -> list[str]:
         targets.append((f"dashboard costs ≤ 3% ({row['streams']} stream{'s' if row['streams'] > 1 else ''})",
                         fmt(r, 3), None if r is None else r >= 0.97))
     return lines
+
+
+def ranks_table(rk: dict) -> list[str]:
+    one, two = rk["summary"]["1"], rk["summary"]["2"]
+    return [
+        f"## One worker vs 2 ranks on this machine ({rk['rounds']} rounds; the cost of the group, not a speed-up)", "",
+        "| ranks | decode tokens/s (median) | TTFT s, uncached prompt (median) | prompt tokens |",
+        "|---|---|---|---|",
+        f"| 1 | {fmt(one['decode_tps'], 1)} | {fmt(one['ttft_s'])} | {fmt(one['prompt_tokens'], 0)} |",
+        f"| 2 (tensor parallel, ring over loopback) | {fmt(two['decode_tps'], 1)} | {fmt(two['ttft_s'])} | "
+        f"{fmt(two['prompt_tokens'], 0)} |",
+        "",
+        f"2 ranks / 1: decode {fmt(rk['decode_ratio'], 3)}×, TTFT {fmt(rk['ttft_ratio'], 3)}×; "
+        f"same greedy text: {rk['same_text']}.",
+        "",
+    ]
 
 
 def ttft_table(t: dict, targets: list) -> list[str]:

@@ -8,6 +8,8 @@ bounded queue turns overload into fast refusals too.
 import asyncio
 import itertools
 import logging
+import re
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -15,7 +17,7 @@ from pathlib import Path
 from .blas import worker_blas
 from .breaker import CircuitBreaker
 from .bus import EventBus
-from .config import EngineConfig
+from .config import EngineConfig, hostfile_hosts
 from .events import TERMINAL, Done, Error, Event, PrefillProgress, Started, TextDelta, ToolCallEnd
 from .metrics import BREAKER_STATES, Metrics
 from .request import Request
@@ -24,6 +26,9 @@ from .worker_process import WorkerProcess
 
 
 log = logging.getLogger("mlx_tui.engine")
+
+# What mlx.launch writes when one rank of the group ends; the first one named is the one that failed.
+RANK_ENDED = re.compile(r"Node with rank (\d+) (?:exited|was killed)")
 
 
 class EngineUnavailable(Exception):
@@ -77,6 +82,9 @@ class EngineClient:
         self._last_progress = time.monotonic()
         self._stalled = False
         self._tasks: list[asyncio.Task] = []
+        self._lost_rank: int | None = None
+        self._hosts = (hostfile_hosts(config.hostfile, config.backend) if config.hostfile
+                       else [socket.gethostname()] * config.ranks)
 
     @property
     def pid(self) -> int | None:
@@ -121,7 +129,16 @@ class EngineClient:
         self._fail_in_flight("the engine stopped")
 
     def health(self) -> dict:
-        return {"state": self.state, "pid": self.pid, "restarts": self.restarts, "breaker": self.breaker.snapshot()}
+        return {"state": self.state, "pid": self.pid, "restarts": self.restarts, "breaker": self.breaker.snapshot(),
+                "rank_states": self.rank_states()}
+
+    def rank_states(self) -> list[dict]:
+        """Each rank's host, pid and state (the group's, but "gone" for the rank whose end took the group down)."""
+        members = self.info.get("ranks")
+        if not members:  # one worker, or a group still starting
+            alone = len(self._hosts) == 1
+            members = [{"rank": r, "host": h, "pid": self.pid if alone else None} for r, h in enumerate(self._hosts)]
+        return [{**m, "state": "gone" if m["rank"] == self._lost_rank else self.state} for m in members]
 
     async def generate(
         self, request: Request, request_id: str | None = None, transcript: Transcript | None = None
@@ -243,6 +260,8 @@ class EngineClient:
             self._ready.set()
         elif kind == "fatal":
             self._fatal = message[1]
+            if self.worker.group:
+                self.worker.kill()  # mlx.launch would wait on the other ranks
 
     def _engine_failure(self, reason: str):
         self.breaker.failure()
@@ -252,6 +271,8 @@ class EngineClient:
         """The worker's stderr, for the log: published on the bus and logged (stderr in --serve mode)."""
         log.warning("worker: %s", line)
         self.bus.publish("log", source="worker", line=line)
+        if (ended := RANK_ENDED.search(line)) and self._lost_rank is None:
+            self._lost_rank = int(ended[1])
 
     def _exited(self, code: int):
         self._exit_code = code
@@ -279,6 +300,7 @@ class EngineClient:
         self._set_state("loading")
         self._exit.clear()
         self._fatal = None
+        self._lost_rank = None
         started = await self.worker.start(self.config)
         if started:
             ready = asyncio.ensure_future(self._ready.wait())
@@ -289,6 +311,9 @@ class EngineClient:
         if self.state == "ready":
             return True
         code = await self.worker.wait(10)
+        if self._lost_rank is not None and not self._fatal:
+            host = self._hosts[self._lost_rank]
+            self._fatal = f"rank {self._lost_rank} ({host}) of the worker group ended before the group was ready"
         self._fatal = self._fatal or f"the engine worker exited with code {code} before it was ready"
         self._set_state("failed", message=self._fatal)
         return False
@@ -342,4 +367,4 @@ class EngineClient:
             self.metrics.cache_bytes.labels("disk").set(stats["cache"]["disk_bytes"])
             self.last_stats = stats
             self.bus.publish("stats", **stats, breaker=self.breaker.snapshot(), state=self.state,
-                             restarts=self.restarts, pid=self.pid)
+                             restarts=self.restarts, pid=self.pid, rank_states=self.rank_states())

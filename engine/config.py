@@ -35,6 +35,10 @@ class EngineConfig:
     tool_parser: str | None = None
     chat_template: str | None = None
     blas: str = "auto"
+    ranks: int = 1
+    hostfile: str | None = None
+    backend: str = "ring"
+    shard: str | None = None
     max_queue: int = 16
     request_timeout: float = 0.0
     stall_timeout: float = 60.0
@@ -69,3 +73,18 @@ def model_problem(ref: str) -> str | None:
     if REPO_ID.match(ref) and not ref.startswith((".", "~")):
         return None
     return f"{ref}: no such model directory"
+
+
+def hostfile_hosts(path: str, backend: str) -> list[str]:
+    """The hosts, one a rank, of the `mlx.launch` hostfile at `path`; ValueError (one line) if it cannot be used."""
+    from mlx._distributed_utils.common import Hostfile  # the parser mlx.launch itself uses
+
+    try:
+        hosts = Hostfile.from_file(path).hosts
+    except ValueError as e:
+        raise ValueError(f"--hostfile {path}: {str(e).splitlines()[0]}") from None
+    if not hosts:
+        raise ValueError(f"--hostfile {path}: no hosts")
+    if backend == "ring" and any(not h.ips for h in hosts):
+        raise ValueError(f"--hostfile {path}: the ring backend needs \"ips\" for every host")
+    return [h.ssh_hostname for h in hosts]

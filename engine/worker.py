@@ -1,14 +1,18 @@
 """The engine worker: the one process where MLX runs.
 
-Started as `python -m mlx_tui.engine.worker HOST:PORT` with the auth key in
-`MLX_TUI_AUTHKEY`; it connects back to the front process, receives its settings,
-loads the model and then serves requests until told to stop or disconnected.
+Started as `python -m mlx_tui.engine.worker HOST:PORT [BACKEND]` with the auth key in
+`MLX_TUI_AUTHKEY` (in a group: on the first line of stdin, which mlx.launch passes on);
+it connects back to the front process, receives its settings, loads the model and then
+serves requests until told to stop or disconnected.
 
 Front to worker: ("config", EngineConfig), ("submit", rid, Request), ("cancel", rid),
 ("count", rid, Request), ("stats", rid), ("stop",).
 Worker to front: ("progress", phase, fraction), ("ready", info), ("fatal", message),
 ("events", [(rid, event), ...]), ("reply", rid, value), ("failure", message) for a
 failed batched step (the breaker counts it).
+
+Started by `mlx.launch`, every rank runs this module: rank 0 connects back and serves,
+the others follow the steps it shares (see `group.py`).
 """
 
 import os
@@ -16,9 +20,11 @@ import queue
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from multiprocessing.connection import Client, Connection
 
+from . import group as ranks
 from .config import EngineConfig
 from .disk_cache import DiskCache
 from .events import Error
@@ -36,13 +42,19 @@ def read_inbox(conn: Connection, inbox: queue.Queue):
         inbox.put(("stop",))
 
 
-def serve(conn: Connection, scheduler: Scheduler):
+# The messages that change what the batch does; in a group every rank applies them.
+STEP_MESSAGES = ("submit", "cancel", "stop")
+
+
+def serve(conn: Connection, scheduler: Scheduler, group=None, clock: ranks.Clock | None = None):
     inbox: queue.Queue = queue.Queue()
     threading.Thread(target=read_inbox, args=(conn, inbox), daemon=True).start()
     while True:
         messages = [inbox.get()] if not scheduler.busy else []
         while not inbox.empty():
             messages.append(inbox.get_nowait())
+        if group is not None:
+            share_step(group, clock, messages, scheduler.busy)
         events = []
         for message in messages:
             if message[0] == "stop":
@@ -56,7 +68,28 @@ def serve(conn: Connection, scheduler: Scheduler):
             conn.send(("events", events))
 
 
-def handle(message: tuple, scheduler: Scheduler, conn: Connection) -> list:
+def share_step(group, clock: ranks.Clock, messages: list, busy: bool):
+    """Share the step's decisions and clock with the other ranks (queries are answered here alone)."""
+    decisions = [m for m in messages if m[0] in STEP_MESSAGES]
+    if decisions or busy:
+        clock.now = time.monotonic()
+        ranks.share(group, (clock.now, decisions))
+
+
+def follow(scheduler: Scheduler, group, clock: ranks.Clock):
+    """A rank other than 0: run the steps rank 0 shares, discarding the events (rank 0 sends them)."""
+    while True:
+        clock.now, decisions = ranks.share(group)
+        for message in decisions:
+            if message[0] == "stop":
+                return
+            handle(message, scheduler, None)
+        if scheduler.busy:
+            scheduler.step()
+        scheduler.failures.clear()
+
+
+def handle(message: tuple, scheduler: Scheduler, conn: Connection | None) -> list:
     kind, rid, *rest = message
     if kind == "submit":
         return scheduler.submit(rid, rest[0])
@@ -77,24 +110,46 @@ def main(argv: list[str] = sys.argv[1:]) -> int:
     # Ctrl-C or SIGTERM sent to the whole process group must not cut the requests it lets finish.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    host, port = argv[0].rsplit(":", 1)
-    authkey = bytes.fromhex(os.environ.pop("MLX_TUI_AUTHKEY"))
-    conn = Client((host, int(port)), authkey=authkey)
-    kind, config = conn.recv()
-    assert kind == "config" and isinstance(config, EngineConfig)
+    rank = ranks.launch_rank()
+    conn = None
+    if not rank:
+        host, port = argv[0].rsplit(":", 1)
+        authkey = bytes.fromhex(os.environ.pop("MLX_TUI_AUTHKEY", None) or sys.stdin.readline().strip())
+        conn = Client((host, int(port)), authkey=authkey)
+        kind, config = conn.recv()
+        assert kind == "config" and isinstance(config, EngineConfig)
+    group = None
+    if rank is not None:
+        on_timeout = (lambda: conn.send(("fatal", unmet(config)))) if conn else (lambda: None)
+        group = ranks.init(argv[1], on_timeout)
+        config = ranks.share(group, config if conn else None)
 
     def progress(phase: str, fraction: float):
-        conn.send(("progress", phase, fraction))
+        if conn:
+            conn.send(("progress", phase, fraction))
 
     try:
-        loaded = load(config.model, progress, config.tool_parser, config.chat_template)
+        loaded = load(config.model, progress, config.tool_parser, config.chat_template, group=group, shard=config.shard)
     except ModelError as e:
-        conn.send(("fatal", str(e)))
+        if conn:
+            conn.send(("fatal", str(e)))
+        else:
+            print(f"rank {rank}: {e}", file=sys.stderr)
         return 1
     disk = None
     if config.cache_dir:
         disk = DiskCache(Path(config.cache_dir) / loaded.identity, int(config.cache_disk_gb * 2**30), loaded.identity)
-    scheduler = Scheduler(loaded, config, PrefixCache(config.cache_ram_bytes, disk))
+    clock = ranks.Clock() if group else time.monotonic
+    scheduler = Scheduler(loaded, config, PrefixCache(config.cache_ram_bytes, disk, clock))
+    members = {}
+    if group is not None:
+        ranks.seed(group)
+        members = {"ranks": ranks.gather(group, ranks.describe(group)), "shard": loaded.shard}
+    if conn is None:
+        follow(scheduler, group, clock)
+        if disk:
+            disk.flush()
+        return 0
     tokenizer = loaded.tokenizer
     conn.send(
         (
@@ -106,13 +161,19 @@ def main(argv: list[str] = sys.argv[1:]) -> int:
                 "tool_parser": scheduler.parser_name,
                 "thinking": scheduler.think is not None,
                 "eos": sorted(tokenizer.eos_token_ids),
+                **members,
             },
         )
     )
-    serve(conn, scheduler)
+    serve(conn, scheduler, group, clock)
     if disk:
         disk.flush()
     return 0
+
+
+def unmet(config: EngineConfig) -> str:
+    hosts = f"the hosts in {config.hostfile}" if config.hostfile else f"{config.ranks} local ranks"
+    return f"the ranks did not all connect within {ranks.CONNECT_TIMEOUT:g} s ({hosts}): is every host reachable?"
 
 
 if __name__ == "__main__":

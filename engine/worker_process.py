@@ -2,7 +2,9 @@
 
 import asyncio
 import os
+import random
 import secrets
+import socket
 import signal
 import subprocess
 import sys
@@ -10,7 +12,7 @@ import threading
 from collections.abc import Callable
 from multiprocessing.connection import Client, Listener
 
-from .config import EngineConfig
+from .config import EngineConfig, hostfile_hosts
 
 
 class WorkerProcess:
@@ -34,6 +36,7 @@ class WorkerProcess:
         self.on_exit = on_exit
         self.process: subprocess.Popen | None = None
         self.conn = None
+        self.group = False
 
     @property
     def pid(self) -> int | None:
@@ -46,15 +49,24 @@ class WorkerProcess:
         listener = Listener(("127.0.0.1", 0), authkey=authkey)
         address = listener.address
         env = {**os.environ, **self.env, "MLX_TUI_AUTHKEY": authkey.hex()}
+        command = [sys.executable, "-m", "mlx_tui.engine.worker", "%s:%d" % address]
+        self.group = is_group(config)
+        if self.group:  # the key goes to rank 0 through mlx.launch's stdin, not on any command line
+            del env["MLX_TUI_AUTHKEY"]
+            command = launch_command(config, command + [config.backend], env)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "mlx_tui.engine.worker", "%s:%d" % address],
+            command,
             env=env,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE if self.group else subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
             errors="replace",
+            start_new_session=self.group,
         )
+        if self.group:
+            self.process.stdin.write(authkey.hex() + "\n")
+            self.process.stdin.flush()
         threading.Thread(target=self._relay_output, args=(loop, self.process.stderr), daemon=True).start()
         accepted = threading.Event()
         threading.Thread(target=self._watch, args=(loop, address, authkey, accepted), daemon=True).start()
@@ -79,7 +91,9 @@ class WorkerProcess:
             pass  # the worker is gone; its exit is reported through on_exit
 
     def kill(self, sig: int = signal.SIGKILL):
-        if self.process and self.process.poll() is None:
+        if self.group and self.process:
+            kill_group(self.process.pid, sig)
+        elif self.process and self.process.poll() is None:
             self.process.send_signal(sig)
 
     async def wait(self, timeout: float) -> int | None:
@@ -91,6 +105,9 @@ class WorkerProcess:
     def _watch(self, loop, address, authkey: bytes, accepted: threading.Event):
         """Wait for the exit; wake the pending accept if the worker never connected."""
         code = self.process.wait()
+        if self.group:
+            kill_group(self.process.pid, signal.SIGKILL)  # no rank outlives mlx.launch
+            self.process.stdin.close()
         if not accepted.is_set():
             try:
                 Client(address, authkey=authkey).close()
@@ -115,3 +132,44 @@ class WorkerProcess:
                 loop.call_soon_threadsafe(self.on_message, message)
         except (EOFError, OSError, RuntimeError):
             pass  # the worker or the event loop is gone
+
+
+# `mlx.launch`, run by this interpreter (its module has no `python -m` entry point).
+LAUNCH = "import sys; from mlx._distributed_utils.launch import main; sys.argv[0] = 'mlx.launch'; sys.exit(main())"
+
+
+def is_group(config: EngineConfig) -> bool:
+    return config.ranks > 1 or config.hostfile is not None
+
+
+def launch_command(config: EngineConfig, worker: list[str], env: dict[str, str]) -> list[str]:
+    """`mlx.launch` starting `worker` on every rank: N ranks on 127.0.0.1, or the hostfile's hosts."""
+    if config.hostfile:
+        hosts = ["--hostfile", config.hostfile]
+    else:
+        hosts = ["--hosts", "127.0.0.1", "-n", str(config.ranks)]
+        # the ranks share this machine's cores: OpenBLAS threads that spin beyond them starve the other ranks
+        env.setdefault("OPENBLAS_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // config.ranks)))
+    port = free_ports(len(hostfile_hosts(config.hostfile, config.backend)) if config.hostfile else config.ranks)
+    options = [*hosts, "--backend", config.backend, "--starting-port", str(port)]
+    return [sys.executable, "-c", LAUNCH, *options, "--", *worker]
+
+
+def free_ports(n: int) -> int:
+    """The first of `n` consecutive ports free on this machine, for the ring's listeners."""
+    while True:
+        start = random.randrange(20000, 60000 - n)
+        try:
+            for port in range(start, start + n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+            return start
+        except OSError:
+            continue
+
+
+def kill_group(pgid: int, sig: int):
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass

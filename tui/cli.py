@@ -9,7 +9,7 @@ import socket
 import sys
 from pathlib import Path
 
-from mlx_tui.engine.config import EngineConfig, cache_dir, model_problem
+from mlx_tui.engine.config import EngineConfig, cache_dir, hostfile_hosts, model_problem
 
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain"}
 
@@ -35,6 +35,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e.add_argument("--tool-parser", help="an mlx-lm tool parser name, for models where none is found")
     e.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template file to use instead of the model's")
     e.add_argument("--blas", choices=("auto", "reference"), default="auto", help="auto: an optimised OpenBLAS on Linux where found")
+    d = p.add_argument_group("distributed (mlx.launch)")
+    d.add_argument("--local-ranks", type=int, default=1, metavar="N", help="run the model split across N ranks on this machine")
+    d.add_argument("--hostfile", metavar="FILE", help="run the model split across the hosts of this mlx.launch hostfile")
+    d.add_argument("--backend", choices=("ring", "mpi", "jaccl"), default="ring", help="MLX's distributed backend")
+    d.add_argument("--shard", choices=("tensor", "pipeline"), help="how to split the model (default: tensor where supported)")
     c = p.add_argument_group("prefix cache")
     c.add_argument("--cache-ram-gb", type=float, default=0.0, help="RAM for cached KV state (default: a fifth of the machine's memory)")
     c.add_argument("--cache-dir", default=str(cache_dir() / "prefix-cache"), help="where the disk tier keeps entries, per model")
@@ -52,9 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.warm and not args.warm.is_file():
         p.error(f"--warm {args.warm}: no such file")
-    for name in ("max_concurrency", "prefill_step", "max_tokens"):
+    for name in ("max_concurrency", "prefill_step", "max_tokens", "local_ranks"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.hostfile and args.local_ranks > 1:
+        p.error("--hostfile and --local-ranks cannot be combined")
     return args
 
 
@@ -76,6 +83,10 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         request_timeout=args.request_timeout,
         stall_timeout=args.stall_timeout,
         max_kv_gb=args.max_kv_gb,
+        ranks=args.local_ranks,
+        hostfile=args.hostfile,
+        backend=args.backend,
+        shard=args.shard,
     )
     if args.no_transcripts:
         config.transcripts_dir = None
@@ -240,6 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.model and (problem := model_problem(args.model)):
         print(f"mlx-tui: {problem}", file=sys.stderr)
         return 2
+    if args.hostfile:
+        try:
+            hostfile_hosts(args.hostfile, args.backend)
+        except ValueError as e:
+            print(f"mlx-tui: {e}", file=sys.stderr)
+            return 2
     if not is_loopback(args.host) and not args.api_key and not args.insecure:
         print(f"mlx-tui: refusing to serve on {args.host} without --api-key (or --insecure)", file=sys.stderr)
         return 2

@@ -70,6 +70,10 @@ class EnginePanel(Panel):
             worker.append(f" {w.phase}", style="dim")
         worker.append(f"  pid {w.pid or fmt.DASH} · {w.restarts} restarts", style="dim")
         t.add_row("worker", worker)
+        if len(ranks := stats.get("rank_states") or []) > 1:
+            t.add_row("ranks", Text("  ").join(
+                dot(f"{r['rank']} {r['host'] or fmt.DASH}", WORKER_STYLES.get(r["state"] if w.state == "ready" else w.state, "bold red"))
+                for r in ranks))
         if w.message:
             t.add_row("", Text(w.message, style="red"))
         breaker = dot(b.state.replace("_", "-"), BREAKER_STYLES.get(b.state, "bold red"))

@@ -1,0 +1,92 @@
+"""The worker as a group of ranks started by `mlx.launch`: rank 0 decides, every rank runs the same steps.
+
+Rank 0 talks to the front process. Before each step it shares the step's decisions (the
+submitted and cancelled requests and its clock, which orders the prefix cache) with
+`share`, the way `mlx_lm.server` shares its requests; the other ranks apply them to
+their own scheduler, so that every rank inserts the same prompts with the same cached
+prefixes, and each keeps its own shard of the cached KV state.
+"""
+
+import os
+import pickle
+import socket
+import threading
+import time
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.generate import generation_stream
+
+# Every collective here runs on the stream mlx-lm's BatchGenerator evaluates the model on: on another
+# stream, a step's broadcast could reach the sockets between the model's own all-reduces.
+
+# How long the ranks may take to find each other; `mx.distributed.init` waits forever for a missing one.
+CONNECT_TIMEOUT = 30.0
+
+
+def launch_rank() -> int | None:
+    """This process's rank as `mlx.launch` set it (ring: MLX_RANK, mpi: OMPI_COMM_WORLD_RANK), or None alone."""
+    for name in ("MLX_RANK", "OMPI_COMM_WORLD_RANK"):
+        if (value := os.environ.get(name)) is not None:
+            return int(value)
+    return None
+
+
+def init(backend: str, on_timeout) -> mx.distributed.Group:
+    """Join the group; `on_timeout()` is called (and the process ends) if the ranks have not met in time."""
+    met = threading.Event()
+
+    def expire():
+        if not met.wait(CONNECT_TIMEOUT):
+            on_timeout()
+            os._exit(1)
+
+    threading.Thread(target=expire, daemon=True).start()
+    group = mx.distributed.init(strict=True, backend=backend)
+    mx.eval(mx.distributed.all_sum(mx.array(1), group=group, stream=generation_stream))
+    met.set()
+    return group
+
+
+def share(group: mx.distributed.Group, obj=None):
+    """Rank 0's `obj`, on every rank (the others pass None)."""
+    if group.rank() == 0:
+        data = mx.array(pickle.dumps(obj))
+        mx.eval(mx.distributed.all_sum(data.size, group=group, stream=generation_stream))
+        mx.eval(mx.distributed.all_sum(data, group=group, stream=generation_stream))
+        return obj
+    size = mx.distributed.all_sum(0, group=group, stream=generation_stream).item()
+    data = mx.distributed.all_sum(mx.zeros(size, dtype=mx.uint8), group=group, stream=generation_stream)
+    return pickle.loads(data)
+
+
+def gather(group: mx.distributed.Group, obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    data = pickle.dumps(obj)
+    n, rank = group.size(), group.rank()
+    mine = mx.array([len(data) if r == rank else 0 for r in range(n)])
+    sizes = mx.distributed.all_sum(mine, group=group, stream=generation_stream).tolist()
+    rows = mx.zeros((n, max(sizes)), dtype=mx.uint8)
+    rows[rank, : len(data)] = mx.array(list(data), dtype=mx.uint8)
+    rows = mx.distributed.all_sum(rows, group=group, stream=generation_stream)
+    return [pickle.loads(np.array(rows[r, :size]).tobytes()) for r, size in enumerate(sizes)]
+
+
+def seed(group: mx.distributed.Group):
+    """The same random state on every rank, so sampled tokens agree (as `mlx_lm.server` does)."""
+    state = mx.distributed.all_sum(mx.random.state[0], group=group, stream=generation_stream)
+    mx.random.seed(state.view(mx.uint64).item())
+
+
+def describe(group: mx.distributed.Group) -> dict:
+    return {"rank": group.rank(), "host": socket.gethostname(), "pid": os.getpid()}
+
+
+class Clock:
+    """The prefix cache's clock on every rank: rank 0's time, as shared with each step."""
+
+    def __init__(self):
+        self.now = time.monotonic()
+
+    def __call__(self) -> float:
+        return self.now

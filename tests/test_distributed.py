@@ -1,0 +1,283 @@
+"""The worker as an mlx.distributed group: two local ranks started by mlx.launch, tensor parallel on the demo model."""
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import Server, letter_token, start_engine
+
+from mlx_tui.api.server import create_app
+
+from mlx_tui.engine.demo import MODEL_DIR
+from mlx_tui.engine.demo.conversations import CONVERSATIONS
+from mlx_tui.engine.group import CONNECT_TIMEOUT
+from mlx_tui.engine.events import Done, Error, RawText, Started, TextDelta, ToolCallEnd
+from mlx_tui.engine.request import Request, Sampling
+
+BY_NAME = {c["name"]: c for c in CONVERSATIONS}
+
+
+def request_for(name: str, **changes) -> Request:
+    c = BY_NAME[name]
+    given = {"messages": c["messages"][:-1], "tools": c["tools"], "enable_thinking": c.get("enable_thinking")}
+    return Request(**given | changes)
+
+
+def endless() -> Request:
+    """Generates until stopped: one token forced (the engines here have the loop guard off)."""
+    return request_for("greeting", sampling=Sampling(logit_bias={letter_token(): 50.0}), max_tokens=100_000)
+
+
+async def collect(engine, request: Request) -> list:
+    return [e async for e in engine.generate(request)]
+
+
+def raw(events) -> str:
+    return "".join(e.text for e in events if isinstance(e, RawText))
+
+
+def started(events) -> Started:
+    return next(e for e in events if isinstance(e, Started))
+
+
+@pytest.fixture(scope="module")
+def group(loop):
+    """An engine whose worker is two ranks on 127.0.0.1, each holding half of every layer."""
+    engine = start_engine(loop, ranks=2, loop_window=0)
+    yield engine
+    loop.run(engine.stop())
+
+
+def test_the_group_reports_its_ranks(group):
+    ranks = group.info["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert len({r["pid"] for r in ranks}) == 2 and all(r["host"] for r in ranks)
+    assert group.info["shard"] == "tensor"
+
+
+def test_health_shows_each_rank(loop, group):
+    server = Server(loop, create_app(group))
+    try:
+        health = httpx.get(f"{server.url}/health").json()
+    finally:
+        server.close()
+    assert health["status"] == "ok" and health["ranks"] == 2
+    assert [(r["rank"], r["pid"], r["state"]) for r in health["rank_states"]] == [
+        (r["rank"], r["pid"], "ready") for r in group.info["ranks"]
+    ]
+
+
+@pytest.mark.asyncio
+async def test_the_dashboard_shows_the_ranks(loop, group):
+    from test_tui_app import SIZE, shown, until
+
+    from mlx_tui.tui.app import MlxTui
+    from mlx_tui.tui.remote import RemoteBackend
+
+    server = Server(loop, create_app(group))
+    app = MlxTui(RemoteBackend(server.url))
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: "ranks" in shown(app, "#engine-info"))
+            line = next(l for l in shown(app, "#engine-info").splitlines() if l.strip().startswith("ranks"))
+            assert all(f"{r['rank']} {r['host']}" in line for r in group.info["ranks"])
+    finally:
+        await app.backend.stop()
+        server.close()
+
+
+@pytest.mark.parametrize("name", ["capital", "weather_paris", "reasoning", "text_then_call"])
+def test_greedy_output_is_the_same_as_one_rank(loop, engine, group, name):
+    one, two = (loop.run(collect(e, request_for(name))) for e in (engine, group))
+    assert raw(two) == raw(one) and raw(one)
+    assert [(e.name, e.arguments) for e in two if isinstance(e, ToolCallEnd)] == [
+        (e.name, e.arguments) for e in one if isinstance(e, ToolCallEnd)
+    ]
+    assert isinstance(two[-1], Done) and two[-1].stop_reason == one[-1].stop_reason
+
+
+def test_the_next_turn_hits_the_cache_on_every_rank(loop, group):
+    first = loop.run(collect(group, request_for("weather_paris")))
+    second = loop.run(collect(group, request_for("tool_result")))
+    done = first[-1]
+    # a hit on rank 0 that rank 1 did not share would desynchronise the ranks and fail the request
+    assert started(second).cached_tokens == done.usage.prompt_tokens + done.usage.generated_tokens
+    assert isinstance(second[-1], Done) and "".join(e.text for e in second if isinstance(e, TextDelta))
+
+
+def test_two_concurrent_requests_decode_in_one_batch(loop, engine, group):
+    names = ["capital", "weather_paris"]
+    before = loop.run(group.stats())["batch_sizes"]
+
+    async def together():
+        return await asyncio.gather(*(collect(group, request_for(n, max_tokens=40)) for n in names))
+
+    results = loop.run(together())
+    for name, events in zip(names, results):
+        assert raw(events) == raw(loop.run(collect(engine, request_for(name, max_tokens=40))))
+    assert loop.run(group.stats())["batch_sizes"].get(2, 0) > before.get(2, 0)
+
+
+def test_a_cancelled_request_leaves_every_rank(loop, group):
+    async def start_then_leave():
+        stream = group.generate(endless())
+        async for event in stream:
+            if isinstance(event, TextDelta):
+                break
+        await stream.aclose()
+        return await group.stats()
+
+    stats = loop.run(start_then_leave())
+    assert stats["running"] == stats["waiting"] == 0
+    # the ranks still step together: a request after the cancellation runs to its end
+    assert isinstance(loop.run(collect(group, request_for("capital")))[-1], Done)
+
+
+def test_killing_rank_1_mid_stream_restarts_the_whole_group(loop, make_engine):
+    engine = make_engine(ranks=2, loop_window=0)
+    rank1 = engine.info["ranks"][1]["pid"]
+    gone_at_error = []
+
+    async def until_restarted():
+        while engine.restarts < 1 or engine.state != "ready":
+            await asyncio.sleep(0.05)
+
+    async def scenario():
+        events = []
+        async for event in engine.generate(endless()):
+            events.append(event)
+            if isinstance(event, RawText) and sum(isinstance(e, RawText) for e in events) == 3:
+                os.kill(rank1, signal.SIGKILL)
+        gone_at_error.extend(r["rank"] for r in engine.rank_states() if r["state"] == "gone")
+        await asyncio.wait_for(until_restarted(), 120)
+        return events, await collect(engine, request_for("capital"))
+
+    events, after = loop.run(scenario())
+    assert isinstance(events[-1], Error) and events[-1].kind == "engine"
+    assert gone_at_error == [1]
+    assert isinstance(after[-1], Done)
+    assert engine.info["ranks"][1]["pid"] != rank1
+    assert engine.breaker.failures == 0, "the failure was counted, then the success reset it"
+
+
+def mlx_tui(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "mlx_tui.tui.cli", "--serve", "--port", "0", "--cache-disk-gb", "0", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+
+def error_line(done: subprocess.CompletedProcess) -> str:
+    [line] = [l for l in done.stderr.splitlines() if l.startswith("mlx-tui:")]
+    return line
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        (None, "doesn't exist"),
+        ('{"hosts": [', "Failed to parse hostfile"),
+        ('[{"ssh": "mac1"}, {"ssh": "mac2"}]', 'the ring backend needs "ips" for every host'),
+    ],
+)
+def test_a_hostfile_that_cannot_be_used(tmp_path, content, problem):
+    hostfile = tmp_path / "hosts.json"
+    if content is not None:
+        hostfile.write_text(content)
+    done = mlx_tui("--hostfile", str(hostfile))
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith(f"mlx-tui: --hostfile {hostfile}: ")
+    assert problem in done.stderr
+
+
+def test_an_unreachable_host_fails_the_start_in_bounded_time(tmp_path):
+    hostfile = tmp_path / "hosts.json"
+    hosts = [{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}, {"ssh": "192.0.2.1", "ips": ["192.0.2.1"]}]  # TEST-NET-1
+    hostfile.write_text(json.dumps(hosts))
+    started = time.monotonic()
+    done = mlx_tui("--hostfile", str(hostfile), timeout=CONNECT_TIMEOUT + 60)
+    assert time.monotonic() - started < CONNECT_TIMEOUT + 60
+    assert done.returncode == 1
+    line = error_line(done)
+    assert "rank 1 (192.0.2.1)" in line or "did not all connect" in line, line
+
+
+def test_a_model_that_cannot_be_split_is_named(tmp_path):
+    config = {"model_type": "gpt2", "n_ctx": 64, "n_embd": 32, "n_head": 2, "n_layer": 2, "n_positions": 64,
+              "layer_norm_epsilon": 1e-5, "vocab_size": 100}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    done = mlx_tui("--model", str(tmp_path), "--local-ranks", "2")
+    assert done.returncode == 1
+    assert error_line(done).startswith(f"mlx-tui: {tmp_path}: model type 'gpt2' cannot be split across ranks")
+
+
+def tiny_pipeline_model(path: Path) -> Path:
+    """A randomly initialised ministral3 (a type with mlx-lm's PipelineMixin), with the demo model's tokenizer."""
+    import mlx.core as mx
+    from mlx.utils import tree_map
+    from mlx_lm.models import ministral3
+    from mlx_lm.utils import save_model
+
+    config = {"model_type": "ministral3", "hidden_size": 64, "num_hidden_layers": 4, "intermediate_size": 128,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "vocab_size": 400,
+              "max_position_embeddings": 4096, "tie_word_embeddings": True,
+              "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "llama_4_scaling_beta": 0.1,
+                                  "original_max_position_embeddings": 4096}}
+    mx.random.seed(0)
+    model = ministral3.Model(ministral3.ModelArgs.from_dict(config))
+    # weights large enough that greedy decoding wanders over the vocabulary instead of repeating one token
+    model.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.5 if p.ndim == 2 else p, model.parameters()))
+    save_model(path, model)  # writes model.safetensors.index.json, which the pipeline path reads
+    (path / "config.json").write_text(json.dumps(config))
+    for f in MODEL_DIR.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, path / f.name)
+    return path
+
+
+def test_pipeline_greedy_output_is_the_same_as_one_rank(loop, make_engine, tmp_path):
+    model = str(tiny_pipeline_model(tmp_path))
+    one = make_engine(model=model, loop_window=0)
+    two = make_engine(model=model, loop_window=0, ranks=2, shard="pipeline")
+    assert two.info["shard"] == "pipeline"
+    turns = [request_for("capital", max_tokens=24), request_for("capital", max_tokens=24)]
+    outputs = [[loop.run(collect(engine, r)) for r in turns] for engine in (one, two)]
+    assert [raw(e) for e in outputs[1]] == [raw(e) for e in outputs[0]]
+    assert len(set(raw(outputs[0][0]))) > 5, "the random model should not repeat one token"
+    assert started(outputs[1][1]).cached_tokens > 0, "the second turn hits on both pipeline stages"
+
+
+def test_a_hung_rank_is_caught_by_the_watchdog(loop, make_engine):
+    engine = make_engine(ranks=2, loop_window=0, stall_timeout=1.5)
+    rank1 = engine.info["ranks"][1]["pid"]
+
+    async def scenario():
+        events = []
+        async for event in engine.generate(endless()):
+            events.append(event)
+            if isinstance(event, RawText) and sum(isinstance(e, RawText) for e in events) == 3:
+                os.kill(rank1, signal.SIGSTOP)
+        while engine.restarts < 1 or engine.state != "ready":
+            await asyncio.sleep(0.05)
+        return events
+
+    events = loop.run(asyncio.wait_for(scenario(), 120))
+    assert isinstance(events[-1], Error) and "stalled" in events[-1].message
+    assert isinstance(loop.run(collect(engine, request_for("capital")))[-1], Done)
+    with pytest.raises(ProcessLookupError):
+        os.kill(rank1, 0)  # the whole group was killed, the stopped rank too
+
+
+def test_a_hostfile_group_serves(loop, make_engine, tmp_path):
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps({"hosts": [{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 2}))
+    engine = make_engine(hostfile=str(hostfile))
+    assert [r["rank"] for r in engine.info["ranks"]] == [0, 1]
+    events = loop.run(collect(engine, request_for("capital")))
+    assert isinstance(events[-1], Done) and raw(events)
