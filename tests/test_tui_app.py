@@ -112,7 +112,10 @@ async def test_in_process_dashboard_transcripts_and_chat():
             chat_id = next(id for id, t in app.state.transcripts.items() if t.source == "chat")
             pieces = [e for e in engine.bus.recent if e["kind"] == "transcript" and e["id"] == chat_id and e["step"] == "raw"]
             assert len(pieces) > 1, "the reply came in one piece, not streamed"
-            await until(pilot, lambda: chat_id in app.query_one(RequestsTable).rows)
+            table = app.query_one(RequestsTable)
+            assert chat_id not in table.rows, "the hidden dashboard drew"
+            await pilot.press("escape", "1")  # leave the prompt, show the dashboard: a hidden view catches up when shown
+            await until(pilot, lambda: chat_id in table.rows)
 
             opened = asyncio.Event()
             stream = asyncio.create_task(read_events(address, opened))

@@ -1,6 +1,10 @@
 """The dashboard's state model: bus events in, what the views show out."""
 
+import asyncio
+from contextlib import aclosing
 from dataclasses import asdict
+
+import pytest
 
 from mlx_tui.engine.bus import EventBus
 from mlx_tui.engine.events import Done, RawText, Started, Timings, ToolCallEnd, Usage
@@ -39,7 +43,8 @@ def test_percentiles_and_hit_rates():
     assert (state.token_hit_rate, state.request_hit_rate, list(state.decode_tps)) == (0.75, 0.25, [12.5])
 
 
-def test_transcript_records_match_the_recorders_shape():
+@pytest.mark.asyncio
+async def test_transcript_records_match_the_recorders_shape():
     """Built from the bus alone, a record exports what the engine's recorder keeps."""
     bus = EventBus()
     state = State()
@@ -56,6 +61,38 @@ def test_transcript_records_match_the_recorders_shape():
         state.apply(event)
     assert state.transcripts["r1"].as_dict() == asdict(t)
     assert state.requests["r1"].tool_calls == 1
+
+
+@pytest.mark.asyncio
+async def test_a_streaming_transcript_is_published_a_few_times_a_second_and_whole():
+    """Per-token growth is held back between publications; the bus still gets all of it, in order."""
+    bus = EventBus(history=1000)
+    recorder = Transcripts(bus, None)
+    t = recorder.open("r1", "openai", "curl/8", received=None)
+    recorder.record(t, Started(12, 0, "<|im_start|>user\nhi<|im_end|>\n", 0))
+    for i in range(50):
+        recorder.record(t, RawText(f"a{i} "))
+        recorder.sent(t, f"chunk a{i}")
+    steps = [e["step"] for e in bus.recent]
+    assert steps == ["open", "prompt", "raw"], "only the first token goes out at once"
+    async with aclosing(bus.subscribe(replay=True)) as events:
+        for _ in steps:
+            await anext(events)
+        raw, sent = [await asyncio.wait_for(anext(events), Transcripts.INTERVAL + 5) for _ in range(2)]
+    assert raw["step"] == "raw" and raw["text"] == "".join(f"a{i} " for i in range(1, 50))
+    assert sent["step"] == "sent" and sent["texts"] == [f"chunk a{i}" for i in range(50)]
+    for i in range(50):
+        recorder.record(t, RawText(f"b{i} "))
+        recorder.sent(t, f"chunk b{i}")
+    recorder.record(t, ToolCallEnd(0, "call_1", "f", {}, "{}"))
+    recorder.finish(t)
+    steps = [e["step"] for e in bus.recent]
+    assert len(steps) < 12 and steps[-2:] == ["tool_call", "finish"]
+    state = State()
+    for event in bus.recent:
+        state.apply(event)
+    assert state.transcripts["r1"].as_dict() == asdict(t)
+    assert not recorder.unpublished
 
 
 def test_a_breaker_from_stats_counts_down_to_its_probe():

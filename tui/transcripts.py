@@ -17,6 +17,7 @@ from textual.widgets import Checkbox, Collapsible, DataTable, Input, Static
 
 from . import format as fmt
 from .changes import Changes, EventArrived
+from .requests import update_row
 from .state import State, TranscriptRecord
 
 COLUMNS = ("time", "id", "source", "calls", "result")
@@ -231,6 +232,11 @@ class TranscriptsView(Horizontal):
             and (not text or any(text in (f or "").lower() for f in (t.id, t.source, t.client, t.stop_reason, t.error)))
         ]
 
+    @staticmethod
+    def due(changes: Changes) -> bool:
+        """Whether to draw now: once a second while transcripts change (a streaming one redraws its text in full)."""
+        return "clock" in changes.areas and bool(changes.transcripts)
+
     def show(self, changes: Changes):
         table = self.query_one(TranscriptList)
         shown = [key.value for key in table.rows]
@@ -242,8 +248,7 @@ class TranscriptsView(Horizontal):
         for t in wanted[len(shown):]:
             table.add_row(*row(t), key=t.id)
         for id in changes.transcripts & set(shown):
-            for name, value in zip(COLUMNS, row(self.state.transcripts[id])):
-                table.update_cell(id, name, value, update_width=True)
+            update_row(table, id, COLUMNS, row(self.state.transcripts[id]))
         if self.follow:
             self._to_newest()
         if self.selected is None or self.selected in changes.transcripts or self.selected not in ids:
