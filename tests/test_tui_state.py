@@ -9,8 +9,9 @@ import pytest
 from mlx_tui.engine.bus import EventBus
 from mlx_tui.engine.events import Done, RawText, Started, Timings, ToolCallEnd, Usage
 from mlx_tui.engine.transcripts import Transcripts
+from mlx_tui.tui.changes import Changes
 from mlx_tui.tui.chart import nice_ceiling
-from mlx_tui.tui.state import State, percentile
+from mlx_tui.tui.state import KEEP, State, percentile
 
 
 def request(id: str, phase: str, **data) -> dict:
@@ -93,6 +94,15 @@ async def test_a_streaming_transcript_is_published_a_few_times_a_second_and_whol
         state.apply(event)
     assert state.transcripts["r1"].as_dict() == asdict(t)
     assert not recorder.unpublished
+
+
+def test_what_a_hidden_view_has_not_drawn_stays_bounded():
+    state, unseen = State(), Changes()
+    for i in range(KEEP + 50):
+        event = request(f"r{i}", "queued")
+        unseen.note(state.apply(event), event)
+        unseen.forget_gone(state)
+    assert unseen.requests == set(state.requests) and len(unseen.requests) == KEEP
 
 
 def test_a_breaker_from_stats_counts_down_to_its_probe():
