@@ -11,7 +11,8 @@ from mlx_tui.engine.events import Done, RawText, Started, Timings, ToolCallEnd, 
 from mlx_tui.engine.transcripts import Transcripts
 from mlx_tui.tui.changes import Changes
 from mlx_tui.tui.chart import nice_ceiling
-from mlx_tui.tui.state import KEEP, State, percentile
+from mlx_tui.tui.state import KEEP, State, TranscriptRecord, percentile
+from mlx_tui.tui.transcripts import SENT_TAIL, sent
 
 
 def request(id: str, phase: str, **data) -> dict:
@@ -103,6 +104,14 @@ def test_what_a_hidden_view_has_not_drawn_stays_bounded():
         unseen.note(state.apply(event), event)
         unseen.forget_gone(state)
     assert unseen.requests == set(state.requests) and len(unseen.requests) == KEEP
+
+
+def test_a_running_transcript_shows_the_last_pieces_sent_and_all_once_it_ends():
+    t = TranscriptRecord("r1", sent=[f"chunk {i}" for i in range(SENT_TAIL + 50)])
+    lines = sent(t).plain.split("\n")
+    assert lines[0].startswith("… 50 earlier pieces") and lines[1:] == t.sent[50:]
+    t.finished = 1.0
+    assert sent(t).plain.split("\n") == t.sent
 
 
 def test_a_breaker_from_stats_counts_down_to_its_probe():

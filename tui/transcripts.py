@@ -21,6 +21,7 @@ from .requests import update_row
 from .state import State, TranscriptRecord
 
 COLUMNS = ("time", "id", "source", "calls", "result")
+SENT_TAIL = 100  # pieces sent back shown while a request runs: each redraw renders them all
 MARKUP = re.compile(r"</?[A-Za-z_][\w|]*>|<\|[^|]+\|>")
 
 
@@ -104,7 +105,7 @@ class TranscriptDetail(VerticalScroll):
         self._section("prompt", (t.id, len(t.prompt), t.cached_chars), lambda: prompt(t))
         self._section("raw", (t.id, len(t.raw)), lambda: markup(t.raw) if t.raw else dim("nothing yet"))
         self._section("calls", (t.id, len(t.tool_calls), len(t.parse_errors)), lambda: calls(t))
-        self._section("sent", (t.id, len(t.sent)), lambda: Text("\n".join(t.sent)) if t.sent else dim("nothing yet"))
+        self._section("sent", (t.id, len(t.sent), t.finished), lambda: sent(t))
 
     def _received(self, t: TranscriptRecord):
         if t.received is None:
@@ -171,6 +172,16 @@ def calls(t: TranscriptRecord):
         parts.append(Text(f"✖ parse error: {error['message']}", style="bold red"))
         parts.append(Text(error["text"], style="red on #3a1f1f"))
     return Group(*parts) if parts else dim("none")
+
+
+def sent(t: TranscriptRecord) -> Text:
+    """What went back; while the request runs, only its last pieces (a long stream has thousands)."""
+    if not t.sent:
+        return dim("nothing yet")
+    if t.finished is None and len(t.sent) > SENT_TAIL:
+        earlier = dim(f"… {len(t.sent) - SENT_TAIL:,} earlier pieces, shown once it ends\n")
+        return Text.assemble(earlier, "\n".join(t.sent[-SENT_TAIL:]))
+    return Text("\n".join(t.sent))
 
 
 def row(t: TranscriptRecord) -> tuple:
