@@ -2,8 +2,11 @@
 
 Kept in memory (the most recent ones) and, unless disabled, appended to a JSONL file
 created 0600 under the user's data directory and rotated when it grows past its bound.
+Published on the bus as they change; the raw text and what is sent, which grow with every
+token, at most every `Transcripts.INTERVAL` seconds per request.
 """
 
+import asyncio
 import json
 import os
 import time
@@ -45,8 +48,20 @@ class Transcript:
         }
 
 
+@dataclass(slots=True)
+class Unpublished:
+    """A transcript's raw text and sent pieces that the bus has not seen yet."""
+
+    raw: str = ""
+    sent: list[str] = field(default_factory=list)
+    due: float = 0.0  # when they may next be published (time.monotonic)
+    timer: asyncio.TimerHandle | None = None
+
+
 class Transcripts:
     """The recorder: `open` one per request, feed it the engine's events and what is sent, `finish` it."""
+
+    INTERVAL = 0.1
 
     def __init__(self, bus: EventBus, directory: Path | None, keep: int = 200, file_bytes: int = 64 * 2**20):
         self.bus = bus
@@ -54,6 +69,7 @@ class Transcripts:
         self.file_bytes = file_bytes
         self.path = directory / "transcripts.jsonl" if directory else None
         self.items: OrderedDict[str, Transcript] = OrderedDict()
+        self.unpublished: dict[str, Unpublished] = {}
 
     def open(self, id: str, source: str, client: str, received: Any) -> Transcript:
         t = Transcript(id, source, client, received)
@@ -65,22 +81,22 @@ class Transcripts:
 
     def record(self, t: Transcript, event):
         """Note one engine event in the transcript and publish what changed."""
-        publish = self.bus.publish
         if isinstance(event, Started):
             t.prompt, t.prompt_tokens = event.prompt_text, event.prompt_tokens
             t.cached_tokens, t.cached_chars = event.cached_tokens, event.cached_chars
-            publish("transcript", id=t.id, step="prompt", prompt=t.prompt, cached_chars=t.cached_chars)
+            self._publish(t, step="prompt", prompt=t.prompt, cached_chars=t.cached_chars)
         elif isinstance(event, RawText):
             t.raw += event.text
-            publish("transcript", id=t.id, step="raw", text=event.text)
+            self._unpublished(t).raw += event.text
+            self._publish_soon(t)
         elif isinstance(event, ToolCallEnd):
             call = {"id": event.id, "name": event.name, "arguments": event.arguments}
             t.tool_calls.append(call)
-            publish("transcript", id=t.id, step="tool_call", call=call)
+            self._publish(t, step="tool_call", call=call)
         elif isinstance(event, ParseError):
             error = {"message": event.message, "text": event.text}
             t.parse_errors.append(error)
-            publish("transcript", id=t.id, step="parse_error", error=error)
+            self._publish(t, step="parse_error", error=error)
         elif isinstance(event, Done):
             t.stop_reason = event.stop_reason
         elif isinstance(event, Error):
@@ -88,13 +104,53 @@ class Transcripts:
 
     def sent(self, t: Transcript, text: str):
         t.sent.append(text)
-        self.bus.publish("transcript", id=t.id, step="sent", text=text)
+        self._unpublished(t).sent.append(text)
+        self._publish_soon(t)
 
     def finish(self, t: Transcript):
         t.finished = time.time()
-        self.bus.publish("transcript", id=t.id, step="finish", summary=t.summary())
+        self._publish(t, step="finish", summary=t.summary())
+        if pending := self.unpublished.pop(t.id, None):
+            if pending.timer:
+                pending.timer.cancel()
         if self.path:
             self._append(json.dumps(asdict(t), ensure_ascii=False) + "\n")
+
+    def _unpublished(self, t: Transcript) -> Unpublished:
+        if (pending := self.unpublished.get(t.id)) is None:
+            pending = self.unpublished[t.id] = Unpublished()
+        return pending
+
+    def _publish_soon(self, t: Transcript):
+        """Publish the growing parts now if the last time was long enough ago, else once it is."""
+        pending = self.unpublished[t.id]
+        wait = pending.due - time.monotonic()
+        if wait <= 0:
+            self._publish_growth(t)
+        elif pending.timer is None:
+            pending.timer = asyncio.get_running_loop().call_later(wait, self._publish_growth, t)
+
+    def _publish_growth(self, t: Transcript):
+        pending = self.unpublished.get(t.id)
+        if pending is None:
+            return
+        if pending.timer:
+            pending.timer.cancel()
+            pending.timer = None
+        if not (pending.raw or pending.sent):
+            return
+        if pending.raw:
+            self.bus.publish("transcript", id=t.id, step="raw", text=pending.raw)
+            pending.raw = ""
+        if pending.sent:
+            self.bus.publish("transcript", id=t.id, step="sent", texts=pending.sent)
+            pending.sent = []
+        pending.due = time.monotonic() + self.INTERVAL
+
+    def _publish(self, t: Transcript, **step):
+        """Publish one step, after the growth before it, so the bus keeps the transcript's order."""
+        self._publish_growth(t)
+        self.bus.publish("transcript", id=t.id, **step)
 
     def _append(self, line: str):
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -12,6 +12,7 @@ from mlx_tui.api.server import create_app
 from mlx_tui.engine.client import EngineClient
 from mlx_tui.engine.config import EngineConfig
 from mlx_tui.engine.demo.conversations import CONVERSATIONS
+from mlx_tui.engine.events import Done, Started, TextDelta, Timings, Usage
 from mlx_tui.tui.app import MlxTui
 from mlx_tui.tui.chat import ChatView
 from mlx_tui.tui.cli import bind, url
@@ -112,7 +113,10 @@ async def test_in_process_dashboard_transcripts_and_chat():
             chat_id = next(id for id, t in app.state.transcripts.items() if t.source == "chat")
             pieces = [e for e in engine.bus.recent if e["kind"] == "transcript" and e["id"] == chat_id and e["step"] == "raw"]
             assert len(pieces) > 1, "the reply came in one piece, not streamed"
-            await until(pilot, lambda: chat_id in app.query_one(RequestsTable).rows)
+            table = app.query_one(RequestsTable)
+            assert chat_id not in table.rows, "the hidden dashboard drew"
+            await pilot.press("escape", "1")  # leave the prompt, show the dashboard: a hidden view catches up when shown
+            await until(pilot, lambda: chat_id in table.rows)
 
             opened = asyncio.Event()
             stream = asyncio.create_task(read_events(address, opened))
@@ -152,3 +156,49 @@ async def test_attach_shows_an_unreachable_server():
     finally:
         await backend.stop()
         sock.close()
+
+
+class Gated:
+    """A backend whose chat reply streams one word each time the test opens the gate."""
+
+    address = ""
+
+    def __init__(self):
+        self.gate = asyncio.Queue()
+
+    def start(self):
+        pass
+
+    async def stop(self):
+        pass
+
+    async def events(self):
+        await asyncio.Event().wait()
+        yield {}
+
+    async def chat(self, request):
+        yield Started(5, 0)
+        for word in ("Paris ", "is ", "sunny."):
+            await self.gate.get()
+            yield TextDelta(word)
+        await self.gate.get()
+        yield Done("end", Usage(5, 0, 3), Timings(0.0, 0.1, 0.2))
+
+    async def transcript(self, id):
+        return None
+
+
+async def test_the_chat_shows_the_reply_while_it_streams():
+    backend = Gated()
+    app = MlxTui(backend)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("2", *"Weather?", "enter")
+        backend.gate.put_nowait(None)
+        await until(pilot, lambda: "Paris" in shown(app, "#reply"))
+        assert "writing" in shown(app, "#status")
+        backend.gate.put_nowait(None)
+        await until(pilot, lambda: "Paris is" in shown(app, "#reply"))
+        backend.gate.put_nowait(None)
+        backend.gate.put_nowait(None)
+        await until(pilot, lambda: "end · 3 tokens" in shown(app, "#status"))
+        assert "Paris is sunny." in shown(app, "#reply")

@@ -1,6 +1,7 @@
 """Snapshots of each screen, fed fixed bus events and a fixed clock (no engine)."""
 
 import asyncio
+import logging
 import time
 
 import pytest
@@ -18,6 +19,7 @@ from mlx_tui.engine.events import (
     Usage,
 )
 from mlx_tui.tui.app import MlxTui
+from mlx_tui.tui.logview import LogView
 from mlx_tui.tui.state import State
 
 T0 = 1_750_000_000.0  # all times are offsets from here, shown in UTC
@@ -67,7 +69,7 @@ EVENTS = [
        cached_tokens=0, generated_tokens=24, ttft_s=0.48, decode_s=0.31),
     *transcript(20, "msg_01", "anthropic", "claude-cli/2.1.33 (external, cli)",
                 {"step": "prompt", "prompt": PROMPT, "cached_chars": 0}, {"step": "raw", "text": RAW},
-                {"step": "tool_call", "call": WEATHER_CALL}, {"step": "sent", "text": '{"type":"tool_use","name":"get_weather"}'},
+                {"step": "tool_call", "call": WEATHER_CALL}, {"step": "sent", "texts": ['{"type":"tool_use","name":"get_weather"}']},
                 summary={"prompt_tokens": 3120, "tool_calls": 1, "stop_reason": "tool_calls"}),
     at(30, "request", id="chatcmpl-7", phase="queued", source="openai", client="OpenAI/Python 1.99.0"),
     at(30.1, "request", id="chatcmpl-7", phase="prefill", prompt_tokens=3140, cached_tokens=3072),
@@ -75,7 +77,7 @@ EVENTS = [
        cached_tokens=3072, generated_tokens=11, ttft_s=0.09, decode_s=0.12),
     *transcript(30, "chatcmpl-7", "openai", "OpenAI/Python 1.99.0",
                 {"step": "prompt", "prompt": PROMPT, "cached_chars": 96}, {"step": "raw", "text": "The capital of France is Paris."},
-                {"step": "sent", "text": "The capital of France is Paris."},
+                {"step": "sent", "texts": ["The capital of France is Paris."]},
                 summary={"prompt_tokens": 3140, "cached_tokens": 3072, "stop_reason": "end"}),
     at(35, "request", id="msg_02", phase="queued", source="anthropic", client="claude-cli/2.1.33 (external, cli)"),
     at(35.2, "request", id="msg_02", phase="done", stop_reason="end", note=None, prompt_tokens=2860,
@@ -85,7 +87,7 @@ EVENTS = [
                 {"step": "raw", "text": '<tool_call>\n{"name": "get_weather", "arguments": {"city": Paris}}\n</tool_call>'},
                 {"step": "parse_error", "error": {"message": "invalid JSON in tool call: Expecting value",
                                                    "text": '<tool_call>\n{"name": "get_weather", "arguments": {"city": Paris}}\n</tool_call>'}},
-                {"step": "sent", "text": '<tool_call>\n{"name": "get_weather", "arguments": {"city": Paris}}\n</tool_call>'},
+                {"step": "sent", "texts": ['<tool_call>\n{"name": "get_weather", "arguments": {"city": Paris}}\n</tool_call>']},
                 summary={"prompt_tokens": 2860, "cached_tokens": 2708, "parse_errors": 1, "stop_reason": "end"}),
     at(40, "request", id="msg_03", phase="queued", source="anthropic", client="claude-cli/2.1.33 (external, cli)"),
     at(40.1, "request", id="msg_03", phase="error", error_kind="invalid_request", message="the prompt is longer than the model's context (2048 tokens)"),
@@ -104,13 +106,32 @@ CHAT_REPLY = [
 ]
 
 
+def record(offset: float, level: int, logger: str, message: str, error: BaseException | None = None) -> logging.LogRecord:
+    exc_info = (type(error), error, None) if error else None
+    return logging.makeLogRecord({"name": logger, "levelno": level, "levelname": logging.getLevelName(level),
+                                  "msg": message, "created": T0 + offset, "exc_info": exc_info})
+
+
+LOG = [
+    record(0.1, logging.INFO, "mlx_tui.tui.local", "serving the API at http://127.0.0.1:8080"),
+    record(0.2, logging.INFO, "uvicorn.error", "Started server process [4240]"),
+    record(0.2, logging.INFO, "uvicorn.error", "Application startup complete."),
+    record(2.4, logging.INFO, "mlx_tui.tui.local", "warmed the prefix cache with 3072 tokens from prompts/claude-code.json"),
+    record(2.6, logging.WARNING, "mlx_tui.engine", "worker: huggingface/tokenizers: The current process just got forked, "
+           "after parallelism has already been used. Disabling parallelism to avoid deadlocks..."),
+    record(41.0, logging.ERROR, "uvicorn.error", "Exception in ASGI application",
+           ConnectionResetError("the client closed the connection")),
+]
+
+
 class Replay:
-    """A backend that replays fixed events and answers every chat with the same reply."""
+    """A backend that replays fixed events and log records, and answers every chat with the same reply."""
 
     address = "http://127.0.0.1:8080"
 
     def start(self):
-        pass
+        for r in LOG:  # through the loggers, as a real session's records go
+            logging.getLogger(r.name).handle(r)
 
     async def stop(self):
         pass
@@ -178,6 +199,16 @@ def test_transcripts_errors_only(snap_compare):
         await pilot.pause()
 
     assert snap_compare(app(), terminal_size=SIZE, run_before=errors)
+
+
+def test_log(snap_compare):
+    async def log(pilot):
+        await settle(pilot)
+        await pilot.press("4")
+        while len(pilot.app.query_one(LogView).lines) < len(LOG):  # written when the log is shown
+            await pilot.pause()
+
+    assert snap_compare(app(), terminal_size=SIZE, run_before=log)
 
 
 def test_help(snap_compare):

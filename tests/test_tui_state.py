@@ -1,12 +1,18 @@
 """The dashboard's state model: bus events in, what the views show out."""
 
+import asyncio
+from contextlib import aclosing
 from dataclasses import asdict
+
+import pytest
 
 from mlx_tui.engine.bus import EventBus
 from mlx_tui.engine.events import Done, RawText, Started, Timings, ToolCallEnd, Usage
 from mlx_tui.engine.transcripts import Transcripts
+from mlx_tui.tui.changes import Changes
 from mlx_tui.tui.chart import nice_ceiling
-from mlx_tui.tui.state import State, percentile
+from mlx_tui.tui.state import KEEP, State, TranscriptRecord, percentile
+from mlx_tui.tui.transcripts import SENT_TAIL, sent
 
 
 def request(id: str, phase: str, **data) -> dict:
@@ -39,7 +45,8 @@ def test_percentiles_and_hit_rates():
     assert (state.token_hit_rate, state.request_hit_rate, list(state.decode_tps)) == (0.75, 0.25, [12.5])
 
 
-def test_transcript_records_match_the_recorders_shape():
+@pytest.mark.asyncio
+async def test_transcript_records_match_the_recorders_shape():
     """Built from the bus alone, a record exports what the engine's recorder keeps."""
     bus = EventBus()
     state = State()
@@ -56,6 +63,55 @@ def test_transcript_records_match_the_recorders_shape():
         state.apply(event)
     assert state.transcripts["r1"].as_dict() == asdict(t)
     assert state.requests["r1"].tool_calls == 1
+
+
+@pytest.mark.asyncio
+async def test_a_streaming_transcript_is_published_a_few_times_a_second_and_whole():
+    """Per-token growth is held back between publications; the bus still gets all of it, in order."""
+    bus = EventBus(history=1000)
+    recorder = Transcripts(bus, None)
+    t = recorder.open("r1", "openai", "curl/8", received=None)
+    recorder.record(t, Started(12, 0, "<|im_start|>user\nhi<|im_end|>\n", 0))
+    for i in range(50):
+        recorder.record(t, RawText(f"a{i} "))
+        recorder.sent(t, f"chunk a{i}")
+    steps = [e["step"] for e in bus.recent]
+    assert steps == ["open", "prompt", "raw"], "only the first token goes out at once"
+    async with aclosing(bus.subscribe(replay=True)) as events:
+        for _ in steps:
+            await anext(events)
+        raw, sent = [await asyncio.wait_for(anext(events), Transcripts.INTERVAL + 5) for _ in range(2)]
+    assert raw["step"] == "raw" and raw["text"] == "".join(f"a{i} " for i in range(1, 50))
+    assert sent["step"] == "sent" and sent["texts"] == [f"chunk a{i}" for i in range(50)]
+    for i in range(50):
+        recorder.record(t, RawText(f"b{i} "))
+        recorder.sent(t, f"chunk b{i}")
+    recorder.record(t, ToolCallEnd(0, "call_1", "f", {}, "{}"))
+    recorder.finish(t)
+    steps = [e["step"] for e in bus.recent]
+    assert len(steps) < 12 and steps[-2:] == ["tool_call", "finish"]
+    state = State()
+    for event in bus.recent:
+        state.apply(event)
+    assert state.transcripts["r1"].as_dict() == asdict(t)
+    assert not recorder.unpublished
+
+
+def test_what_a_hidden_view_has_not_drawn_stays_bounded():
+    state, unseen = State(), Changes()
+    for i in range(KEEP + 50):
+        event = request(f"r{i}", "queued")
+        unseen.note(state.apply(event), event)
+        unseen.forget_gone(state)
+    assert unseen.requests == set(state.requests) and len(unseen.requests) == KEEP
+
+
+def test_a_running_transcript_shows_the_last_pieces_sent_and_all_once_it_ends():
+    t = TranscriptRecord("r1", sent=[f"chunk {i}" for i in range(SENT_TAIL + 50)])
+    lines = sent(t).plain.split("\n")
+    assert lines[0].startswith("… 50 earlier pieces") and lines[1:] == t.sent[50:]
+    t.finished = 1.0
+    assert sent(t).plain.split("\n") == t.sent
 
 
 def test_a_breaker_from_stats_counts_down_to_its_probe():

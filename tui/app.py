@@ -2,7 +2,9 @@
 
 A backend feeds it: `LocalBackend` (the engine in this process, serving the API from this
 event loop) or `RemoteBackend` (a server elsewhere, over HTTP). Events are applied to the
-state as they come; the views redraw what changed four times a second.
+state as they come. Only the view on show draws, at most once a second for what streams
+(stats, request rows, transcript text: each draw renders a whole widget); a hidden view
+catches up when it is shown.
 """
 
 from collections.abc import AsyncIterator, Iterable
@@ -41,6 +43,7 @@ class Backend(Protocol):
 
 
 TABS = {"dashboard": "Dashboard", "chat": "Chat", "transcripts": "Transcripts", "log": "Log"}
+VIEWS = {"dashboard": DashboardView, "transcripts": TranscriptsView}  # the tabs drawn from the state
 
 
 class MlxTui(App):
@@ -57,7 +60,7 @@ class MlxTui(App):
         super().__init__()
         self.backend = backend
         self.state = state or State()
-        self.changes = Changes()
+        self.unseen = {tab: Changes() for tab in VIEWS}  # what each view has not drawn yet
         self.logs = LoggerRoute(self)
 
     def compose(self) -> ComposeResult:
@@ -77,7 +80,7 @@ class MlxTui(App):
         self.backend.start()
         self.follow_events()
         self.set_interval(self.FLUSH_S, self.flush)
-        self.set_interval(1.0, lambda: self.changes.areas.add("clock"))
+        self.set_interval(1.0, self.tick)
 
     def on_unmount(self):
         self.logs.remove()
@@ -88,16 +91,21 @@ class MlxTui(App):
             self.ingest(event)
 
     def ingest(self, event: dict):
-        self.changes.note(self.state.apply(event), event)
+        area = self.state.apply(event)
+        for changes in self.unseen.values():
+            changes.note(area, event)
+            changes.forget_gone(self.state)
 
-    def flush(self):
-        """Redraw what changed since the last flush."""
-        if not self.changes:
-            return
-        changes, self.changes = self.changes, Changes()
-        self.query_one(DashboardView).show(changes)
-        if changes.transcripts:
-            self.query_one(TranscriptsView).show(changes)
+    def tick(self):
+        for changes in self.unseen.values():
+            changes.areas.add("clock")
+
+    def flush(self, now: bool = False):
+        """Redraw what changed in the view on show since it last drew, when the view says it is due (or `now`)."""
+        tab = self.query_one(TabbedContent).active
+        if tab in VIEWS and (changes := self.unseen[tab]) and (now or VIEWS[tab].due(changes)):
+            self.unseen[tab] = Changes()
+            self.query_one(VIEWS[tab]).show(changes)
 
     def on_event_arrived(self, message: EventArrived):
         self.ingest(message.event)
@@ -106,6 +114,7 @@ class MlxTui(App):
         self.query_one(LogView).add(message.record)
 
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated):
+        self.flush(now=True)
         targets = {"chat": "#prompt", "transcripts": "#transcript-list", "dashboard": "#requests-table", "log": LogView}
         self.query_one(targets[event.pane.id]).focus()
 

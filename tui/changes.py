@@ -21,6 +21,13 @@ class Changes:
                 self.areas.add("requests")
                 self.requests.add(event["id"])
 
+    def forget_gone(self, state):
+        """Drop the ids `state` no longer keeps, so that a view hidden for long holds no more than it."""
+        if len(self.requests) > len(state.requests):
+            self.requests &= state.requests.keys()
+        if len(self.transcripts) > len(state.transcripts):
+            self.transcripts &= state.transcripts.keys()
+
     def __bool__(self) -> bool:
         return bool(self.areas)
 

@@ -39,11 +39,14 @@ def bar(used: float, budget: float, width: int) -> Text:
 
 
 class Panel(Static):
-    """A panel drawn from the state by `show()`."""
+    """A panel drawn from the state by `show()`; its size is set by the layout, not by what it shows."""
 
     def __init__(self, state: State, **kwargs):
         super().__init__(**kwargs)
         self.state = state
+
+    def draw(self, table: Table):
+        self.update(table, layout=False)  # a layout pass redraws the whole screen
 
 
 class EnginePanel(Panel):
@@ -90,7 +93,7 @@ class EnginePanel(Panel):
             details.append(f"{info['context_length']:,} ctx")
         t.add_row("engine", " · ".join(details) or fmt.DASH)
         t.add_row("BLAS", Text(str(info.get("blas") or fmt.DASH), no_wrap=True, overflow="ellipsis"))
-        self.update(t)
+        self.draw(t)
 
 
 class LatencyPanel(Panel):
@@ -104,7 +107,7 @@ class LatencyPanel(Panel):
         t.add_row("finished", f"{done} done · {failed} failed")
         t.add_row("tokens", f"{fmt.number(state.stats.get('prompt_tokens_total'))} prompt · "
                             f"{fmt.number(state.stats.get('generation_tokens_total'))} generated")
-        self.update(t)
+        self.draw(t)
 
 
 class CachePanel(Panel):
@@ -130,7 +133,7 @@ class CachePanel(Panel):
         if c.get("disk_budget"):
             t.add_row("disk", bar(c.get("disk_bytes", 0), c["disk_budget"], width))
         t.add_row("entries", f"{c.get('entries', 0)} · {c.get('evictions', 0)} evicted")
-        self.update(t)
+        self.draw(t)
 
 
 class DashboardView(Container):
@@ -162,6 +165,12 @@ class DashboardView(Container):
         self.query_one("#cache").border_title = "Prefix cache"
         self.query_one("#requests").border_title = "Recent requests"
         self.show(Changes({"info", "stats", "worker", "breaker", "requests"}))
+
+    @staticmethod
+    def due(changes: Changes) -> bool:
+        """Whether to draw now: stats and requests wait for the clock's next tick, so the
+        dashboard draws them once a second however many events came."""
+        return bool(changes.areas & {"info", "worker", "breaker", "connection", "clock"})
 
     def show(self, changes: Changes):
         state = self.state

@@ -2,6 +2,7 @@
 
 import logging
 import time
+from collections import deque
 
 from rich.text import Text
 from textual.app import App
@@ -54,13 +55,28 @@ class LoggerRoute:
 
 
 class LogView(RichLog):
+    """The records, wrapped to the pane's width; those that come while it is hidden are written when it is shown."""
+
+    MAX_LINES = 2000
+
     def __init__(self, **kwargs):
-        super().__init__(max_lines=2000, wrap=True, markup=False, highlight=False, **kwargs)
+        super().__init__(max_lines=self.MAX_LINES, wrap=True, markup=False, highlight=False, **kwargs)
+        self.unseen: deque[logging.LogRecord] = deque(maxlen=self.MAX_LINES)
 
     def add(self, record: logging.LogRecord):
+        if self.region:
+            self._write(record)
+        else:  # hidden: a line written now would be wrapped to no known width
+            self.unseen.append(record)
+
+    def on_show(self):
+        while self.unseen:
+            self._write(self.unseen.popleft())
+
+    def _write(self, record: logging.LogRecord):
         line = Text(time.strftime("%H:%M:%S ", time.localtime(record.created)), style="dim")
         line.append(f"{record.levelname:<8}", style=LEVEL_STYLES.get(record.levelno, "green"))
         line.append(record.getMessage())
         if record.exc_info:
             line.append("\n" + FORMATTER.formatException(record.exc_info), style="red")
-        self.write(line)
+        self.write(line, width=self.scrollable_content_region.width)

@@ -44,6 +44,13 @@ def cells(row: RequestRow) -> tuple:
     )
 
 
+def update_row(table: DataTable, key: str, columns: tuple[str, ...], values: tuple):
+    """Update the cells of a row that changed: any update redraws every visible cell of the table."""
+    for name, old, new in zip(columns, table.get_row(key), values):
+        if new != old:
+            table.update_cell(key, name, new, update_width=True)
+
+
 def matches(row: RequestRow, text: str) -> bool:
     fields = (row.id, row.source, row.client, row.phase, row.stop_reason or "", row.error or "")
     return any(text in f.lower() for f in fields)
@@ -69,8 +76,7 @@ class RequestsTable(DataTable):
             self.rebuild(wanted)
             return
         for id in ids & shown:
-            for name, value in zip(COLUMNS, cells(self.state.requests[id])):
-                self.update_cell(id, name, value, update_width=True)
+            update_row(self, id, COLUMNS, cells(self.state.requests[id]))
 
     def rebuild(self, rows: list[RequestRow]):
         selected = self.coordinate_to_cell_key(self.cursor_coordinate).row_key.value if self.row_count else None

@@ -92,6 +92,8 @@ async def main(out: Path):
                 await next_tick(pilot)
                 await api_traffic(address, 1 + second % 4)
             await next_tick(pilot)
+            app.flush(now=True)  # the dashboard draws what streams once a second: draw the last of it now
+            await pilot.pause()
             png(app, out / "dashboard.png")
 
             await pilot.press("2")

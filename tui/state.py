@@ -201,7 +201,7 @@ class State:
         elif step == "parse_error":
             record.parse_errors.append(event["error"])
         elif step == "sent":
-            record.sent.append(event["text"])
+            record.sent.extend(event["texts"])
         elif step == "finish":
             record.summarize(event["summary"])
         elif step == "full":

@@ -17,9 +17,11 @@ from textual.widgets import Checkbox, Collapsible, DataTable, Input, Static
 
 from . import format as fmt
 from .changes import Changes, EventArrived
+from .requests import update_row
 from .state import State, TranscriptRecord
 
 COLUMNS = ("time", "id", "source", "calls", "result")
+SENT_TAIL = 100  # pieces sent back shown while a request runs: each redraw renders them all
 MARKUP = re.compile(r"</?[A-Za-z_][\w|]*>|<\|[^|]+\|>")
 
 
@@ -103,7 +105,7 @@ class TranscriptDetail(VerticalScroll):
         self._section("prompt", (t.id, len(t.prompt), t.cached_chars), lambda: prompt(t))
         self._section("raw", (t.id, len(t.raw)), lambda: markup(t.raw) if t.raw else dim("nothing yet"))
         self._section("calls", (t.id, len(t.tool_calls), len(t.parse_errors)), lambda: calls(t))
-        self._section("sent", (t.id, len(t.sent)), lambda: Text("\n".join(t.sent)) if t.sent else dim("nothing yet"))
+        self._section("sent", (t.id, len(t.sent), t.finished), lambda: sent(t))
 
     def _received(self, t: TranscriptRecord):
         if t.received is None:
@@ -172,6 +174,16 @@ def calls(t: TranscriptRecord):
     return Group(*parts) if parts else dim("none")
 
 
+def sent(t: TranscriptRecord) -> Text:
+    """What went back; while the request runs, only its last pieces (a long stream has thousands)."""
+    if not t.sent:
+        return dim("nothing yet")
+    if t.finished is None and len(t.sent) > SENT_TAIL:
+        earlier = dim(f"… {len(t.sent) - SENT_TAIL:,} earlier pieces, shown once it ends\n")
+        return Text.assemble(earlier, "\n".join(t.sent[-SENT_TAIL:]))
+    return Text("\n".join(t.sent))
+
+
 def row(t: TranscriptRecord) -> tuple:
     text, style = result(t)
     calls = str(len(t.tool_calls)) if t.tool_calls else fmt.DASH
@@ -231,6 +243,11 @@ class TranscriptsView(Horizontal):
             and (not text or any(text in (f or "").lower() for f in (t.id, t.source, t.client, t.stop_reason, t.error)))
         ]
 
+    @staticmethod
+    def due(changes: Changes) -> bool:
+        """Whether to draw now: once a second while transcripts change (a streaming one redraws its text in full)."""
+        return "clock" in changes.areas and bool(changes.transcripts)
+
     def show(self, changes: Changes):
         table = self.query_one(TranscriptList)
         shown = [key.value for key in table.rows]
@@ -242,8 +259,7 @@ class TranscriptsView(Horizontal):
         for t in wanted[len(shown):]:
             table.add_row(*row(t), key=t.id)
         for id in changes.transcripts & set(shown):
-            for name, value in zip(COLUMNS, row(self.state.transcripts[id])):
-                table.update_cell(id, name, value, update_width=True)
+            update_row(table, id, COLUMNS, row(self.state.transcripts[id]))
         if self.follow:
             self._to_newest()
         if self.selected is None or self.selected in changes.transcripts or self.selected not in ids:

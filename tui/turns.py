@@ -6,6 +6,7 @@ from rich.json import JSON
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical
+from textual.timer import Timer
 from textual.widgets import Collapsible, Static
 
 from mlx_tui.engine.events import (
@@ -49,7 +50,13 @@ class ToolCallCard(Static):
 
 
 class AssistantTurn(Vertical):
-    """The reply as it streams; `message()` is what it adds to the conversation."""
+    """The reply as it streams; `message()` is what it adds to the conversation.
+
+    Its text is redrawn at most every REDRAW_S seconds while it streams (each redraw lays out
+    the whole reply again), and at once when it ends.
+    """
+
+    REDRAW_S = 0.1
 
     def __init__(self):
         super().__init__()
@@ -60,6 +67,7 @@ class AssistantTurn(Vertical):
         self.cards: dict[int, ToolCallCard] = {}
         self.started = time.monotonic()
         self.failed = False
+        self.redraw: Timer | None = None
 
     def compose(self) -> ComposeResult:
         with Collapsible(title="reasoning", collapsed=True, id="reasoning"):
@@ -82,15 +90,10 @@ class AssistantTurn(Vertical):
             status.update(f"reading the prompt: {event.done:,} / {event.total:,} tokens")
         elif isinstance(event, ReasoningDelta):
             self.reasoning += event.text
-            self.query_one("#reasoning").display = True
-            self.query_one("#reasoning-text", Static).update(Text(self.reasoning, style="italic"))
-            status.update("thinking…")
+            self._draw_soon()
         elif isinstance(event, TextDelta):
             self.text += event.text
-            reply = self.query_one("#reply", Static)
-            reply.display = True
-            reply.update(Text(self.text))
-            status.update("writing…")
+            self._draw_soon()
         elif isinstance(event, ToolCallStart):
             self.cards[event.index] = card = ToolCallCard(event.name)
             self.query_one("#calls").mount(card)
@@ -102,15 +105,36 @@ class AssistantTurn(Vertical):
         elif isinstance(event, ParseError):
             self.query_one("#calls").mount(Static(Text(f"tool call did not parse: {event.message}", style="red")))
         elif isinstance(event, Done):
+            self.draw()
             tps = event.usage.generated_tokens / event.timings.decode_s if event.timings.decode_s else None
             status.update(Text(
                 f"{event.stop_reason} · {event.usage.generated_tokens} tokens · {fmt.number(tps, 1)} tok/s · "
                 f"first token after {fmt.seconds(event.timings.queued_s + event.timings.prefill_s)}", style="dim"))
         elif isinstance(event, Error):
+            self.draw()
             self.failed = True
             status.update(Text(f"{event.kind}: {event.message}", style="bold red"))
 
+    def _draw_soon(self):
+        if self.redraw is None:
+            self.redraw = self.set_timer(self.REDRAW_S, self.draw)
+
+    def draw(self):
+        """Show the reasoning and the reply as they are now."""
+        if self.redraw:
+            self.redraw.stop()
+            self.redraw = None
+        if self.reasoning:
+            self.query_one("#reasoning").display = True
+            self.query_one("#reasoning-text", Static).update(Text(self.reasoning, style="italic"))
+        if self.text:
+            reply = self.query_one("#reply", Static)
+            reply.display = True
+            reply.update(Text(self.text))
+        self.query_one("#status", Static).update("writing…" if self.text else "thinking…")
+
     def stopped(self):
+        self.draw()
         self.query_one("#status", Static).update(Text("stopped", style="yellow"))
 
     @property
