@@ -12,7 +12,17 @@ from mlx_tui.api.server import create_app
 from mlx_tui.engine.client import EngineClient
 from mlx_tui.engine.config import EngineConfig
 from mlx_tui.engine.demo.conversations import CONVERSATIONS
-from mlx_tui.engine.events import Done, Started, TextDelta, Timings, Usage
+from mlx_tui.engine.events import (
+    Done,
+    ParseError,
+    Started,
+    TextDelta,
+    Timings,
+    ToolCallAbandoned,
+    ToolCallDelta,
+    ToolCallStart,
+    Usage,
+)
 from mlx_tui.tui.app import MlxTui
 from mlx_tui.tui.chat import ChatView
 from mlx_tui.tui.cli import bind, url
@@ -202,3 +212,26 @@ async def test_the_chat_shows_the_reply_while_it_streams():
         backend.gate.put_nowait(None)
         await until(pilot, lambda: "end · 3 tokens" in shown(app, "#status"))
         assert "Paris is sunny." in shown(app, "#reply")
+
+
+class CutOff(Gated):
+    """A backend whose chat reply is a tool call cut off by max_tokens inside its arguments."""
+
+    async def chat(self, request):
+        yield Started(5, 0)
+        yield ToolCallStart(0, "call_1", "get_weather")
+        yield ToolCallDelta(0, '{"city": "Pa')
+        yield ParseError("the reply ended inside a tool call", '<tool_call>{"name": "get_weather", "arguments": {"city": "Pa')
+        yield ToolCallAbandoned(0, "call_1", '"}')
+        yield Done("length", Usage(5, 0, 9), Timings(0.0, 0.1, 0.2))
+
+
+async def test_the_chat_marks_an_abandoned_tool_call():
+    app = MlxTui(CutOff())
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("2", *"Weather?", "enter")
+        await until(pilot, lambda: "length" in shown(app, "#status"))
+        card = app.query_one("ToolCallCard")
+        assert "abandoned" in card.border_title
+        assert '"city": "Pa' in shown(app, "ToolCallCard")
+        assert "tool_calls" not in app.query_one("AssistantTurn").message()

@@ -13,7 +13,7 @@ from .chart import Chart
 from .requests import RequestsTable
 from .state import State
 
-WORKER_STYLES = {"ready": "green", "loading": "yellow", "restarting": "yellow"}
+WORKER_STYLES = {"ready": "green", "loading": "yellow", "restarting": "yellow", "stopping": "yellow"}
 BREAKER_STYLES = {"closed": "green", "half_open": "yellow", "open": "bold red"}
 
 

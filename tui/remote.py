@@ -26,7 +26,7 @@ from mlx_tui.engine.events import (
 from mlx_tui.engine.request import Request
 
 RETRY_S = (1, 2, 5)
-WORKER_STATES = {"ok": "ready", "loading": "loading", "restarting": "restarting"}  # "degraded" says too little
+WORKER_STATES = {"ok": "ready", "loading": "loading", "restarting": "restarting", "stopping": "stopping"}  # "degraded" says too little
 STOP_REASONS = {"stop": "end", "length": "length", "tool_calls": "tool_calls"}
 ERROR_KINDS = {400: "invalid_request", 413: "invalid_request", 429: "overloaded", 529: "overloaded"}
 

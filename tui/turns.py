@@ -19,6 +19,7 @@ from mlx_tui.engine.events import (
     ReasoningDelta,
     Started,
     TextDelta,
+    ToolCallAbandoned,
     ToolCallDelta,
     ToolCallEnd,
     ToolCallStart,
@@ -47,6 +48,11 @@ class ToolCallCard(Static):
 
     def end(self, arguments: dict):
         self.update(JSON.from_data(arguments))
+
+    def abandon(self):
+        """The call broke off: its arguments as far as they came, marked as not run."""
+        self.border_title += " · abandoned"
+        self.update(Text(self.arguments or "(no arguments)", style="dim strike"))
 
 
 class AssistantTurn(Vertical):
@@ -102,6 +108,8 @@ class AssistantTurn(Vertical):
         elif isinstance(event, ToolCallEnd):
             self.calls.append({"id": event.id, "type": "function", "function": {"name": event.name, "arguments": event.arguments}})
             self.cards[event.index].end(event.arguments)
+        elif isinstance(event, ToolCallAbandoned):
+            self.cards[event.index].abandon()
         elif isinstance(event, ParseError):
             self.query_one("#calls").mount(Static(Text(f"tool call did not parse: {event.message}", style="red")))
         elif isinstance(event, Done):
