@@ -35,6 +35,7 @@ class EngineConfig:
     tool_parser: str | None = None
     chat_template: str | None = None
     blas: str = "auto"
+    dtype: str = "auto"
     max_queue: int = 16
     request_timeout: float = 0.0
     stall_timeout: float = 60.0
@@ -53,6 +54,8 @@ class EngineConfig:
             return int(self.cache_ram_gb * 2**30)
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 5
 
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +25,12 @@ class Loaded:
     context_length: int
     dtype: str
     identity: str
+    dtype_note: str = ""
 
 
-def identity(ref: str, config: dict) -> str:
-    """A short hash naming these weights: the reference, the config and the weight files' sizes."""
-    h = hashlib.sha256(ref.encode())
+def identity(ref: str, config: dict, dtype: str) -> str:
+    """A short hash naming these weights: the reference, the config, the dtype they run in and the weight files' sizes."""
+    h = hashlib.sha256(f"{ref}\0{dtype}".encode())
     h.update(json.dumps(config, sort_keys=True, default=str).encode())
     path = Path(ref).expanduser()
     for weights in sorted(path.glob("*.safetensors")) if path.is_dir() else ():
@@ -36,12 +38,64 @@ def identity(ref: str, config: dict) -> str:
     return h.hexdigest()[:16]
 
 
+def available_memory() -> int:
+    """Bytes that new allocations can take: MemAvailable on Linux, else the machine's memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def weights_summary(model, config: dict) -> tuple[str, bool, int]:
+    """The weights' floating dtype, whether the model is quantized, and its bytes with every float as float32."""
+    params = [p for _, p in tree_flatten(model.parameters())]
+    floats = [p for p in params if mx.issubdtype(p.dtype, mx.floating)]
+    stored = dtype_name(floats[0].dtype) if floats else "float32"
+    quantized = "quantization" in config or len(floats) < len(params)
+    return stored, quantized, sum(p.size * 4 if mx.issubdtype(p.dtype, mx.floating) else p.nbytes for p in params)
+
+
+def choose_dtype(
+    choice: str, stored: str, quantized: bool, float32_bytes: int, available: int, on_gpu: bool
+) -> tuple[str, str]:
+    """The dtype to run the weights in, and a short note on why it is not simply the stored one ("" if it is).
+
+    BLAS on the CPU serves only float32 (bfloat16 and float16 matmuls are ~40x slower), so on
+    the CPU `auto` casts an unquantized model to float32 when that takes at most half the
+    available memory; on a GPU it keeps the stored dtype. Quantized models run as stored: an
+    explicit float dtype for one is refused (ValueError).
+    """
+    if quantized:
+        if choice != "auto":
+            raise ValueError(f"--dtype {choice}: the model is quantized and runs as stored (use --dtype auto)")
+        return stored, "quantized: runs as stored"
+    if choice != "auto":
+        return choice, "" if choice == stored else f"cast from {stored} (--dtype {choice})"
+    if on_gpu or stored == "float32":
+        return stored, ""
+    if float32_bytes <= available // 2:
+        return "float32", f"cast from {stored}: the CPU's BLAS is fast only in float32"
+    return stored, (
+        f"kept: as float32 it would take {float32_bytes / 2**30:.1f} GiB of the {available / 2**30:.1f} GiB available"
+    )
+
+
+def dtype_name(dtype: mx.Dtype) -> str:
+    return str(dtype).removeprefix("mlx.core.")
+
+
 def load(
     ref: str,
     progress: Callable[[str, float], None],
     tool_parser: str | None = None,
     chat_template: str | None = None,
+    dtype: str = "auto",
 ) -> Loaded:
+    """Load `ref` in the dtype that `dtype` ("auto" or a float dtype's name) picks; see `choose_dtype`."""
     if problem := model_problem(ref):
         raise ModelError(problem)
     extra = {}
@@ -54,17 +108,27 @@ def load(
     progress("reading", 0.0)
     try:
         model, tokenizer, config = mlx_load(source, tokenizer_config=extra, lazy=True, return_config=True)
+        stored, quantized, float32_bytes = weights_summary(model, config)
+        on_gpu = mx.default_device() == mx.gpu
+        try:
+            target, note = choose_dtype(dtype, stored, quantized, float32_bytes, available_memory(), on_gpu)
+        except ValueError as e:
+            raise ModelError(f"{ref}: {e}") from None
+        if target != stored:
+            model.set_dtype(getattr(mx, target))  # lazily: each layer is read and cast in the loop below
         layers = list(getattr(model, "layers", []))
         for i, layer in enumerate(layers):
             mx.eval(layer.parameters())
             progress("weights", (i + 1) / len(layers))
         mx.eval(model.parameters())
+    except ModelError:
+        raise
     except ModuleNotFoundError as e:
         raise ModelError(f"{ref}: unknown tool parser or model type ({e.name})") from e
     except Exception as e:  # mlx-lm reports broken files with many exception types
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ModelError(f"{ref}: cannot load the model: {detail}") from e
     context = config.get("max_position_embeddings") or getattr(tokenizer, "model_max_length", 0)
-    dtype = str(tree_flatten(model.parameters())[0][1].dtype).removeprefix("mlx.core.")
-    return Loaded(model, tokenizer, int(context or 4096), dtype, identity(source, config))
+    running = weights_summary(model, config)[0]
+    return Loaded(model, tokenizer, int(context or 4096), running, identity(source, config, running), note)
 

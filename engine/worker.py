@@ -82,7 +82,7 @@ def main(argv: list[str] = sys.argv[1:]) -> int:
         conn.send(("progress", phase, fraction))
 
     try:
-        loaded = load(config.model, progress, config.tool_parser, config.chat_template)
+        loaded = load(config.model, progress, config.tool_parser, config.chat_template, config.dtype)
     except ModelError as e:
         conn.send(("fatal", str(e)))
         return 1
@@ -98,6 +98,7 @@ def main(argv: list[str] = sys.argv[1:]) -> int:
                 "pid": os.getpid(),
                 "context_length": loaded.context_length,
                 "dtype": loaded.dtype,
+                "dtype_note": loaded.dtype_note,
                 "tool_parser": scheduler.parser_name,
                 "thinking": scheduler.think is not None,
                 "eos": sorted(tokenizer.eos_token_ids),
