@@ -35,6 +35,7 @@ class EngineConfig:
     tool_parser: str | None = None
     chat_template: str | None = None
     blas: str = "auto"
+    blas_threads: int = 0
     dtype: str = "auto"
     max_queue: int = 16
     request_timeout: float = 0.0

@@ -35,6 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e.add_argument("--tool-parser", help="an mlx-lm tool parser name, for models where none is found")
     e.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template file to use instead of the model's")
     e.add_argument("--blas", choices=("auto", "reference"), default="auto", help="auto: an optimised OpenBLAS on Linux where found")
+    e.add_argument("--blas-threads", type=int, default=0, help="OpenBLAS threads in the worker (0: all cores but one)")
     e.add_argument("--dtype", default="auto", metavar="{%s}" % ",".join(DTYPES),
                    help="the weights' dtype; auto: float32 on the CPU when memory allows, else as stored")
     c = p.add_argument_group("prefix cache")
@@ -54,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.exit(2, f"mlx-tui: --dtype {args.dtype}: choose one of {', '.join(DTYPES)}\n")
     if args.warm and not args.warm.is_file():
         p.error(f"--warm {args.warm}: no such file")
+    if args.blas_threads < 0:
+        p.error("--blas-threads must be 0 (all cores but one) or more")
     for name in ("max_concurrency", "prefill_step", "max_tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -71,6 +74,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         tool_parser=args.tool_parser,
         chat_template=args.chat_template,
         blas=args.blas,
+        blas_threads=args.blas_threads,
         dtype=args.dtype,
         cache_ram_gb=args.cache_ram_gb,
         cache_dir=args.cache_dir if args.cache_disk_gb > 0 else None,
