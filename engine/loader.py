@@ -64,8 +64,8 @@ def choose_dtype(
 ) -> tuple[str, str]:
     """The dtype to run the weights in, and a short note on why it is not simply the stored one ("" if it is).
 
-    BLAS on the CPU serves only float32 (bfloat16 and float16 matmuls are ~40x slower), so on
-    the CPU `auto` casts an unquantized model to float32 when that takes at most half the
+    BLAS on the CPU serves only float32 (bfloat16 and float16 matmuls run many times slower), so
+    on the CPU `auto` casts an unquantized model to float32 when that takes at most half the
     available memory; on a GPU it keeps the stored dtype. Quantized models run as stored: an
     explicit float dtype for one is refused (ValueError).
     """
