@@ -49,6 +49,7 @@ async def health(request: Request) -> Response:
             "rank_states": health["rank_states"],
             "blas": engine.blas,
             "dtype": info.get("dtype"),
+            "dtype_note": info.get("dtype_note"),
             "tool_parser": info.get("tool_parser"),
             "uptime_s": round(time.time() - engine.started_at, 1),
         }

@@ -24,7 +24,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--blas", choices=("auto", "reference"), default="auto",
                    help="the BLAS every process starts with (auto: the system OpenBLAS where found)")
     p.add_argument("--blas-threads", type=int,
-                   help="set OPENBLAS_NUM_THREADS for every process in the comparison (default: OpenBLAS's own choice)")
+                   help="OPENBLAS_NUM_THREADS for every process in the comparison (default: what our worker picks, all cores but one)")
     p.add_argument("--out", help="results directory (default: benchmarks/results, or benchmarks/results/quick)")
     p.add_argument("--sample", help="a captured Claude Code request (default: ../shared/samples/claude-code-*.json)")
     p.add_argument("--replay-tokens", type=int,

@@ -13,12 +13,10 @@ def ensure_same_blas(choice: str, threads: int | None = None) -> str:
 
     A preload only takes effect when a process starts, so this runs before `mlx` is
     imported. Child processes (both servers) inherit the environment, so the in-process
-    baseline, our server's front process and worker, and mlx_lm.server all match.
-    `threads` sets OPENBLAS_NUM_THREADS for all of them.
+    baseline, our server's front process and worker, and mlx_lm.server all match, thread
+    count included: `threads`, or else the one our worker picks by default.
     """
-    name, env = worker_blas(choice)
-    if threads:
-        name += f", OPENBLAS_NUM_THREADS={threads}"
+    name, env = worker_blas(choice, threads or 0)
     if os.environ.get(GUARD) == name:
         return name
     assert "mlx.core" not in sys.modules, "mlx was imported before the BLAS was chosen"
@@ -27,7 +25,7 @@ def ensure_same_blas(choice: str, threads: int | None = None) -> str:
         os.environ["LD_PRELOAD"] = preload[0]
     else:
         os.environ.pop("LD_PRELOAD", None)
-    if threads:
-        os.environ["OPENBLAS_NUM_THREADS"] = str(threads)
+    if "OPENBLAS_NUM_THREADS" in env:
+        os.environ["OPENBLAS_NUM_THREADS"] = env["OPENBLAS_NUM_THREADS"]
     os.environ[GUARD] = name
     os.execv(sys.executable, [sys.executable, "-m", "benchmarks", *sys.argv[1:]])

@@ -64,7 +64,7 @@ class EngineClient:
         self.breaker = CircuitBreaker(
             config.breaker_threshold, config.breaker_cooldown, on_change=self._breaker_changed
         )
-        self.blas, blas_env = worker_blas(config.blas)
+        self.blas, blas_env = worker_blas(config.blas, config.blas_threads)
         self.worker = WorkerProcess(blas_env, self._dispatch, self._worker_output, self._exited)
         self.state = "stopped"
         self.info: dict = {}

@@ -39,6 +39,8 @@ class EngineConfig:
     hostfile: str | None = None
     backend: str = "ring"
     shard: str | None = None
+    blas_threads: int = 0
+    dtype: str = "auto"
     max_queue: int = 16
     request_timeout: float = 0.0
     stall_timeout: float = 60.0
@@ -57,6 +59,8 @@ class EngineConfig:
             return int(self.cache_ram_gb * 2**30)
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 5
 
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

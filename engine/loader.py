@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,16 +27,67 @@ class Loaded:
     dtype: str
     identity: str
     shard: str | None = None
+    dtype_note: str = ""
 
 
-def identity(ref: str, config: dict) -> str:
-    """A short hash naming these weights: the reference, the config and the weight files' sizes."""
-    h = hashlib.sha256(ref.encode())
+def identity(ref: str, config: dict, dtype: str) -> str:
+    """A short hash naming these weights: the reference, the config, the dtype they run in and the weight files' sizes."""
+    h = hashlib.sha256(f"{ref}\0{dtype}".encode())
     h.update(json.dumps(config, sort_keys=True, default=str).encode())
     path = Path(ref).expanduser()
     for weights in sorted(path.glob("*.safetensors")) if path.is_dir() else ():
         h.update(f"{weights.name}:{weights.stat().st_size}".encode())
     return h.hexdigest()[:16]
+
+
+def available_memory() -> int:
+    """Bytes that new allocations can take: MemAvailable on Linux, else the machine's memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def weights_summary(model, config: dict) -> tuple[str, bool, int]:
+    """The weights' floating dtype, whether the model is quantized, and its bytes with every float as float32."""
+    params = [p for _, p in tree_flatten(model.parameters())]
+    floats = [p for p in params if mx.issubdtype(p.dtype, mx.floating)]
+    stored = dtype_name(floats[0].dtype) if floats else "float32"
+    quantized = "quantization" in config or len(floats) < len(params)
+    return stored, quantized, sum(p.size * 4 if mx.issubdtype(p.dtype, mx.floating) else p.nbytes for p in params)
+
+
+def choose_dtype(
+    choice: str, stored: str, quantized: bool, float32_bytes: int, available: int, on_gpu: bool
+) -> tuple[str, str]:
+    """The dtype to run the weights in, and a short note on why it is not simply the stored one ("" if it is).
+
+    BLAS on the CPU serves only float32 (bfloat16 and float16 matmuls run many times slower), so
+    on the CPU `auto` casts an unquantized model to float32 when that takes at most half the
+    available memory; on a GPU it keeps the stored dtype. Quantized models run as stored: an
+    explicit float dtype for one is refused (ValueError).
+    """
+    if quantized:
+        if choice != "auto":
+            raise ValueError(f"--dtype {choice}: the model is quantized and runs as stored (use --dtype auto)")
+        return stored, "quantized: runs as stored"
+    if choice != "auto":
+        return choice, "" if choice == stored else f"cast from {stored} (--dtype {choice})"
+    if on_gpu or stored == "float32":
+        return stored, ""
+    if float32_bytes <= available // 2:
+        return "float32", f"cast from {stored}: the CPU's BLAS is fast only in float32"
+    return stored, (
+        f"kept: as float32 it would take {float32_bytes / 2**30:.1f} GiB of the {available / 2**30:.1f} GiB available"
+    )
+
+
+def dtype_name(dtype: mx.Dtype) -> str:
+    return str(dtype).removeprefix("mlx.core.")
 
 
 def load(
@@ -45,8 +97,10 @@ def load(
     chat_template: str | None = None,
     group: mx.distributed.Group | None = None,
     shard: str | None = None,
+    dtype: str = "auto",
 ) -> Loaded:
-    """Load `ref`; with a `group`, this rank's shard of it (`shard`: tensor, pipeline, None: tensor where supported)."""
+    """Load `ref` in the dtype that `dtype` ("auto" or a float dtype's name) picks (see `choose_dtype`);
+    with a `group`, this rank's shard of it (`shard`: tensor, pipeline, None: tensor where supported)."""
     if problem := model_problem(ref):
         raise ModelError(problem)
     extra = {}
@@ -58,25 +112,43 @@ def load(
     source = str(local.resolve()) if local.exists() else ref
     progress("reading", 0.0)
     if group is not None:
-        return load_shard(ref, source, extra, progress, group, shard)
+        return load_shard(ref, source, extra, progress, group, shard, dtype)
     try:
         model, tokenizer, config = mlx_load(source, tokenizer_config=extra, lazy=True, return_config=True)
+        note = cast(model, config, dtype, ref)  # lazily: each layer is read and cast in the loop below
         layers = list(getattr(model, "layers", []))
         for i, layer in enumerate(layers):
             mx.eval(layer.parameters())
             progress("weights", (i + 1) / len(layers))
         mx.eval(model.parameters())
+    except ModelError:
+        raise
     except ModuleNotFoundError as e:
         raise ModelError(f"{ref}: unknown tool parser or model type ({e.name})") from e
     except Exception as e:  # mlx-lm reports broken files with many exception types
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ModelError(f"{ref}: cannot load the model: {detail}") from e
     context = config.get("max_position_embeddings") or getattr(tokenizer, "model_max_length", 0)
-    dtype = str(tree_flatten(model.parameters())[0][1].dtype).removeprefix("mlx.core.")
-    return Loaded(model, tokenizer, int(context or 4096), dtype, identity(source, config))
+    running = weights_summary(model, config)[0]
+    return Loaded(model, tokenizer, int(context or 4096), running, identity(source, config, running), note)
 
 
-def load_shard(ref: str, source: str, extra: dict, progress, group: mx.distributed.Group, shard: str | None) -> Loaded:
+def cast(model, config: dict, dtype: str, ref: str) -> str:
+    """Set the weights' dtype as `choose_dtype` picks it; the note on why."""
+    stored, quantized, float32_bytes = weights_summary(model, config)
+    on_gpu = mx.default_device() == mx.gpu
+    try:
+        target, note = choose_dtype(dtype, stored, quantized, float32_bytes, available_memory(), on_gpu)
+    except ValueError as e:
+        raise ModelError(f"{ref}: {e}") from None
+    if target != stored:
+        model.set_dtype(getattr(mx, target))
+    return note
+
+
+def load_shard(
+    ref: str, source: str, extra: dict, progress, group: mx.distributed.Group, shard: str | None, dtype: str
+) -> Loaded:
     """This rank's part of the model, split by mlx-lm's `sharded_load` across `group`."""
     try:
         model, tokenizer, config = sharded_load(
@@ -95,12 +167,14 @@ def load_shard(ref: str, source: str, extra: dict, progress, group: mx.distribut
     except Exception as e:  # mlx-lm reports broken files with many exception types
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ModelError(f"{ref}: cannot load the model: {detail}") from e
+    note = cast(model, config, dtype, ref)
+    mx.eval(model.parameters())
     progress("weights", 1.0)
     shard = shard or ("tensor" if hasattr(model, "shard") else "pipeline")
     context = config.get("max_position_embeddings") or getattr(tokenizer, "model_max_length", 0)
-    dtype = str(tree_flatten(model.parameters())[0][1].dtype).removeprefix("mlx.core.")
-    name = f"{identity(source, config)}-{shard}{group.rank()}of{group.size()}"
-    return Loaded(model, tokenizer, int(context or 4096), dtype, name, shard)
+    running = weights_summary(model, config)[0]
+    name = f"{identity(source, config, running)}-{shard}{group.rank()}of{group.size()}"
+    return Loaded(model, tokenizer, int(context or 4096), running, name, shard, note)
 
 
 def model_type(source: str) -> str:

@@ -129,7 +129,10 @@ def main(argv: list[str] = sys.argv[1:]) -> int:
             conn.send(("progress", phase, fraction))
 
     try:
-        loaded = load(config.model, progress, config.tool_parser, config.chat_template, group=group, shard=config.shard)
+        loaded = load(
+            config.model, progress, config.tool_parser, config.chat_template,
+            group=group, shard=config.shard, dtype=config.dtype,
+        )
     except ModelError as e:
         if conn:
             conn.send(("fatal", str(e)))
@@ -158,6 +161,7 @@ def main(argv: list[str] = sys.argv[1:]) -> int:
                 "pid": os.getpid(),
                 "context_length": loaded.context_length,
                 "dtype": loaded.dtype,
+                "dtype_note": loaded.dtype_note,
                 "tool_parser": scheduler.parser_name,
                 "thinking": scheduler.think is not None,
                 "eos": sorted(tokenizer.eos_token_ids),

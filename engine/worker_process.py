@@ -148,8 +148,10 @@ def launch_command(config: EngineConfig, worker: list[str], env: dict[str, str])
         hosts = ["--hostfile", config.hostfile]
     else:
         hosts = ["--hosts", "127.0.0.1", "-n", str(config.ranks)]
-        # the ranks share this machine's cores: OpenBLAS threads that spin beyond them starve the other ranks
-        env.setdefault("OPENBLAS_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // config.ranks)))
+        # the ranks share this machine's cores: they split the worker's OpenBLAS threads, since
+        # threads that spin beyond the cores starve the other ranks
+        threads = int(env.get("OPENBLAS_NUM_THREADS") or os.cpu_count() or 1)
+        env["OPENBLAS_NUM_THREADS"] = str(max(1, threads // config.ranks))
     port = free_ports(len(hostfile_hosts(config.hostfile, config.backend)) if config.hostfile else config.ranks)
     options = [*hosts, "--backend", config.backend, "--starting-port", str(port)]
     return [sys.executable, "-c", LAUNCH, *options, "--", *worker]

@@ -9,7 +9,7 @@ import socket
 import sys
 from pathlib import Path
 
-from mlx_tui.engine.config import EngineConfig, cache_dir, hostfile_hosts, model_problem
+from mlx_tui.engine.config import DTYPES, EngineConfig, cache_dir, hostfile_hosts, model_problem
 
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain"}
 
@@ -35,6 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e.add_argument("--tool-parser", help="an mlx-lm tool parser name, for models where none is found")
     e.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template file to use instead of the model's")
     e.add_argument("--blas", choices=("auto", "reference"), default="auto", help="auto: an optimised OpenBLAS on Linux where found")
+    e.add_argument("--blas-threads", type=int, default=0, help="OpenBLAS threads in the worker (0: all cores but one)")
+    e.add_argument("--dtype", default="auto", metavar="{%s}" % ",".join(DTYPES),
+                   help="the weights' dtype; auto: float32 on the CPU when memory allows, else as stored")
     d = p.add_argument_group("distributed (mlx.launch)")
     d.add_argument("--local-ranks", type=int, default=1, metavar="N", help="run the model split across N ranks on this machine")
     d.add_argument("--hostfile", metavar="FILE", help="run the model split across the hosts of this mlx.launch hostfile")
@@ -55,8 +58,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--no-transcripts", action="store_true", help="keep transcripts in memory only, not on disk")
     r.add_argument("--debug-faults", action="store_true", help="let the X-MLX-TUI-Fault header inject faults (tests only)")
     args = p.parse_args(argv)
+    if args.dtype not in DTYPES:
+        p.exit(2, f"mlx-tui: --dtype {args.dtype}: choose one of {', '.join(DTYPES)}\n")
     if args.warm and not args.warm.is_file():
         p.error(f"--warm {args.warm}: no such file")
+    if args.blas_threads < 0:
+        p.error("--blas-threads must be 0 (all cores but one) or more")
     for name in ("max_concurrency", "prefill_step", "max_tokens", "local_ranks"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -76,6 +83,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         tool_parser=args.tool_parser,
         chat_template=args.chat_template,
         blas=args.blas,
+        blas_threads=args.blas_threads,
+        dtype=args.dtype,
         cache_ram_gb=args.cache_ram_gb,
         cache_dir=args.cache_dir if args.cache_disk_gb > 0 else None,
         cache_disk_gb=args.cache_disk_gb,
@@ -170,7 +179,8 @@ async def serve(args: argparse.Namespace, sock: socket.socket) -> int:
         print(f"mlx-tui: {await warm(engine, args.warm)}", file=sys.stderr)
     app = create_app(engine, **app_settings(args))
     server = ApiServer(app, sock, args.shutdown_grace, log_config=uvicorn.config.LOGGING_CONFIG, log_level="info")
-    print(f"mlx-tui: serving {engine.config.model} at http://{args.host}:{args.port} (BLAS: {engine.blas})", file=sys.stderr)
+    dtype = ", ".join(filter(None, (engine.info["dtype"], engine.info["dtype_note"])))
+    print(f"mlx-tui: serving {engine.config.model} at http://{args.host}:{args.port} (BLAS: {engine.blas}; dtype: {dtype})", file=sys.stderr)
     signalled = asyncio.Event()
 
     def on_signal():
