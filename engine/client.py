@@ -324,6 +324,8 @@ class EngineClient:
         while True:
             await self._exit.wait()
             reason = "stalled" if self._stalled else f"exited (code {self._exit_code})"
+            if self._lost_rank is not None:
+                reason += f": rank {self._lost_rank} ({self._hosts[self._lost_rank]}) ended"
             self._stalled = False
             self._engine_failure(f"the worker {reason}")
             self._set_state("restarting", exit_code=self._exit_code)

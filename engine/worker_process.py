@@ -23,6 +23,8 @@ class WorkerProcess:
     when the process has exited.
     """
 
+    OUTPUT_GRACE_S = 2.0  # how long an exit waits for the rest of the worker's stderr
+
     def __init__(
         self,
         env: dict[str, str],
@@ -67,9 +69,10 @@ class WorkerProcess:
         if self.group:
             self.process.stdin.write(authkey.hex() + "\n")
             self.process.stdin.flush()
-        threading.Thread(target=self._relay_output, args=(loop, self.process.stderr), daemon=True).start()
+        relay = threading.Thread(target=self._relay_output, args=(loop, self.process.stderr), daemon=True)
+        relay.start()
         accepted = threading.Event()
-        threading.Thread(target=self._watch, args=(loop, address, authkey, accepted), daemon=True).start()
+        threading.Thread(target=self._watch, args=(loop, address, authkey, accepted, relay), daemon=True).start()
         try:
             conn = await asyncio.to_thread(listener.accept)
         finally:
@@ -102,12 +105,17 @@ class WorkerProcess:
         except subprocess.TimeoutExpired:
             return None
 
-    def _watch(self, loop, address, authkey: bytes, accepted: threading.Event):
-        """Wait for the exit; wake the pending accept if the worker never connected."""
+    def _watch(self, loop, address, authkey: bytes, accepted: threading.Event, relay: threading.Thread):
+        """Wait for the exit; wake the pending accept if the worker never connected.
+
+        `on_exit` comes after the worker's last lines of output (such as mlx.launch's
+        word on which rank ended), unless a stray process holds its stderr open.
+        """
         code = self.process.wait()
         if self.group:
             kill_group(self.process.pid, signal.SIGKILL)  # no rank outlives mlx.launch
             self.process.stdin.close()
+        relay.join(self.OUTPUT_GRACE_S)
         if not accepted.is_set():
             try:
                 Client(address, authkey=authkey).close()

@@ -144,7 +144,7 @@ def test_a_cancelled_request_leaves_every_rank(loop, group):
 def test_killing_rank_1_mid_stream_restarts_the_whole_group(loop, make_engine):
     engine = make_engine(ranks=2, loop_window=0)
     rank1 = engine.info["ranks"][1]["pid"]
-    gone_at_error = []
+    failures = []
 
     async def until_restarted():
         while engine.restarts < 1 or engine.state != "ready":
@@ -156,13 +156,14 @@ def test_killing_rank_1_mid_stream_restarts_the_whole_group(loop, make_engine):
             events.append(event)
             if isinstance(event, RawText) and sum(isinstance(e, RawText) for e in events) == 3:
                 os.kill(rank1, signal.SIGKILL)
-        gone_at_error.extend(r["rank"] for r in engine.rank_states() if r["state"] == "gone")
         await asyncio.wait_for(until_restarted(), 120)
+        failures.extend(e["failure"] for e in engine.bus.recent if e["kind"] == "worker" and "failure" in e)
         return events, await collect(engine, request_for("capital"))
 
     events, after = loop.run(scenario())
     assert isinstance(events[-1], Error) and events[-1].kind == "engine"
-    assert gone_at_error == [1]
+    [failure] = failures
+    assert "rank 1 (" in failure and "ended" in failure, failure
     assert isinstance(after[-1], Done)
     assert engine.info["ranks"][1]["pid"] != rank1
     assert engine.breaker.failures == 0, "the failure was counted, then the success reset it"
