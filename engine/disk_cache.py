@@ -150,6 +150,11 @@ class DiskCache:
                     best, best_len = entry, n
         return best, best_len
 
+    def fetch(self, tokens: np.ndarray, beyond: int, clock: float) -> Entry | None:
+        """The sound entry holding the longest prefix of `tokens` on disk, if that is longer than `beyond`."""
+        found, n = self.longest(tokens)
+        return self.load(found, clock) if n > beyond else None
+
     def load(self, found: DiskEntry, clock: float) -> Entry | None:
         """The entry from its file, or None (and the file removed) if it is not sound."""
         try:

@@ -16,6 +16,10 @@ import time
 import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import generation_stream
+from mlx_lm.models.cache import KVCache
+
+from .disk_cache import DiskCache
+from .prefix_cache import Entry
 
 # Every collective here runs on the stream mlx-lm's BatchGenerator evaluates the model on: on another
 # stream, a step's broadcast could reach the sockets between the model's own all-reduces.
@@ -72,6 +76,11 @@ def gather(group: mx.distributed.Group, obj) -> list:
     return [pickle.loads(np.array(rows[r, :size]).tobytes()) for r, size in enumerate(sizes)]
 
 
+def least(group: mx.distributed.Group, *values: int) -> list[int]:
+    """Each value's smallest over the ranks, on every rank."""
+    return mx.distributed.all_min(mx.array([int(v) for v in values]), group=group, stream=generation_stream).tolist()
+
+
 def seed(group: mx.distributed.Group):
     """The same random state on every rank, so sampled tokens agree (as `mlx_lm.server` does)."""
     state = mx.distributed.all_sum(mx.random.state[0], group=group, stream=generation_stream)
@@ -90,3 +99,45 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+class GroupDiskCache(DiskCache):
+    """A rank's own disk tier, read only as the whole group agrees.
+
+    Each rank writes its shard of every entry behind, in its own thread and folder, so one
+    rank may not have written a file yet, or have lost or damaged it, while another has it;
+    a lookup decided on each rank alone would then set the ranks on different steps. Here the
+    ranks read the longest prefix that every rank holds, each entry cut to that length (so
+    the ranks' memory tiers stay alike), and all fall back to memory if any rank's file is unsound.
+    """
+
+    def __init__(self, group: mx.distributed.Group, *args):
+        self.group = group
+        super().__init__(*args)
+
+    def fetch(self, tokens: np.ndarray, beyond: int, clock: float) -> Entry | None:
+        found, held = self.longest(tokens)
+        [agreed] = least(self.group, held)
+        if agreed <= beyond:
+            return None
+        loaded = self.load(found, clock)
+        whole = loaded is not None and loaded.checkpoint and len(loaded.tokens) == agreed
+        sound, checkpoint = least(self.group, loaded is not None, whole)
+        if not sound:
+            return None
+        if len(loaded.tokens) > agreed:
+            loaded = Entry(loaded.tokens[:agreed], cut(loaded.layers, agreed), False, clock)
+        loaded.checkpoint = bool(checkpoint)
+        return loaded
+
+
+def cut(layers: list, length: int) -> list:
+    """Copies of the layers' first `length` tokens, holding no more memory than those."""
+    out = []
+    for layer in layers:
+        c = KVCache()
+        c.keys, c.values = (mx.contiguous(a[..., :length, :]) for a in (layer.keys, layer.values))
+        c.offset = length
+        out.append(c)
+    mx.eval([(c.keys, c.values) for c in out])
+    return out

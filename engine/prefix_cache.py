@@ -94,12 +94,10 @@ class PrefixCache:
         """Layers holding the longest cached prefix of `tokens` (at most all but the last), and its length."""
         prompt = np.asarray(tokens, dtype=np.int64)
         entry, n = self.longest(prompt)
-        if self.disk:
-            found, on_disk = self.disk.longest(prompt)
-            if on_disk > n and (loaded := self.disk.load(found, self.clock())):
-                self.add(loaded)
-                entry, n = loaded, on_disk
-                self.stats.disk_hits += 1
+        if self.disk and (loaded := self.disk.fetch(prompt, n, self.clock())):
+            self.add(loaded)
+            entry, n = loaded, common_prefix(loaded.tokens, prompt)
+            self.stats.disk_hits += 1
         n = min(n, len(tokens) - 1)
         self.stats.lookups += 1
         self.stats.prompt_tokens += len(tokens)

@@ -141,7 +141,8 @@ def main(argv: list[str] = sys.argv[1:]) -> int:
         return 1
     disk = None
     if config.cache_dir:
-        disk = DiskCache(Path(config.cache_dir) / loaded.identity, int(config.cache_disk_gb * 2**30), loaded.identity)
+        where = (Path(config.cache_dir) / loaded.identity, int(config.cache_disk_gb * 2**30), loaded.identity)
+        disk = ranks.GroupDiskCache(group, *where) if group else DiskCache(*where)
     clock = ranks.Clock() if group else time.monotonic
     scheduler = Scheduler(loaded, config, PrefixCache(config.cache_ram_bytes, disk, clock))
     members = {}

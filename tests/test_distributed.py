@@ -17,6 +17,7 @@ from conftest import Server, letter_token, start_engine
 from mlx_tui.api.server import create_app
 
 from mlx_tui.engine.demo import MODEL_DIR
+from mlx_tui.engine.disk_cache import read_metadata
 from mlx_tui.engine.demo.conversations import CONVERSATIONS
 from mlx_tui.engine.group import CONNECT_TIMEOUT
 from mlx_tui.engine.events import Done, Error, RawText, Started, TextDelta, ToolCallEnd
@@ -282,3 +283,67 @@ def test_a_hostfile_group_serves(loop, make_engine, tmp_path):
     assert [r["rank"] for r in engine.info["ranks"]] == [0, 1]
     events = loop.run(collect(engine, request_for("capital")))
     assert isinstance(events[-1], Done) and raw(events)
+
+
+def rank_files(cache: Path, rank: int) -> dict[str, Path]:
+    """The entry files of one rank's disk tier, by name (the same entry has the same name on every rank)."""
+    [folder] = cache.glob(f"*{rank}of2")
+    return {f.name: f for f in folder.glob("*.safetensors") if not f.name.endswith(".partial.safetensors")}
+
+
+def after_restart(loop, one, group, name: str):
+    """`name` on the restarted `group`: it ends as on one worker; its cached tokens and the disk hits."""
+    events = loop.run(asyncio.wait_for(collect(group, request_for(name)), 120))
+    assert isinstance(events[-1], Done), "the ranks ran the same steps"
+    assert raw(events) == raw(loop.run(collect(one, request_for(name))))
+    return started(events).cached_tokens, loop.run(group.stats())["cache"]["disk_hits"]
+
+
+def test_a_restarted_group_hits_on_disk_on_every_rank(loop, engine, make_engine, tmp_path):
+    group = make_engine(ranks=2, loop_window=0, cache_dir=str(tmp_path))
+    done = loop.run(collect(group, request_for("weather_paris")))[-1]
+    rank1 = group.info["ranks"][1]["pid"]
+
+    async def restarted():
+        # the turn is one entry (no system prompt), which each rank writes behind on its own
+        while not rank_files(tmp_path, 0) or rank_files(tmp_path, 0).keys() != rank_files(tmp_path, 1).keys():
+            await asyncio.sleep(0.05)
+        killed = False
+        async for event in group.generate(endless()):
+            if isinstance(event, RawText) and not killed:
+                os.kill(rank1, signal.SIGKILL)
+                killed = True
+        while group.restarts < 1 or group.state != "ready":
+            await asyncio.sleep(0.05)
+
+    loop.run(asyncio.wait_for(restarted(), 120))
+    cached, disk_hits = after_restart(loop, engine, group, "tool_result")
+    assert cached == done.usage.prompt_tokens + done.usage.generated_tokens and disk_hits == 1
+
+
+def remove(path: Path):
+    path.unlink()
+
+
+def corrupt(path: Path):
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF  # in the arrays: the header still reads, the digest does not match
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [remove, corrupt])
+def test_an_entry_one_rank_lacks_is_not_read_from_disk(loop, engine, make_engine, tmp_path, damage):
+    group = make_engine(ranks=2, loop_window=0, cache_dir=str(tmp_path))
+    loop.run(collect(group, request_for("system_prompt")))
+    loop.run(group.stop())  # each rank writes everything out
+    assert set(rank_files(tmp_path, 0)) == set(rank_files(tmp_path, 1))
+    system, turn = sorted(rank_files(tmp_path, 1).values(), key=lambda f: f.stat().st_size)
+    damage(turn)  # rank 1 no longer holds the whole turn; rank 0's files and rank 1's system prompt are intact
+    damaged = turn.read_bytes() if turn.exists() else None
+    group = make_engine(ranks=2, loop_window=0, cache_dir=str(tmp_path))
+    cached, disk_hits = after_restart(loop, engine, group, "system_prompt")
+    if damage is remove:  # the longest prefix both ranks hold: the system prompt
+        assert cached == len(json.loads(read_metadata(system)["tokens"])) and disk_hits == 1
+    else:  # rank 1 found its file unsound after the ranks agreed on it: all of them use memory
+        assert cached == 0 and disk_hits == 0
+        assert not turn.exists() or turn.read_bytes() != damaged, "removed (then written again, sound)"
