@@ -273,6 +273,8 @@ class EngineClient:
         self.bus.publish("log", source="worker", line=line)
         if (ended := RANK_ENDED.search(line)) and self._lost_rank is None:
             self._lost_rank = int(ended[1])
+            if self.state == "ready":  # the other ranks would wait for it, idle or not: restart the group now
+                self.worker.kill()
 
     def _exited(self, code: int):
         self._exit_code = code

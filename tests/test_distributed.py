@@ -142,22 +142,31 @@ def test_a_cancelled_request_leaves_every_rank(loop, group):
     assert isinstance(loop.run(collect(group, request_for("capital")))[-1], Done)
 
 
+async def signal_mid_stream(engine, pid: int, sig: int) -> list:
+    """An endless generation on `engine`, with `sig` sent to `pid` after its third piece; its events."""
+    events = []
+    async for event in engine.generate(endless()):
+        events.append(event)
+        if isinstance(event, RawText) and sum(isinstance(e, RawText) for e in events) == 3:
+            os.kill(pid, sig)
+    return events
+
+
+async def restarted(engine):
+    """Until `engine` is ready again after a restart."""
+    async for event in engine.bus.subscribe(replay=True):
+        if event["kind"] == "worker" and event["state"] == "ready" and event["restarts"] >= 1:
+            return
+
+
 def test_killing_rank_1_mid_stream_restarts_the_whole_group(loop, make_engine):
     engine = make_engine(ranks=2, loop_window=0)
     rank1 = engine.info["ranks"][1]["pid"]
     failures = []
 
-    async def until_restarted():
-        while engine.restarts < 1 or engine.state != "ready":
-            await asyncio.sleep(0.05)
-
     async def scenario():
-        events = []
-        async for event in engine.generate(endless()):
-            events.append(event)
-            if isinstance(event, RawText) and sum(isinstance(e, RawText) for e in events) == 3:
-                os.kill(rank1, signal.SIGKILL)
-        await asyncio.wait_for(until_restarted(), 120)
+        events = await signal_mid_stream(engine, rank1, signal.SIGKILL)
+        await asyncio.wait_for(restarted(engine), 120)
         failures.extend(e["failure"] for e in engine.bus.recent if e["kind"] == "worker" and "failure" in e)
         return events, await collect(engine, request_for("capital"))
 
@@ -168,6 +177,15 @@ def test_killing_rank_1_mid_stream_restarts_the_whole_group(loop, make_engine):
     assert isinstance(after[-1], Done)
     assert engine.info["ranks"][1]["pid"] != rank1
     assert engine.breaker.failures == 0, "the failure was counted, then the success reset it"
+
+
+def test_a_rank_that_ends_while_the_group_is_idle_restarts_it(loop, make_engine):
+    engine = make_engine(ranks=2)
+    rank1 = engine.info["ranks"][1]["pid"]
+    os.kill(rank1, signal.SIGKILL)
+    loop.run(asyncio.wait_for(restarted(engine), 120))
+    assert engine.info["ranks"][1]["pid"] != rank1
+    assert isinstance(loop.run(collect(engine, request_for("capital")))[-1], Done)
 
 
 def mlx_tui(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -260,13 +278,8 @@ def test_a_hung_rank_is_caught_by_the_watchdog(loop, make_engine):
     rank1 = engine.info["ranks"][1]["pid"]
 
     async def scenario():
-        events = []
-        async for event in engine.generate(endless()):
-            events.append(event)
-            if isinstance(event, RawText) and sum(isinstance(e, RawText) for e in events) == 3:
-                os.kill(rank1, signal.SIGSTOP)
-        while engine.restarts < 1 or engine.state != "ready":
-            await asyncio.sleep(0.05)
+        events = await signal_mid_stream(engine, rank1, signal.SIGSTOP)
+        await restarted(engine)
         return events
 
     events = loop.run(asyncio.wait_for(scenario(), 120))
@@ -304,19 +317,14 @@ def test_a_restarted_group_hits_on_disk_on_every_rank(loop, engine, make_engine,
     done = loop.run(collect(group, request_for("weather_paris")))[-1]
     rank1 = group.info["ranks"][1]["pid"]
 
-    async def restarted():
+    async def written_then_restarted():
         # the turn is one entry (no system prompt), which each rank writes behind on its own
         while not rank_files(tmp_path, 0) or rank_files(tmp_path, 0).keys() != rank_files(tmp_path, 1).keys():
             await asyncio.sleep(0.05)
-        killed = False
-        async for event in group.generate(endless()):
-            if isinstance(event, RawText) and not killed:
-                os.kill(rank1, signal.SIGKILL)
-                killed = True
-        while group.restarts < 1 or group.state != "ready":
-            await asyncio.sleep(0.05)
+        os.kill(rank1, signal.SIGKILL)
+        await restarted(group)
 
-    loop.run(asyncio.wait_for(restarted(), 120))
+    loop.run(asyncio.wait_for(written_then_restarted(), 120))
     cached, disk_hits = after_restart(loop, engine, group, "tool_result")
     assert cached == done.usage.prompt_tokens + done.usage.generated_tokens and disk_hits == 1
 
