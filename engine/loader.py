@@ -130,7 +130,7 @@ def load(
         raise ModelError(f"{ref}: cannot load the model: {detail}") from e
     context = config.get("max_position_embeddings") or getattr(tokenizer, "model_max_length", 0)
     running = weights_summary(model, config)[0]
-    return Loaded(model, tokenizer, int(context or 4096), running, identity(source, config, running), note)
+    return Loaded(model, tokenizer, int(context or 4096), running, identity(source, config, running), dtype_note=note)
 
 
 def cast(model, config: dict, dtype: str, ref: str) -> str:
@@ -174,7 +174,7 @@ def load_shard(
     context = config.get("max_position_embeddings") or getattr(tokenizer, "model_max_length", 0)
     running = weights_summary(model, config)[0]
     name = f"{identity(source, config, running)}-{shard}{group.rank()}of{group.size()}"
-    return Loaded(model, tokenizer, int(context or 4096), running, name, shard, note)
+    return Loaded(model, tokenizer, int(context or 4096), running, name, shard=shard, dtype_note=note)
 
 
 def model_type(source: str) -> str:

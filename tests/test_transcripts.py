@@ -4,9 +4,13 @@ import json
 import os
 import stat
 
+import pytest
+
 from mlx_tui.engine.bus import EventBus
 from mlx_tui.engine.events import Done, RawText, Started, Timings, Usage
 from mlx_tui.engine.transcripts import Transcripts
+
+pytestmark = pytest.mark.asyncio  # transcripts publish to the bus on the event loop's timers
 
 PROMPT = "<|user|>What is the weather like in Paris today?<|assistant|>" * 8  # about 500 bytes
 
@@ -25,7 +29,7 @@ def mode(path) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
 
 
-def test_transcripts_rotate_at_their_bound_and_stay_private(tmp_path):
+async def test_transcripts_rotate_at_their_bound_and_stay_private(tmp_path):
     directory = tmp_path / "data" / "transcripts"
     bound = 8192
     transcripts = Transcripts(EventBus(), directory, file_bytes=bound)
@@ -47,7 +51,7 @@ def test_transcripts_rotate_at_their_bound_and_stay_private(tmp_path):
                for t in kept)
 
 
-def test_without_a_directory_transcripts_stay_in_memory(tmp_path, monkeypatch):
+async def test_without_a_directory_transcripts_stay_in_memory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
     monkeypatch.setenv("HOME", str(tmp_path))
