@@ -81,6 +81,16 @@ def least(group: mx.distributed.Group, *values: int) -> list[int]:
     return mx.distributed.all_min(mx.array([int(v) for v in values]), group=group, stream=generation_stream).tolist()
 
 
+def cache_budget(group: mx.distributed.Group, budget: int, bytes_per_token: int) -> int:
+    """The prefix cache's RAM budget on every rank: the smallest rank's, in whole tokens of `bytes_per_token`.
+
+    Every rank must keep and evict the same entries (a hit on rank 0 is a hit on all), so
+    all count an entry as the whole model's KV bytes for its tokens, whatever their share.
+    """
+    [tokens] = least(group, budget // max(1, bytes_per_token))
+    return tokens * bytes_per_token
+
+
 def seed(group: mx.distributed.Group):
     """The same random state on every rank, so sampled tokens agree (as `mlx_lm.server` does)."""
     state = mx.distributed.all_sum(mx.random.state[0], group=group, stream=generation_stream)

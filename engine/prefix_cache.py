@@ -68,13 +68,16 @@ class PrefixCache:
     """Entries bounded by `budget` bytes, evicted by value: tokens saved, hits and recency.
 
     With a `disk` tier, each new entry is also written there, and a prompt that disk
-    holds a longer prefix of than RAM is served from disk.
+    holds a longer prefix of than RAM is served from disk. With `bytes_per_token`, entries
+    count against the budget as that many bytes a token rather than as the bytes they hold
+    (in a group, where each rank holds a different share, so that all evict alike).
     """
 
-    def __init__(self, budget: int, disk: "DiskCache | None" = None, clock=time.monotonic):
+    def __init__(self, budget: int, disk: "DiskCache | None" = None, clock=time.monotonic, bytes_per_token: int = 0):
         self.budget = budget
         self.disk = disk
         self.clock = clock
+        self.bytes_per_token = bytes_per_token
         self.entries: list[Entry] = []
         self.stats = CacheStats()
 
@@ -115,7 +118,7 @@ class PrefixCache:
             return None
         now = self.clock()
         entry = Entry(np.asarray(tokens, dtype=np.int64), layers, checkpoint, now)
-        if entry.nbytes > self.budget:
+        if self._cost(entry) > self.budget:
             return None
         for old in self.entries:
             if len(old.tokens) == len(entry.tokens) and common_prefix(old.tokens, entry.tokens) == len(entry.tokens):
@@ -139,13 +142,16 @@ class PrefixCache:
         """`new` holds all of `old` and more, so `old` can never give a longer match."""
         return len(old.tokens) < len(new.tokens) and common_prefix(old.tokens, new.tokens) == len(old.tokens)
 
+    def _cost(self, entry: Entry) -> int:
+        return len(entry.tokens) * self.bytes_per_token if self.bytes_per_token else entry.nbytes
+
     def _evict(self, now: float, keep: Entry):
-        total = self.nbytes
+        total = sum(self._cost(e) for e in self.entries)
         for victim in sorted((e for e in self.entries if e is not keep), key=lambda e: e.value(now)):
             if total <= self.budget:
                 break
             self.entries.remove(victim)
-            total -= victim.nbytes
+            total -= self._cost(victim)
             self.stats.evictions += 1
 
 

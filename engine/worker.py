@@ -30,7 +30,7 @@ from .disk_cache import DiskCache
 from .events import Error
 from .loader import ModelError, load
 from .prefix_cache import PrefixCache
-from .scheduler import RequestError, Scheduler
+from .scheduler import RequestError, Scheduler, kv_bytes_per_token
 
 
 def read_inbox(conn: Connection, inbox: queue.Queue):
@@ -144,7 +144,12 @@ def main(argv: list[str] = sys.argv[1:]) -> int:
         where = (Path(config.cache_dir) / loaded.identity, int(config.cache_disk_gb * 2**30), loaded.identity)
         disk = ranks.GroupDiskCache(group, *where) if group else DiskCache(*where)
     clock = ranks.Clock() if group else time.monotonic
-    scheduler = Scheduler(loaded, config, PrefixCache(config.cache_ram_bytes, disk, clock))
+    per_token = kv_bytes_per_token(loaded.model)  # the whole model's, the same on every rank (0: unknown)
+    if group and per_token:
+        cache = PrefixCache(ranks.cache_budget(group, config.cache_ram_bytes, per_token), disk, clock, per_token)
+    else:
+        cache = PrefixCache(config.cache_ram_bytes, disk, clock)
+    scheduler = Scheduler(loaded, config, cache)
     members = {}
     if group is not None:
         ranks.seed(group)

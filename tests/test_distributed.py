@@ -237,14 +237,14 @@ def test_a_model_that_cannot_be_split_is_named(tmp_path):
     assert error_line(done).startswith(f"mlx-tui: {tmp_path}: model type 'gpt2' cannot be split across ranks")
 
 
-def tiny_pipeline_model(path: Path) -> Path:
+def tiny_pipeline_model(path: Path, layers: int = 4) -> Path:
     """A randomly initialised ministral3 (a type with mlx-lm's PipelineMixin), with the demo model's tokenizer."""
     import mlx.core as mx
     from mlx.utils import tree_map
     from mlx_lm.models import ministral3
     from mlx_lm.utils import save_model
 
-    config = {"model_type": "ministral3", "hidden_size": 64, "num_hidden_layers": 4, "intermediate_size": 128,
+    config = {"model_type": "ministral3", "hidden_size": 64, "num_hidden_layers": layers, "intermediate_size": 128,
               "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "vocab_size": 400,
               "max_position_embeddings": 4096, "tie_word_embeddings": True,
               "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "llama_4_scaling_beta": 0.1,
@@ -271,6 +271,21 @@ def test_pipeline_greedy_output_is_the_same_as_one_rank(loop, make_engine, tmp_p
     assert [raw(e) for e in outputs[1]] == [raw(e) for e in outputs[0]]
     assert len(set(raw(outputs[0][0]))) > 5, "the random model should not repeat one token"
     assert started(outputs[1][1]).cached_tokens > 0, "the second turn hits on both pipeline stages"
+
+
+def test_uneven_pipeline_stages_keep_and_evict_the_same_entries(loop, make_engine, tmp_path):
+    # 3 layers over 2 ranks: one stage holds twice the KV bytes of the other, and a budget of
+    # about one and a half entries of the bigger stage would keep one entry there, two on the other
+    model = str(tiny_pipeline_model(tmp_path, layers=3))
+    one = make_engine(model=model, loop_window=0)
+    names = ["capital", "greeting", "arithmetic", "capital"]
+    entry_tokens = max(loop.run(one.count_tokens(request_for(n))) for n in names) + 24
+    budget_gb = 1.5 * entry_tokens * 2 * 256 / 2**30  # 256 bytes per token and layer: 2 KV heads of 16 floats, K and V
+    two = make_engine(model=model, loop_window=0, ranks=2, shard="pipeline", cache_ram_gb=budget_gb)
+    for name in names:
+        expected = raw(loop.run(collect(one, request_for(name, max_tokens=24))))
+        events = loop.run(asyncio.wait_for(collect(two, request_for(name, max_tokens=24)), 60))
+        assert isinstance(events[-1], Done) and raw(events) == expected, name
 
 
 def test_a_hung_rank_is_caught_by_the_watchdog(loop, make_engine):
