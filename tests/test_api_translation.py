@@ -127,11 +127,16 @@ def events_with_everything():
     ]
 
 
-def test_anthropic_frames_follow_the_protocol():
-    stream = anthropic.MessageStream("m", thinking=True)
+def anthropic_frames(events, thinking: bool) -> list:
+    stream = anthropic.MessageStream("m", thinking=thinking)
     frames = stream.start(ev.Started(30, 10))
-    for event in events_with_everything():
+    for event in events:
         frames += stream.feed(event)
+    return frames
+
+
+def test_anthropic_frames_follow_the_protocol():
+    frames = anthropic_frames(events_with_everything(), thinking=True)
     names = [name for name, _ in frames]
     assert names == [
         "message_start",
@@ -153,10 +158,7 @@ def test_anthropic_frames_follow_the_protocol():
 
 
 def test_anthropic_leaves_reasoning_out_when_thinking_is_off():
-    stream = anthropic.MessageStream("m", thinking=False)
-    frames = stream.start(ev.Started(30, 10))
-    for event in events_with_everything():
-        frames += stream.feed(event)
+    frames = anthropic_frames(events_with_everything(), thinking=False)
     assert [b["type"] for b in anthropic.fold(frames)["content"]] == ["text", "tool_use", "tool_use"]
 
 
@@ -231,7 +233,7 @@ def test_openai_chunks_and_fold():
     assert completion["usage"] == {"prompt_tokens": 30, "completion_tokens": 7, "total_tokens": 37, "prompt_tokens_details": {"cached_tokens": 10}}
 
 
-def abandoned_then_text():
+def abandoned_call():
     return [
         ev.ToolCallStart(0, "abc", "get_weather"),
         ev.ToolCallDelta(0, "{"),
@@ -243,10 +245,7 @@ def abandoned_then_text():
 
 
 def test_anthropic_closes_an_abandoned_call_with_valid_json():
-    stream = anthropic.MessageStream("m", thinking=False)
-    frames = stream.start(ev.Started(30, 10))
-    for event in abandoned_then_text():
-        frames += stream.feed(event)
+    frames = anthropic_frames(abandoned_call(), thinking=False)
     assert [name for name, _ in frames] == [
         "message_start", "content_block_start", "content_block_delta", "content_block_delta", "content_block_delta",
         "content_block_stop", "message_delta", "message_stop",
@@ -259,7 +258,7 @@ def test_anthropic_closes_an_abandoned_call_with_valid_json():
 def test_openai_closes_an_abandoned_call_with_valid_json():
     stream = openai.ChunkStream("m", include_usage=False)
     chunks = stream.start(ev.Started(30, 10))
-    for event in abandoned_then_text():
+    for event in abandoned_call():
         chunks += stream.feed(event)
     completion = openai.fold(stream, chunks)
     [call] = completion["choices"][0]["message"]["tool_calls"]
