@@ -17,7 +17,7 @@ from pathlib import Path
 from .blas import worker_blas
 from .breaker import CircuitBreaker
 from .bus import EventBus
-from .config import EngineConfig, hostfile_hosts
+from .config import HEARTBEAT, HEARTBEAT_S, EngineConfig, hostfile_hosts
 from .events import TERMINAL, Done, Error, Event, PrefillProgress, Started, TextDelta, ToolCallEnd
 from .metrics import BREAKER_STATES, Metrics
 from .request import Request
@@ -83,6 +83,7 @@ class EngineClient:
         self._stalled = False
         self._tasks: list[asyncio.Task] = []
         self._lost_rank: int | None = None
+        self._beats: dict[int, tuple[float, float, float | None]] = {}  # rank: (when, CPU seconds, CPU share)
         self._hosts = (hostfile_hosts(config.hostfile, config.backend) if config.hostfile
                        else [socket.gethostname()] * config.ranks)
 
@@ -132,13 +133,29 @@ class EngineClient:
         return {"state": self.state, "pid": self.pid, "restarts": self.restarts, "breaker": self.breaker.snapshot(),
                 "rank_states": self.rank_states()}
 
+    STALE_S = 3 * HEARTBEAT_S  # a rank silent this long is shown as stalled
+
     def rank_states(self) -> list[dict]:
-        """Each rank's host, pid and state (the group's, but "gone" for the rank whose end took the group down)."""
+        """Each rank's host, pid, state and share of a core in use (from its heartbeat).
+
+        The state is the group's, but "gone" for the rank whose end took the group down and
+        "stalled" for a rank whose heartbeat stopped (stopped, or starved of CPU).
+        """
         members = self.info.get("ranks")
         if not members:  # one worker, or a group still starting
             alone = len(self._hosts) == 1
             members = [{"rank": r, "host": h, "pid": self.pid if alone else None} for r, h in enumerate(self._hosts)]
-        return [{**m, "state": "gone" if m["rank"] == self._lost_rank else self.state} for m in members]
+        now = time.monotonic()
+        states = []
+        for m in members:
+            when, _, cpu = self._beats.get(m["rank"], (now, 0.0, None))
+            state = self.state
+            if m["rank"] == self._lost_rank:
+                state = "gone"
+            elif state == "ready" and now - when > self.STALE_S:
+                state = "stalled"
+            states.append({**m, "state": state, "cpu": cpu})
+        return states
 
     async def generate(
         self, request: Request, request_id: str | None = None, transcript: Transcript | None = None
@@ -269,12 +286,25 @@ class EngineClient:
 
     def _worker_output(self, line: str):
         """The worker's stderr, for the log: published on the bus and logged (stderr in --serve mode)."""
+        if line.startswith(HEARTBEAT):
+            self._heartbeat(line)
+            return
         log.warning("worker: %s", line)
         self.bus.publish("log", source="worker", line=line)
         if (ended := RANK_ENDED.search(line)) and self._lost_rank is None:
             self._lost_rank = int(ended[1])
             if self.state == "ready":  # the other ranks would wait for it, idle or not: restart the group now
                 self.worker.kill()
+
+    def _heartbeat(self, line: str):
+        try:
+            rank, cpu = line.removeprefix(HEARTBEAT).split()
+            rank, cpu = int(rank), float(cpu)
+        except ValueError:
+            return  # a line cut by another rank's output
+        now = time.monotonic()
+        when, last_cpu, share = self._beats.get(rank, (now, cpu, None))
+        self._beats[rank] = (now, cpu, (cpu - last_cpu) / (now - when) if now > when else share)
 
     def _exited(self, code: int):
         self._exit_code = code
@@ -303,6 +333,7 @@ class EngineClient:
         self._exit.clear()
         self._fatal = None
         self._lost_rank = None
+        self._beats.clear()
         started = await self.worker.start(self.config)
         if started:
             ready = asyncio.ensure_future(self._ready.wait())
@@ -326,6 +357,9 @@ class EngineClient:
         while True:
             await self._exit.wait()
             reason = "stalled" if self._stalled else f"exited (code {self._exit_code})"
+            if self._stalled and len(self._beats) > 1:  # name the rank heard from least recently
+                rank, (when, _, _) = min(self._beats.items(), key=lambda item: item[1][0])
+                reason += f": rank {rank} ({self._hosts[rank]}) silent for {time.monotonic() - when:.1f} s"
             if self._lost_rank is not None:
                 reason += f": rank {self._lost_rank} ({self._hosts[self._lost_rank]}) ended"
             self._stalled = False

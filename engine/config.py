@@ -79,6 +79,10 @@ def model_problem(ref: str) -> str | None:
     return f"{ref}: no such model directory"
 
 
+HEARTBEAT = "mlx-tui rank alive:"  # each rank of a group says so on stderr once a second, with its CPU seconds
+HEARTBEAT_S = 1.0
+
+
 def hostfile_hosts(path: str, backend: str) -> list[str]:
     """The hosts, one a rank, of the `mlx.launch` hostfile at `path`; ValueError (one line) if it cannot be used."""
     from mlx._distributed_utils.common import Hostfile  # the parser mlx.launch itself uses

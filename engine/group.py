@@ -10,6 +10,7 @@ prefixes, and each keeps its own shard of the cached KV state.
 import os
 import pickle
 import socket
+import sys
 import threading
 import time
 
@@ -18,6 +19,7 @@ import numpy as np
 from mlx_lm.generate import generation_stream
 from mlx_lm.models.cache import KVCache
 
+from .config import HEARTBEAT, HEARTBEAT_S
 from .disk_cache import DiskCache
 from .prefix_cache import Entry
 
@@ -95,6 +97,21 @@ def seed(group: mx.distributed.Group):
     """The same random state on every rank, so sampled tokens agree (as `mlx_lm.server` does)."""
     state = mx.distributed.all_sum(mx.random.state[0], group=group, stream=generation_stream)
     mx.random.seed(state.view(mx.uint64).item())
+
+
+def heartbeat(rank: int):
+    """Say on stderr, once a second, that this rank runs and how much CPU time it has used.
+
+    mlx.launch passes it on to the front process, which can then tell a rank that has
+    stopped (or is starved) from the others while the group waits for it.
+    """
+
+    def beat():
+        while True:
+            print(f"{HEARTBEAT} {rank} {time.process_time():.3f}", file=sys.stderr, flush=True)
+            time.sleep(HEARTBEAT_S)
+
+    threading.Thread(target=beat, daemon=True).start()
 
 
 def describe(group: mx.distributed.Group) -> dict:

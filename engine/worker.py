@@ -122,6 +122,7 @@ def main(argv: list[str] = sys.argv[1:]) -> int:
     if rank is not None:
         on_timeout = (lambda: conn.send(("fatal", unmet(config)))) if conn else (lambda: None)
         group = ranks.init(argv[1], on_timeout)
+        ranks.heartbeat(rank)
         config = ranks.share(group, config if conn else None)
 
     def progress(phase: str, fraction: float):

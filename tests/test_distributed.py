@@ -288,6 +288,29 @@ def test_uneven_pipeline_stages_keep_and_evict_the_same_entries(loop, make_engin
         assert isinstance(events[-1], Done) and raw(events) == expected, name
 
 
+def test_a_stopped_rank_shows_as_stalled_until_it_runs_again(loop, make_engine):
+    engine = make_engine(ranks=2)
+    rank1 = engine.info["ranks"][1]["pid"]
+
+    async def until(holds) -> list[dict]:
+        while not holds(ranks := engine.rank_states()):
+            await asyncio.sleep(0.1)  # the states follow the heartbeats' age
+        return ranks
+
+    def heard_from_both(ranks):
+        return all(r["state"] == "ready" and r["cpu"] is not None for r in ranks)
+
+    loop.run(asyncio.wait_for(until(heard_from_both), 30))
+    os.kill(rank1, signal.SIGSTOP)
+    try:
+        ranks = loop.run(asyncio.wait_for(until(lambda ranks: ranks[1]["state"] == "stalled"), 30))
+        assert ranks[0]["state"] == "ready"
+    finally:
+        os.kill(rank1, signal.SIGCONT)
+    loop.run(asyncio.wait_for(until(heard_from_both), 30))
+    assert isinstance(loop.run(collect(engine, request_for("capital")))[-1], Done)
+
+
 def test_a_hung_rank_is_caught_by_the_watchdog(loop, make_engine):
     engine = make_engine(ranks=2, loop_window=0, stall_timeout=1.5)
     rank1 = engine.info["ranks"][1]["pid"]
@@ -298,7 +321,7 @@ def test_a_hung_rank_is_caught_by_the_watchdog(loop, make_engine):
         return events
 
     events = loop.run(asyncio.wait_for(scenario(), 120))
-    assert isinstance(events[-1], Error) and "stalled" in events[-1].message
+    assert isinstance(events[-1], Error) and "stalled: rank 1 (" in events[-1].message, events[-1].message
     assert isinstance(loop.run(collect(engine, request_for("capital")))[-1], Done)
     with pytest.raises(ProcessLookupError):
         os.kill(rank1, 0)  # the whole group was killed, the stopped rank too

@@ -38,6 +38,16 @@ def bar(used: float, budget: float, width: int) -> Text:
     return Text.assemble(("█" * filled, style), ("░" * (cells - filled), "dim"), figures)
 
 
+def rank_label(rank: dict) -> str:
+    """A rank's number and host, the share of a core it uses, and its state where it stands out."""
+    label = f"{rank['rank']} {rank['host'] or fmt.DASH}"
+    if rank.get("cpu") is not None:
+        label += f" {rank['cpu']:.0%}"
+    if rank["state"] in ("stalled", "gone"):
+        label += f" {rank['state']}"
+    return label
+
+
 class Panel(Static):
     """A panel drawn from the state by `show()`; its size is set by the layout, not by what it shows."""
 
@@ -75,7 +85,7 @@ class EnginePanel(Panel):
         t.add_row("worker", worker)
         if len(ranks := stats.get("rank_states") or []) > 1:
             t.add_row("ranks", Text("  ").join(
-                dot(f"{r['rank']} {r['host'] or fmt.DASH}", WORKER_STYLES.get(r["state"] if w.state == "ready" else w.state, "bold red"))
+                dot(rank_label(r), WORKER_STYLES.get(r["state"] if w.state == "ready" else w.state, "bold red"))
                 for r in ranks))
         if w.message:
             t.add_row("", Text(w.message, style="red"))
