@@ -39,7 +39,16 @@ class LoopThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def close(self):
+        """Cancel what still runs on the loop (such as sse-starlette's shutdown watcher), then stop it."""
+        self.run(self._cancel_the_rest())
         self.loop.call_soon_threadsafe(self.loop.stop)
+
+    @staticmethod
+    async def _cancel_the_rest():
+        rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in rest:
+            task.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
 
 
 def free_port() -> int:
