@@ -7,6 +7,7 @@ import json
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Iterable
+from contextlib import aclosing
 from typing import Any
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -19,7 +20,7 @@ from mlx_tui.engine.request import Sampling
 
 from . import serving
 from .anthropic_models import Message, MessagesRequest, TextBlock, ToolResultBlock
-from .errors import KIND_STATUS, ApiError, anthropic_error, from_event
+from .errors import KIND_STATUS, ApiError, anthropic_error
 
 # Claude Code's first system block carries a value that changes on every request; left in,
 # it would start the prompt and defeat the prefix cache. It means nothing to a local model.
@@ -282,13 +283,7 @@ async def messages(request: Request) -> Response:
 
 async def respond(exchange: serving.Exchange, stream: MessageStream) -> JSONResponse:
     try:
-        frames = stream.start(await exchange.start())
-        async with exchange.rest() as events:
-            async for event in events:
-                if isinstance(event, ev.Error):
-                    raise from_event(event)
-                frames += stream.feed(event)
-        message = fold(frames)
+        message = fold(await exchange.collect(stream))
         exchange.sent(serving.dumps(message))
         return JSONResponse(message)
     finally:
@@ -297,12 +292,9 @@ async def respond(exchange: serving.Exchange, stream: MessageStream) -> JSONResp
 
 async def sse(exchange: serving.Exchange, stream: MessageStream, started: ev.Started) -> AsyncIterator[ServerSentEvent]:
     try:
-        async with exchange.rest() as events:
-            for frame in stream.start(started):
+        async with aclosing(exchange.frames(stream, started)) as frames:
+            async for frame in frames:
                 yield encode(exchange, frame)
-            async for event in events:
-                for frame in stream.feed(event):
-                    yield encode(exchange, frame)
     finally:
         exchange.finish()
 

@@ -4,6 +4,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable
+from contextlib import aclosing
 from typing import Any
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -15,7 +16,7 @@ from mlx_tui.engine.request import Request as EngineRequest
 from mlx_tui.engine.request import Sampling
 
 from . import serving
-from .errors import KIND_STATUS, ApiError, from_event, openai_error
+from .errors import KIND_STATUS, ApiError, openai_error
 from .openai_models import ChatMessage, ChatRequest, Function, Part
 
 FINISH_REASONS = {"end": "stop", "length": "length", "stop_sequence": "stop", "tool_calls": "tool_calls"}
@@ -230,13 +231,7 @@ async def chat_completions(request: Request) -> Response:
 
 async def respond(exchange: serving.Exchange, stream: ChunkStream) -> JSONResponse:
     try:
-        chunks = stream.start(await exchange.start())
-        async with exchange.rest() as events:
-            async for event in events:
-                if isinstance(event, ev.Error):
-                    raise from_event(event)
-                chunks += stream.feed(event)
-        completion = fold(stream, chunks)
+        completion = fold(stream, await exchange.collect(stream))
         exchange.sent(serving.dumps(completion))
         return JSONResponse(completion)
     finally:
@@ -245,12 +240,9 @@ async def respond(exchange: serving.Exchange, stream: ChunkStream) -> JSONRespon
 
 async def sse(exchange: serving.Exchange, stream: ChunkStream, started: ev.Started) -> AsyncIterator[ServerSentEvent]:
     try:
-        async with exchange.rest() as events:
-            for chunk in stream.start(started):
+        async with aclosing(exchange.frames(stream, started)) as chunks:
+            async for chunk in chunks:
                 yield encode(exchange, chunk)
-            async for event in events:
-                for chunk in stream.feed(event):
-                    yield encode(exchange, chunk)
         yield ServerSentEvent("[DONE]")
     finally:
         exchange.finish()

@@ -95,6 +95,25 @@ class Exchange:
         """The events after Started, in a context that closes (and so cancels) the generation when left early."""
         return aclosing(self.events)
 
+    async def collect(self, stream) -> list:
+        """Every frame of a reply that is not streamed, from a protocol's `stream` (start, feed); an engine Error raises ApiError."""
+        frames = stream.start(await self.start())
+        async with self.rest() as events:
+            async for event in events:
+                if isinstance(event, Error):
+                    raise from_event(event)
+                frames += stream.feed(event)
+        return frames
+
+    async def frames(self, stream, started: Started) -> AsyncGenerator:
+        """A streamed reply's frames from a protocol's `stream`, as the engine's events arrive."""
+        async with self.rest() as events:
+            for frame in stream.start(started):
+                yield frame
+            async for event in events:
+                for frame in stream.feed(event):
+                    yield frame
+
     def sent(self, text: str):
         self.engine.transcripts.sent(self.transcript, text)
 
