@@ -172,8 +172,8 @@ def test_killing_rank_1_mid_stream_restarts_the_whole_group(loop, make_engine):
 
     events, after = loop.run(scenario())
     assert isinstance(events[-1], Error) and events[-1].kind == "engine"
-    [failure] = failures
-    assert "rank 1 (" in failure and "ended" in failure, failure
+    # rank 0's failed batch step may come first; the group's exit names the rank that ended
+    assert any("rank 1 (" in failure and "ended" in failure for failure in failures), failures
     assert isinstance(after[-1], Done)
     assert engine.info["ranks"][1]["pid"] != rank1
     assert engine.breaker.failures == 0, "the failure was counted, then the success reset it"
