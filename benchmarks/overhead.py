@@ -85,6 +85,7 @@ def timed_scheduler(scheduler, request, n: int) -> dict:
 
 
 def run(model_dir, rounds: int, n: int) -> dict:
+    from mlx_tui.engine.cache_kinds import kv_bytes_per_token
     from mlx_tui.engine.config import EngineConfig
     from mlx_tui.engine.loader import load
     from mlx_tui.engine.prefix_cache import PrefixCache
@@ -93,7 +94,7 @@ def run(model_dir, rounds: int, n: int) -> dict:
 
     loaded = load(str(model_dir), lambda *a: None)
     config = EngineConfig(model=str(model_dir), transcripts_dir=None, cache_dir=None, loop_window=0, max_concurrency=8)
-    scheduler = Scheduler(loaded, config, PrefixCache(1 << 30))
+    scheduler = Scheduler(loaded, config, PrefixCache(1 << 30), kv_bytes_per_token(loaded.model))
     model, tokenizer = loaded.model, loaded.tokenizer
     prompt = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True)
     request = Request(messages=PROMPT, max_tokens=n)

@@ -17,11 +17,10 @@ import time
 import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import generation_stream
-from mlx_lm.models.cache import KVCache
 
 from .config import HEARTBEAT, HEARTBEAT_S
 from .disk_cache import DiskCache
-from .prefix_cache import Entry
+from .prefix_cache import Entry, truncate
 
 # Every collective here runs on the stream mlx-lm's BatchGenerator evaluates the model on: on another
 # stream, a step's broadcast could reach the sockets between the model's own all-reduces.
@@ -81,6 +80,11 @@ def gather(group: mx.distributed.Group, obj) -> list:
 def least(group: mx.distributed.Group, *values: int) -> list[int]:
     """Each value's smallest over the ranks, on every rank."""
     return mx.distributed.all_min(mx.array([int(v) for v in values]), group=group, stream=generation_stream).tolist()
+
+
+def whole(group: mx.distributed.Group, value: int) -> int:
+    """The sum of `value` over the ranks, on every rank."""
+    return int(mx.distributed.all_sum(mx.array(int(value)), group=group, stream=generation_stream).item())
 
 
 def cache_budget(group: mx.distributed.Group, budget: int, bytes_per_token: int) -> int:
@@ -153,18 +157,9 @@ class GroupDiskCache(DiskCache):
         if not sound:
             return None
         if len(loaded.tokens) > agreed:
-            loaded = Entry(loaded.tokens[:agreed], cut(loaded.layers, agreed), False, clock)
+            if (n := loaded.resumable(agreed)) <= beyond:  # alike on every rank: their entries have one shape
+                return None
+            loaded = truncate(loaded, n, clock)
         loaded.checkpoint = bool(checkpoint)
         return loaded
 
-
-def cut(layers: list, length: int) -> list:
-    """Copies of the layers' first `length` tokens, holding no more memory than those."""
-    out = []
-    for layer in layers:
-        c = KVCache()
-        c.keys, c.values = (mx.contiguous(a[..., :length, :]) for a in (layer.keys, layer.values))
-        c.offset = length
-        out.append(c)
-    mx.eval([(c.keys, c.values) for c in out])
-    return out

@@ -1,8 +1,12 @@
-"""The prefix KV cache: the longest cached prefix of a prompt is reused instead of prefilled again.
+"""The prefix cache: the longest cached prefix of a prompt is reused instead of prefilled again.
 
-Entries are mlx-lm `KVCache` layers of one sequence together with the tokens they hold.
-A hit hands the batch a view of an entry cut to the shared prefix; `BatchKVCache.merge`
-copies what it reads, so stored entries are never written to.
+An entry is the state of every cache layer after its tokens, for one sequence, plus
+*snapshots*: the state of the layers that cannot be cut (sliding windows that have rotated,
+recurrent state) at earlier positions where prompts part ways (see `cache_kinds`). A prompt
+resumes at the longest position where every layer can resume: any shared token on a model
+of plain KV layers, else the entry's end or one of its snapshots. A hit hands the batch
+views of the stored arrays; mlx-lm's batch caches copy what they merge, so stored entries
+are never written to.
 """
 
 import time
@@ -10,10 +14,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
-from mlx_lm.models.cache import KVCache
+
+from . import cache_kinds
 
 if TYPE_CHECKING:
     from .disk_cache import DiskCache
+
+MAX_SNAPSHOTS = 8  # per entry; the positions the request asked for come first, then the latest
 
 
 @dataclass(eq=False, slots=True)
@@ -22,11 +29,31 @@ class Entry:
     layers: list
     checkpoint: bool
     last_used: float
+    snapshots: dict[int, list] = field(default_factory=dict)
     hits: int = 0
     nbytes: int = field(init=False)
+    cuttable: bool = field(init=False)
 
     def __post_init__(self):
-        self.nbytes = sum(layer.nbytes for layer in self.layers)
+        self.cuttable = all(cache_kinds.cuttable(layer) for layer in self.layers)
+        self.count()
+
+    def count(self):
+        self.nbytes = cache_kinds.nbytes(self.layers + [x for s in self.snapshots.values() for x in s])
+
+    def resumable(self, n: int) -> int:
+        """The longest position up to `n` where every layer of this entry can resume."""
+        if n >= len(self.tokens) or self.cuttable:
+            return min(n, len(self.tokens))
+        return max((p for p in self.snapshots if p <= n), default=0)
+
+    def layers_at(self, n: int) -> list:
+        """The layers' state after the first `n` tokens (a position `resumable` gave), sharing the stored arrays."""
+        if n == len(self.tokens):
+            return [layer if not cache_kinds.is_kv(layer) else cache_kinds.cut(layer, n) for layer in self.layers]
+        if (kept := self.snapshots.get(n)) is None:
+            return [cache_kinds.cut(layer, n) for layer in self.layers]
+        return [cache_kinds.resume(end, k, n) for end, k in zip(self.layers, kept)]
 
     def value(self, now: float) -> float:
         """Tokens it is expected to save, discounted by how long it has gone unused."""
@@ -39,19 +66,10 @@ def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     return int(differ[0]) if len(differ) else n
 
 
-def view(layers: list, length: int) -> list:
-    """The layers cut to their first `length` tokens, sharing the stored arrays."""
-    out = []
-    for layer in layers:
-        cut = KVCache()
-        cut.keys, cut.values, cut.offset = layer.keys, layer.values, length
-        out.append(cut)
-    return out
-
-
-def reusable(layers: list) -> bool:
-    """Only plain KV caches can be cut at any token; other kinds are not cached."""
-    return bool(layers) and all(type(layer) is KVCache for layer in layers)
+def truncate(entry: Entry, n: int, clock: float) -> Entry:
+    """A new entry holding `entry` up to `n` tokens (a resumable position), in copies of no more than that."""
+    snapshots = {p: s for p, s in entry.snapshots.items() if p < n}
+    return Entry(entry.tokens[:n], [cache_kinds.owned(x) for x in entry.layers_at(n)], False, clock, snapshots)
 
 
 @dataclass(slots=True)
@@ -62,6 +80,16 @@ class CacheStats:
     prompt_tokens: int = 0
     reused_tokens: int = 0
     evictions: int = 0
+    snapshot_hits: int = 0
+
+
+@dataclass(slots=True)
+class Match:
+    """A prompt's longest resumable cached prefix: the layers after its first `length` tokens."""
+
+    layers: list | None = None
+    length: int = 0
+    entry: Entry | None = None
 
 
 class PrefixCache:
@@ -85,51 +113,88 @@ class PrefixCache:
     def nbytes(self) -> int:
         return sum(e.nbytes for e in self.entries)
 
-    def longest(self, tokens: np.ndarray) -> tuple[Entry | None, int]:
+    @property
+    def snapshot_count(self) -> int:
+        return sum(len(e.snapshots) for e in self.entries)
+
+    @property
+    def snapshot_nbytes(self) -> int:
+        return sum(cache_kinds.nbytes([x for s in e.snapshots.values() for x in s]) for e in self.entries)
+
+    def longest(self, tokens: np.ndarray, limit: int) -> tuple[Entry | None, int]:
+        """The entry that can resume furthest into `tokens`, at most `limit` tokens in."""
         best, best_len = None, 0
         for entry in self.entries:
-            n = common_prefix(entry.tokens, tokens)
+            n = entry.resumable(min(common_prefix(entry.tokens, tokens), limit))
             if n > best_len:
                 best, best_len = entry, n
         return best, best_len
 
-    def match(self, tokens: list[int]) -> tuple[list | None, int]:
-        """Layers holding the longest cached prefix of `tokens` (at most all but the last), and its length."""
+    def match(self, tokens: list[int]) -> Match:
+        """The longest resumable cached prefix of `tokens` (at most all but the last)."""
         prompt = np.asarray(tokens, dtype=np.int64)
-        entry, n = self.longest(prompt)
+        limit = len(tokens) - 1
+        entry, n = self.longest(prompt, limit)
         if self.disk and (loaded := self.disk.fetch(prompt, n, self.clock())):
             self.add(loaded)
-            entry, n = loaded, common_prefix(loaded.tokens, prompt)
+            entry, n = loaded, loaded.resumable(min(common_prefix(loaded.tokens, prompt), limit))
             self.stats.disk_hits += 1
-        n = min(n, len(tokens) - 1)
         self.stats.lookups += 1
         self.stats.prompt_tokens += len(tokens)
         if entry is None or n <= 0:
-            return None, 0
+            return Match()
         entry.hits += 1
         entry.last_used = self.clock()
         self.stats.hits += 1
+        self.stats.snapshot_hits += n in entry.snapshots
         self.stats.reused_tokens += n
-        return view(entry.layers, n), n
+        return Match(entry.layers_at(n), n, entry)
 
-    def store(self, tokens: list[int], layers: list, checkpoint: bool = False) -> Entry | None:
-        """Keep `layers` as the state after `tokens`; returns the entry unless it cannot fit."""
-        if not tokens or not reusable(layers):
+    def store(
+        self,
+        tokens: list[int],
+        layers: list,
+        checkpoint: bool = False,
+        snapshots: dict[int, list] | None = None,
+        keep: set[int] = frozenset(),
+    ) -> Entry | None:
+        """Keep `layers` as the state after `tokens`, with `snapshots` of earlier positions; returns the entry unless it cannot fit.
+
+        Snapshots of entries that share a prefix with the new one are shared into it, and an
+        entry the new one extends is dropped (its end state becomes one of the new one's
+        snapshots); past `MAX_SNAPSHOTS`, those at positions in `keep` are kept first.
+        """
+        if not tokens or not all(isinstance(layer, cache_kinds.BATCHABLE) for layer in layers):
             return None
         now = self.clock()
-        entry = Entry(np.asarray(tokens, dtype=np.int64), layers, checkpoint, now)
-        if self._cost(entry) > self.budget:
-            return None
+        asked = dict(snapshots or {})
+        entry = Entry(np.asarray(tokens, dtype=np.int64), layers, checkpoint, now, asked)
         for old in self.entries:
             if len(old.tokens) == len(entry.tokens) and common_prefix(old.tokens, entry.tokens) == len(entry.tokens):
                 old.last_used = now
                 return old
+        if not entry.cuttable:
+            self._inherit(entry, keep=set(asked) | set(keep))
+        if self._cost(entry) > self.budget:
+            return None
         self.entries = [e for e in self.entries if e.checkpoint or not self._covers(entry, e)]
         self.entries.append(entry)
         self._evict(now, keep=entry)
         if self.disk:
             self.disk.save(entry)
         return entry
+
+    def _inherit(self, entry: Entry, keep: set[int]):
+        """Share into `entry` the snapshots (and ends) of other entries at positions inside its prefix."""
+        found = dict(entry.snapshots)
+        for old in self.entries:
+            shared = common_prefix(old.tokens, entry.tokens)
+            found |= {p: s for p, s in old.snapshots.items() if p <= shared and p not in found}
+            if shared == len(old.tokens) < len(entry.tokens) and shared not in found:
+                found[shared] = [cache_kinds.snapshot(layer) for layer in old.layers]
+        latest = sorted((p for p in found if p not in keep), reverse=True)[: max(0, MAX_SNAPSHOTS - len(keep))]
+        entry.snapshots = {p: found[p] for p in sorted(found) if p in keep or p in latest}
+        entry.count()
 
     def add(self, entry: Entry):
         """Take in an entry loaded from elsewhere (the disk tier), making room for it."""

@@ -6,15 +6,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 from mlx_lm.generate import BatchGenerator
 
-from . import faults, sampling
+from . import cache_kinds, faults, sampling
 from .config import EngineConfig
 from .events import Done, Error, Event, PrefillProgress, Queued, Started, Timings, Usage
 from .loader import Loaded
 from .output import MarkupParser, OutputStream
-from .prefix_cache import PrefixCache, TurnMemory
+from .prefix_cache import PrefixCache, TurnMemory, longest
 from .request import Request
 
 Tagged = tuple[int, Event]
@@ -26,13 +25,19 @@ class RequestError(Exception):
 
 @dataclass(slots=True)
 class Prompt:
-    """Rendered tokens; `system_end` is where the system prompt and tools end (0: none)."""
+    """Rendered tokens; `system_end` is where the system prompt and tools end (0: none).
+
+    `boundaries` are the token positions where later prompts are likely to part from this
+    one (around the last user message); models whose cache cannot be cut anywhere keep
+    snapshots there.
+    """
 
     text: str
     tokens: list[int]
     state: str
     body: str
     system_end: int = 0
+    boundaries: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -45,6 +50,8 @@ class Active:
     prompt_tokens: int
     cached_tokens: int
     checkpoint_at: int
+    snapshot_at: set[int] = field(default_factory=set)
+    snapshots: dict[int, list] = field(default_factory=dict)
     submitted: float = field(default_factory=time.perf_counter)
     prefill_started: float | None = None
     prefilled: int = 0
@@ -54,19 +61,10 @@ class Active:
     reply: list[int] = field(default_factory=list)
 
 
-def kv_bytes_per_token(model) -> int:
-    """Bytes of KV cache one token takes, from the model's settings (0 where they are unknown)."""
-    args = getattr(model, "args", None)
-    layers = getattr(args, "num_hidden_layers", 0)
-    heads = getattr(args, "num_attention_heads", 0)
-    kv_heads = getattr(args, "num_key_value_heads", None) or heads
-    head_dim = getattr(args, "head_dim", None) or (getattr(args, "hidden_size", 0) // heads if heads else 0)
-    itemsize = next(iter(tree_flatten(model.parameters())))[1].dtype.size
-    return 2 * layers * kv_heads * head_dim * itemsize
-
-
 class Scheduler:
-    def __init__(self, loaded: Loaded, config: EngineConfig, cache: PrefixCache):
+    """`kv_bytes_per_token`: what one more token of a request adds to the cache (see `cache_kinds`)."""
+
+    def __init__(self, loaded: Loaded, config: EngineConfig, cache: PrefixCache, kv_bytes_per_token: int):
         self.cache = cache
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -90,7 +88,11 @@ class Scheduler:
         self.prefill_tokens_total = 0
         self.generation_tokens_total = 0
         self.failures: list[str] = []
-        self.kv_bytes_per_token = kv_bytes_per_token(self.model)
+        self.kv_bytes_per_token = kv_bytes_per_token
+        self.cache_mode = cache_kinds.mode(self.model)
+        self.snapshotting = self.cache_mode != "any token"
+        # KV layers pad soundly; a model with other layers is checked, and prefilled one request at a time if need be
+        self.prefill_together = not self.snapshotting or cache_kinds.padded_prefill_sound(self.model)
         self.turns = TurnMemory(self.tokenizer.decode)
         self.generator = self._new_generator()
 
@@ -101,7 +103,7 @@ class Scheduler:
             max_tokens=self.config.max_tokens,
             stop_tokens=[[t] for t in self.tokenizer.eos_token_ids],
             completion_batch_size=n,
-            prefill_batch_size=n,
+            prefill_batch_size=n if self.prefill_together else 1,
             prefill_step_size=self.config.prefill_step,
         )
 
@@ -128,7 +130,10 @@ class Scheduler:
             state, body = MarkupParser.TOOL, self._forced_call(request)
             text += self.tool[0] + body
         tokens = self.turns.encode(text, self._encode)
-        return Prompt(text, tokens, state, body, self._system_end(request.messages, tools, text, tokens))
+        prompt = Prompt(text, tokens, state, body, self._system_end(request.messages, tools, text, tokens))
+        if self.snapshotting:
+            prompt.boundaries = self._boundaries(request.messages, tools, text, tokens)
+        return prompt
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -146,6 +151,32 @@ class Scheduler:
             return 0
         head_tokens = self.tokenizer.encode(head, add_special_tokens=False)
         return len(head_tokens) if tokens[: len(head_tokens)] == head_tokens else 0
+
+    def _boundaries(self, messages: list[dict], tools, text: str, tokens: list[int]) -> list[int]:
+        """Where the last user message starts and ends, in tokens, where the prompt renders them so."""
+        last = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=0)
+        found = []
+        for head in (messages[:last], messages[: last + 1]):
+            if not any(m.get("role") != "system" for m in head):
+                continue  # the system turn alone is the checkpoint
+            try:
+                rendered = self.tokenizer.apply_chat_template(head, tools=tools, tokenize=False)
+            except Exception:  # a template may refuse to render a conversation cut there
+                continue
+            if n := self._position(rendered, text, tokens):
+                found.append(n)
+        return found
+
+    def _position(self, head: str, text: str, tokens: list[int]) -> int:
+        """How many of `tokens` (the ids of `text`) spell exactly `head`, a prefix of `text`; 0 if none do."""
+        if not head or not text.startswith(head):
+            return 0
+        encoded = self._encode(head)
+        if tokens[: len(encoded)] == encoded:
+            return len(encoded)
+        decode = self.tokenizer.decode
+        n = longest(len(tokens), lambda k: head.startswith(decode(tokens[:k])))
+        return n if decode(tokens[:n]) == head else 0
 
     def _forced_call(self, request: Request) -> str:
         if not self.tool:
@@ -176,12 +207,17 @@ class Scheduler:
         except (RequestError, ValueError, TypeError) as e:
             return [(rid, Error("invalid_request", str(e)))]
         tokens = prompt.tokens
-        layers, cached = self.cache.match(tokens)
+        hit = self.cache.match(tokens)
+        cached = hit.length
         checkpoint_at = prompt.system_end if prompt.system_end > cached else 0
-        segments = [tokens[cached:checkpoint_at], tokens[checkpoint_at:]] if checkpoint_at else [tokens[cached:]]
+        snapshot_at = set()
+        if self.snapshotting:
+            snapshot_at = {n for n in [*prompt.boundaries, prompt.system_end, len(tokens) - 1] if cached < n < len(tokens)}
+        cuts = sorted(snapshot_at | {checkpoint_at} - {0})
+        segments = [tokens[a:b] for a, b in zip([cached, *cuts], [*cuts, len(tokens)])]
         [uid] = self.generator.insert_segments(
             [segments],
-            caches=[layers] if layers else None,
+            caches=[hit.layers] if hit.layers else None,
             all_tokens=[tokens[:cached]],
             max_tokens=[max_tokens],
             samplers=[sampler],
@@ -193,7 +229,9 @@ class Scheduler:
         output = OutputStream(self.tokenizer.detokenizer, request.stop, markup)
         guard = sampling.LoopGuard(self.config.loop_window, self.config.loop_max_period)
         ahead = sum(a.prefill_started is None for a in self.active.values())
-        self.active[uid] = Active(rid, uid, output, guard, prompt, len(tokens), cached, checkpoint_at, fault=fault)
+        self.active[uid] = Active(
+            rid, uid, output, guard, prompt, len(tokens), cached, checkpoint_at, snapshot_at, fault=fault
+        )
         self.uid_of[rid] = uid
         self.prompt_tokens_total += len(tokens)
         cached_chars = len(self.tokenizer.decode(tokens[:cached])) if cached else 0
@@ -237,16 +275,28 @@ class Scheduler:
                 self.prefill_tokens_total += done - a.prefilled
                 a.prefilled = done
                 events.append((a.rid, PrefillProgress(done, total)))
-                if a.checkpoint_at and r.end_of_segment and not r.end_of_prompt:
-                    layers, tokens = self.generator.extract_cache([a.uid])[a.uid]
-                    self.cache.store(tokens, layers, checkpoint=True)
-                    a.checkpoint_at = 0
+                if r.end_of_segment and not r.end_of_prompt:
+                    self._segment_ended(a, a.cached_tokens + done)
         if generation_responses:
             self.batch_sizes[len(generation_responses)] += 1
         for r in generation_responses:
             if a := self.active.get(r.uid):
                 events += self._token(a, r, now)
         return events
+
+    def _segment_ended(self, a: Active, position: int):
+        """Keep the state at a checkpoint or snapshot position the prefill just reached."""
+        if position == a.checkpoint_at:
+            layers, tokens = self.generator.extract_cache([a.uid])[a.uid]
+            self.cache.store(list(tokens), layers, checkpoint=True)
+            a.checkpoint_at = 0
+        if position in a.snapshot_at:
+            a.snapshots[position] = cache_kinds.snapshot_row(self.generator, a.uid)
+
+    def _keep(self, a: Active, tokens: list[int], layers: list):
+        """Store what a request leaves in the batch, with its snapshots, keeping its boundaries before others."""
+        keep = {*a.prompt.boundaries, a.prompt.system_end, a.cached_tokens, len(a.prompt.tokens) - 1}
+        self.cache.store(list(tokens), layers, snapshots=a.snapshots, keep=keep)
 
     def _token(self, a: Active, r, now: float) -> list[Tagged]:
         a.first_token = a.first_token or now
@@ -281,7 +331,7 @@ class Scheduler:
             self._retire(a, still_batched=True)
         else:
             self._retire(a, still_batched=False)
-            self.cache.store(r.all_tokens, r.prompt_cache)
+            self._keep(a, r.all_tokens, r.prompt_cache)
         if reason != "error":
             if reason == "end" and a.output.markup.calls:
                 reason = "tool_calls"
@@ -310,7 +360,7 @@ class Scheduler:
             kept = self.generator.remove([a.uid], return_prompt_caches=True)
             if a.uid in kept and a.prefill_started is not None:
                 layers, tokens = kept[a.uid]
-                self.cache.store(tokens, layers)
+                self._keep(a, tokens, layers)
         del self.active[a.uid]
         del self.uid_of[a.rid]
 
@@ -348,6 +398,10 @@ class Scheduler:
                 "prompt_tokens": cache.prompt_tokens,
                 "reused_tokens": cache.reused_tokens,
                 "evictions": cache.evictions,
+                "mode": self.cache_mode,
+                "snapshots": self.cache.snapshot_count,
+                "snapshot_bytes": self.cache.snapshot_nbytes,
+                "snapshot_hits": cache.snapshot_hits,
             },
             "memory": {"active": mx.get_active_memory(), "peak": mx.get_peak_memory(),
                        "running_kv": self.generator.prompt_cache_nbytes},

@@ -24,13 +24,14 @@ import time
 from pathlib import Path
 from multiprocessing.connection import Client, Connection
 
+from . import cache_kinds
 from . import group as ranks
 from .config import EngineConfig
 from .disk_cache import DiskCache
 from .events import Error
 from .loader import ModelError, load
 from .prefix_cache import PrefixCache
-from .scheduler import RequestError, Scheduler, kv_bytes_per_token
+from .scheduler import RequestError, Scheduler
 
 
 def read_inbox(conn: Connection, inbox: queue.Queue):
@@ -134,6 +135,8 @@ def main(argv: list[str] = sys.argv[1:]) -> int:
             config.model, progress, config.tool_parser, config.chat_template,
             group=group, shard=config.shard, dtype=config.dtype,
         )
+        if why := cache_kinds.unbatchable(loaded.model):
+            raise ModelError(f"{config.model}: {why}, so mlx-tui cannot serve it")
     except ModelError as e:
         if conn:
             conn.send(("fatal", str(e)))
@@ -145,12 +148,13 @@ def main(argv: list[str] = sys.argv[1:]) -> int:
         where = (Path(config.cache_dir) / loaded.identity, int(config.cache_disk_gb * 2**30), loaded.identity)
         disk = ranks.GroupDiskCache(group, *where) if group else DiskCache(*where)
     clock = ranks.Clock() if group else time.monotonic
-    per_token = kv_bytes_per_token(loaded.model)  # the whole model's, the same on every rank (0: unknown)
-    if group and per_token:
+    per_token = cache_kinds.kv_bytes_per_token(loaded.model)
+    if group:
+        per_token = ranks.whole(group, per_token)  # the whole model's, the same on every rank
         cache = PrefixCache(ranks.cache_budget(group, config.cache_ram_bytes, per_token), disk, clock, per_token)
     else:
         cache = PrefixCache(config.cache_ram_bytes, disk, clock)
-    scheduler = Scheduler(loaded, config, cache)
+    scheduler = Scheduler(loaded, config, cache, per_token)
     members = {}
     if group is not None:
         ranks.seed(group)
@@ -170,6 +174,7 @@ def main(argv: list[str] = sys.argv[1:]) -> int:
                 "dtype": loaded.dtype,
                 "dtype_note": loaded.dtype_note,
                 "tool_parser": scheduler.parser_name,
+                "cache_mode": scheduler.cache_mode,
                 "thinking": scheduler.think is not None,
                 "eos": sorted(tokenizer.eos_token_ids),
                 **members,

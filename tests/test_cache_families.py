@@ -1,0 +1,151 @@
+"""The prefix cache on every cache family mlx-lm runs: sliding windows, recurrent state, and mixes.
+
+Run in-process on the real scheduler (mlx-lm's BatchGenerator, our PrefixCache and disk
+tier) over tiny random models of each family. A resumed request must give the logits of a
+cold run, not only the same greedy tokens: a random model resumed from a wrong state can
+still pick the same tokens.
+"""
+
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from families import FAMILIES, build
+
+from mlx_tui.engine.config import EngineConfig
+from mlx_tui.engine.demo.conversations import TOOLS, user
+from mlx_tui.engine.disk_cache import DiskCache
+from mlx_tui.engine.events import Done, Started
+from mlx_tui.engine.loader import load
+from mlx_tui.engine.prefix_cache import PrefixCache
+from mlx_tui.engine.request import Request
+from mlx_tui.engine.scheduler import Scheduler
+from mlx_tui.engine import cache_kinds
+
+SYSTEM = {"role": "system", "content": "You are a careful assistant who checks the weather. " * 6}
+TOLERANCE = 2e-3
+
+
+class Recording(Scheduler):
+    """The real scheduler, keeping each request's log-probabilities so that tests can compare them."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.logprobs: dict[int, list] = defaultdict(list)
+
+    def _token(self, a, r, now):
+        self.logprobs[a.rid].append(np.array(r.logprobs))
+        return super()._token(a, r, now)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request, tmp_path_factory):
+    path = build(request.param, tmp_path_factory.mktemp(request.param))
+    return load(str(path), lambda *a: None)
+
+
+def scheduler(loaded, disk: Path | None = None) -> Recording:
+    config = EngineConfig(model="", cache_dir=None, transcripts_dir=None, max_concurrency=4, prefill_step=64)
+    tier = DiskCache(disk, 1 << 30, "test") if disk else None
+    return Recording(loaded, config, PrefixCache(1 << 30, tier), cache_kinds.kv_bytes_per_token(loaded.model))
+
+
+def run(s: Recording, requests: dict[int, Request]) -> dict[int, list]:
+    """Submit the requests together and step until all are done; each one's events."""
+    events = defaultdict(list)
+    for rid, request in requests.items():
+        for r, e in s.submit(rid, request):
+            events[r].append(e)
+    while s.busy:
+        for r, e in s.step():
+            events[r].append(e)
+    assert all(isinstance(e[-1], Done) for e in events.values()), events
+    return events
+
+
+def cached(events: list) -> int:
+    return next(e for e in events if isinstance(e, Started)).cached_tokens
+
+
+def same_logits(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(np.allclose(x, y, atol=TOLERANCE) for x, y in zip(a, b))
+
+
+def ask(messages: list, **changes) -> Request:
+    return Request(**{"messages": messages, "tools": TOOLS, "max_tokens": 6} | changes)
+
+
+FIRST = [SYSTEM, user("What is the weather in Paris?")]
+# the same conversation further on, and two that part from it at message boundaries
+FOLLOW_UPS = {
+    "next_turn": FIRST + [{"role": "assistant", "content": "It is sunny."}, user("And in Rome?")],
+    "edited_question": [SYSTEM, user("What is the weather in Berlin today?")],
+    "other_reply": FIRST + [{"role": "assistant", "content": "I do not know."}, user("Why not?")],
+}
+
+
+def cold(loaded, request: Request) -> list:
+    s = scheduler(loaded)
+    events = run(s, {0: request})
+    assert cached(events[0]) == 0
+    return s.logprobs[0]
+
+
+@pytest.mark.parametrize("follow_up", list(FOLLOW_UPS))
+def test_a_resumed_request_gives_the_logits_of_a_cold_run(family, follow_up):
+    warm = scheduler(family)
+    run(warm, {0: ask(FIRST)})
+    request = ask(FOLLOW_UPS[follow_up])
+    events = run(warm, {1: request})
+    assert cached(events[1]) > len(family.tokenizer.encode(SYSTEM["content"])) // 2
+    assert same_logits(warm.logprobs[1], cold(family, request))
+
+
+def test_a_state_one_token_off_is_caught(family):
+    """The comparison above fails on a resume from the state one token before the position it claims."""
+    warm = scheduler(family)
+    run(warm, {0: ask(FIRST)})
+    request = ask(FOLLOW_UPS["edited_question"])
+    for entry in warm.cache.entries:
+        entry.snapshots = {p + 1: s for p, s in entry.snapshots.items()}
+        entry.cuttable = False
+    events = run(warm, {1: request})
+    assert cached(events[1]) > 0
+    assert not same_logits(warm.logprobs[1], cold(family, request))
+
+
+def test_the_disk_tier_holds_snapshots(family, tmp_path):
+    first = scheduler(family, tmp_path)
+    run(first, {0: ask(FIRST)})
+    first.cache.disk.flush()
+    restarted = scheduler(family, tmp_path)
+    request = ask(FOLLOW_UPS["other_reply"])
+    events = run(restarted, {1: request})
+    assert restarted.cache.stats.disk_hits == 1 and cached(events[1]) > 0
+    assert same_logits(restarted.logprobs[1], cold(family, request))
+
+
+def test_resumed_and_cold_requests_share_a_batch(family):
+    warm = scheduler(family)
+    run(warm, {0: ask(FIRST)})
+    requests = {
+        1: ask(FOLLOW_UPS["next_turn"], max_tokens=40),
+        2: ask([user("Tell me a story about a fox.")], max_tokens=40),
+        3: ask(FOLLOW_UPS["edited_question"], max_tokens=40),
+    }
+    events = run(warm, requests)
+    assert cached(events[1]) > 0 and cached(events[3]) > 0 and cached(events[2]) == 0
+    assert max(warm.batch_sizes) >= 3
+    for rid, request in requests.items():
+        assert same_logits(warm.logprobs[rid], cold(family, request)), rid
+
+
+def test_snapshots_count_against_the_budget_and_only_growing_layers_count_per_token(family):
+    s = scheduler(family)
+    run(s, {0: ask(FIRST)})
+    entry = max(s.cache.entries, key=lambda e: len(e.tokens))
+    assert entry.snapshots, "a model whose layers cannot be cut keeps snapshots"
+    assert s.cache.snapshot_nbytes > 0 and s.cache.nbytes >= s.cache.snapshot_nbytes
+    kv_layers = sum(k == "KVCache" for k in cache_kinds.kinds(family.model))
+    assert s.kv_bytes_per_token == kv_layers * 2 * 2 * 16 * 4  # KV layers × (keys, values) × heads × dim × float32
