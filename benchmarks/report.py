@@ -77,6 +77,8 @@ def write(results: dict, out: Path):
         body += replay_table(r, targets)
     if db := results.get("dashboard"):
         body += dashboard_table(db, targets)
+    if fam := results.get("families"):
+        body += families_tables(fam, targets)
     if rk := results.get("ranks"):
         body += ranks_table(rk)
     summary = ["## Targets", ""]
@@ -257,6 +259,24 @@ def replay_table(r: dict, targets: list) -> list[str]:
     if later:
         targets.append(("replay: ≥ 90% of prompt tokens from cache from turn 2 on (ours, worst turn)",
                         f"{min(later):.0%}", min(later) >= 0.90))
+    return lines
+
+
+def families_tables(families: dict, targets: list) -> list[str]:
+    """The replay on each model family whose cache cannot be cut anywhere, with its own targets."""
+    lines = []
+    for family, r in families.items():
+        table = replay_table(r, [])
+        table[0] = f"## Replay on a {family}-type model ({r['model']['params_m']}M; prefix: {r['prefix_cache']})"
+        lines += table
+        ours = {row["turn"]: row for row in r["rows"] if row["server"] == OURS}
+        later = [row["cached_share"] or 0 for turn, row in ours.items() if turn >= 2]
+        if later:
+            targets.append((f"{family}: ≥ 90% of prompt tokens from cache from turn 2 on (ours, worst turn)",
+                            f"{min(later):.0%}", min(later) >= 0.90))
+        if 1 in ours and 2 in ours and ours[1]["ttft_s"]:
+            ratio = ours[2]["ttft_s"] / ours[1]["ttft_s"]
+            targets.append((f"{family}: turn-2 TTFT ≤ 0.10x turn 1's (ours)", fmt(ratio, 3), ratio <= 0.10))
     return lines
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from . import concurrency, dashboard, decode, overhead, ranks, replay, report, servers, ttft
+from . import concurrency, dashboard, decode, families, overhead, ranks, replay, report, servers, ttft
 from .model import build, default_dir, describe
 from .stats import progress
 
@@ -27,15 +27,17 @@ class Plan:
     replay_tokens: int
     dashboard_rounds: int
     ranks_rounds: int
+    families_turns: int
+    families_tokens: int
 
 
 QUICK = Plan(decode_rounds=3, decode_tokens=48, overhead_rounds=1, ttft_sizes={1024: 1}, streams=(1, 4),
              concurrency_rounds=1, concurrency_tokens=32, replay_turns=3, replay_tokens=2500, dashboard_rounds=1,
-             ranks_rounds=1)
+             ranks_rounds=1, families_turns=3, families_tokens=3000)
 FULL = Plan(decode_rounds=10, decode_tokens=64, overhead_rounds=2, ttft_sizes={1024: 3, 4096: 2, 8192: 1},
             streams=(1, 2, 4, 8), concurrency_rounds=3, concurrency_tokens=64, replay_turns=10, replay_tokens=2500,
-            dashboard_rounds=3, ranks_rounds=3)
-SECTIONS = ("decode", "overhead", "ttft", "concurrency", "replay", "dashboard", "ranks")
+            dashboard_rounds=3, ranks_rounds=3, families_turns=10, families_tokens=8000)
+SECTIONS = ("decode", "overhead", "ttft", "concurrency", "replay", "dashboard", "families", "ranks")
 CONCURRENCY = 8  # both servers decode up to this many streams together
 
 
@@ -55,7 +57,7 @@ async def run(args, blas: str) -> int:
     plan = plan_for(args)
     sections = args.only or tuple(s for s in SECTIONS if s != "ranks")  # the ranks comparison only when asked
     # a ranks-only run writes beside the main results rather than over them
-    subdir = "ranks" if set(sections) == {"ranks"} else ""
+    subdir = next((s for s in ("ranks", "families") if set(sections) == {s}), "")
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / ("quick" if args.quick else "") / subdir
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -71,7 +73,7 @@ async def run(args, blas: str) -> int:
                "mode": "quick" if args.quick else "full"}
     workdir = Path(tempfile.mkdtemp(prefix="mlx-tui-bench-"))
     cache_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 5  # our default RAM budget
-    needs_servers = bool(set(sections) - {"ranks"})
+    needs_servers = bool(set(sections) - {"ranks", "families"})
     ours = servers.ours(model_dir, workdir, CONCURRENCY) if needs_servers else None
     theirs = servers.mlx_lm(model_dir, workdir, CONCURRENCY, cache_bytes) if needs_servers else None
     tui = servers.ours(model_dir, workdir, CONCURRENCY, dashboard=True) if "dashboard" in sections else None
@@ -129,6 +131,9 @@ async def run(args, blas: str) -> int:
             if tui:
                 results["dashboard"] = await dashboard.run(
                     client, ours, tui, plan.dashboard_rounds, plan.concurrency_tokens)
+            if "families" in sections:
+                results["families"] = await families.run(
+                    client, workdir, CONCURRENCY, cache_bytes, plan.families_turns, plan.families_tokens, args.sample)
             if "ranks" in sections:
                 results["ranks"] = await ranks.run(model_dir, tokenizer, plan.ranks_rounds, plan.decode_tokens, 1024)
     finally:

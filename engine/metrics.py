@@ -31,7 +31,12 @@ class Metrics:
             "mlx_tui:circuit_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open.", registry=r
         )
         self.restarts = Counter("mlx_tui:worker_restarts", "Engine worker restarts.", registry=r)
-        self.cache_bytes = Gauge("mlx_tui:prefix_cache_bytes", "Bytes held by the prefix cache.", ["tier"], registry=r)
+        self.cache_bytes = Gauge(
+            "mlx_tui:prefix_cache_bytes", "Bytes held by the prefix cache (snapshots: part of ram).", ["tier"], registry=r
+        )
+        self.cache_snapshots = Gauge(
+            "mlx_tui:prefix_cache_snapshots", "State snapshots of layers that cannot be cut, held in RAM.", registry=r
+        )
 
     def observe(self, event):
         if isinstance(event, Started):

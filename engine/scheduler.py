@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 
-from . import cache_kinds, faults, sampling
+from . import boundaries, cache_kinds, faults, sampling
 from .config import EngineConfig
 from .events import Done, Error, Event, PrefillProgress, Queued, Started, Timings, Usage
 from .loader import Loaded
 from .output import MarkupParser, OutputStream
-from .prefix_cache import PrefixCache, TurnMemory, longest
+from .prefix_cache import PrefixCache, TurnMemory
 from .request import Request
 
 Tagged = tuple[int, Event]
@@ -93,6 +93,8 @@ class Scheduler:
         self.snapshotting = self.cache_mode != "any token"
         # KV layers pad soundly; a model with other layers is checked, and prefilled one request at a time if need be
         self.prefill_together = not self.snapshotting or cache_kinds.padded_prefill_sound(self.model)
+        if not self.prefill_together:
+            self.cache_mode += "; prompts prefilled one at a time"
         self.turns = TurnMemory(self.tokenizer.decode)
         self.generator = self._new_generator()
 
@@ -130,53 +132,14 @@ class Scheduler:
             state, body = MarkupParser.TOOL, self._forced_call(request)
             text += self.tool[0] + body
         tokens = self.turns.encode(text, self._encode)
-        prompt = Prompt(text, tokens, state, body, self._system_end(request.messages, tools, text, tokens))
+        system_end = boundaries.system_end(self.tokenizer, request.messages, tools, text, tokens)
+        prompt = Prompt(text, tokens, state, body, system_end)
         if self.snapshotting:
-            prompt.boundaries = self._boundaries(request.messages, tools, text, tokens)
+            prompt.boundaries = boundaries.around_last_user(self.tokenizer, request.messages, tools, text, tokens)
         return prompt
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
-
-    def _system_end(self, messages: list[dict], tools, text: str, tokens: list[int]) -> int:
-        """The token count of the leading system turn (with the tools), where the prompt starts with it."""
-        system = messages[: next((i for i, m in enumerate(messages) if m.get("role") != "system"), len(messages))]
-        if not system or len(system) == len(messages):
-            return 0
-        try:
-            head = self.tokenizer.apply_chat_template(system, tools=tools, tokenize=False)
-        except Exception:  # a template may refuse a system turn on its own; then there is no checkpoint
-            return 0
-        if not text.startswith(head):
-            return 0
-        head_tokens = self.tokenizer.encode(head, add_special_tokens=False)
-        return len(head_tokens) if tokens[: len(head_tokens)] == head_tokens else 0
-
-    def _boundaries(self, messages: list[dict], tools, text: str, tokens: list[int]) -> list[int]:
-        """Where the last user message starts and ends, in tokens, where the prompt renders them so."""
-        last = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=0)
-        found = []
-        for head in (messages[:last], messages[: last + 1]):
-            if not any(m.get("role") != "system" for m in head):
-                continue  # the system turn alone is the checkpoint
-            try:
-                rendered = self.tokenizer.apply_chat_template(head, tools=tools, tokenize=False)
-            except Exception:  # a template may refuse to render a conversation cut there
-                continue
-            if n := self._position(rendered, text, tokens):
-                found.append(n)
-        return found
-
-    def _position(self, head: str, text: str, tokens: list[int]) -> int:
-        """How many of `tokens` (the ids of `text`) spell exactly `head`, a prefix of `text`; 0 if none do."""
-        if not head or not text.startswith(head):
-            return 0
-        encoded = self._encode(head)
-        if tokens[: len(encoded)] == encoded:
-            return len(encoded)
-        decode = self.tokenizer.decode
-        n = longest(len(tokens), lambda k: head.startswith(decode(tokens[:k])))
-        return n if decode(tokens[:n]) == head else 0
 
     def _forced_call(self, request: Request) -> str:
         if not self.tool:

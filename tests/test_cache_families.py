@@ -149,3 +149,72 @@ def test_snapshots_count_against_the_budget_and_only_growing_layers_count_per_to
     assert s.cache.snapshot_nbytes > 0 and s.cache.nbytes >= s.cache.snapshot_nbytes
     kv_layers = sum(k == "KVCache" for k in cache_kinds.kinds(family.model))
     assert s.kv_bytes_per_token == kv_layers * 2 * 2 * 16 * 4  # KV layers × (keys, values) × heads × dim × float32
+
+
+# The engine as a user runs it (worker process, disk tier), on a hybrid and a sliding-window model.
+ENGINE_FAMILIES = ["qwen3_5", "gpt_oss"]
+LONG_SYSTEM = {"role": "system", "content": "You are a coding agent. Follow the repository's conventions. " * 60}
+
+
+@pytest.fixture(scope="module", params=ENGINE_FAMILIES)
+def family_dir(request, tmp_path_factory) -> str:
+    return str(build(request.param, tmp_path_factory.mktemp(request.param)))
+
+
+async def collect(engine, request: Request) -> list:
+    return [e async for e in engine.generate(request)]
+
+
+def call(i: int) -> dict:
+    arguments = '{"city": "Paris"}'
+    return {"id": f"call_{i}", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+
+
+def test_an_agent_session_is_served_from_the_cache_turn_after_turn(loop, make_engine, family_dir):
+    """Tool calls and results, with a side request between turns: from turn 2 on, 90% of each prompt is cached."""
+    engine = make_engine(model=family_dir)
+    messages = [LONG_SYSTEM, user("Find out the weather in Paris, then summarise it.")]
+    for turn in range(6):
+        events = loop.run(collect(engine, Request(messages=list(messages), tools=TOOLS, max_tokens=8)))
+        start = next(e for e in events if isinstance(e, Started))
+        if turn:
+            assert start.cached_tokens >= 0.9 * start.prompt_tokens, (turn, start)
+        side = Request(messages=[user(f"Write a title for conversation {turn}.")], max_tokens=4)
+        loop.run(collect(engine, side))
+        # the client sends the call back in its own words, not the model's, then the tool's result
+        messages += [{"role": "assistant", "content": "", "tool_calls": [call(turn)]},
+                     {"role": "tool", "tool_call_id": f"call_{turn}", "content": f"{10 + turn} degrees"}]
+    stats = loop.run(engine.stats())["cache"]
+    assert stats["snapshots"] > 0 and stats["snapshot_bytes"] > 0 and stats["mode"].startswith("snapshots")
+
+
+def test_a_restarted_engine_hits_snapshots_on_disk(loop, make_engine, family_dir, tmp_path):
+    first = make_engine(model=family_dir, cache_dir=str(tmp_path))
+    loop.run(collect(first, Request(messages=[LONG_SYSTEM, user("Hello!")], max_tokens=8)))
+    loop.run(first.stop())
+    second = make_engine(model=family_dir, cache_dir=str(tmp_path))
+    events = loop.run(collect(second, Request(messages=[LONG_SYSTEM, user("Good morning!")], max_tokens=8)))
+    assert next(e for e in events if isinstance(e, Started)).cached_tokens > 0
+    assert loop.run(second.stats())["cache"]["disk_hits"] == 1
+
+
+def text_of(events: list) -> str:
+    from mlx_tui.engine.events import RawText
+
+    return "".join(e.text for e in events if isinstance(e, RawText))
+
+
+def test_a_group_agrees_on_snapshot_hits_from_disk(loop, make_engine, tmp_path_factory, tmp_path):
+    """Two tensor-parallel ranks of a hybrid model: the same output as one worker, and a disk hit on both after a restart."""
+    model = str(build("qwen3_5", tmp_path_factory.mktemp("qwen3_5_group")))
+    first, second = [LONG_SYSTEM, user("Hello!")], [LONG_SYSTEM, user("Good morning!")]
+    one = make_engine(model=model, loop_window=0)
+    expected = [text_of(loop.run(collect(one, Request(messages=m, max_tokens=8)))) for m in (first, second)]
+    group = make_engine(model=model, loop_window=0, ranks=2, cache_dir=str(tmp_path))
+    assert text_of(loop.run(collect(group, Request(messages=first, max_tokens=8)))) == expected[0]
+    loop.run(group.stop())
+    group = make_engine(model=model, loop_window=0, ranks=2, cache_dir=str(tmp_path))
+    events = loop.run(collect(group, Request(messages=second, max_tokens=8)))
+    assert text_of(events) == expected[1]
+    assert next(e for e in events if isinstance(e, Started)).cached_tokens > 0
+    assert loop.run(group.stats())["cache"]["disk_hits"] == 1
