@@ -38,8 +38,9 @@ FAMILIES = {
         vocab_size=VOCAB_SIZE, max_position_embeddings=65536, tie_word_embeddings=False,
     ),
     "gpt_oss": dict(
-        model_type="gpt_oss", hidden_size=768, num_hidden_layers=8, intermediate_size=1024, num_attention_heads=12,
-        num_key_value_heads=4, head_dim=64, num_local_experts=4, num_experts_per_tok=2, sliding_window=128,
+        # smaller than the others: mixture-of-experts layers are slow on MLX's CPU backend
+        model_type="gpt_oss", hidden_size=512, num_hidden_layers=8, intermediate_size=512, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=64, num_local_experts=2, num_experts_per_tok=1, sliding_window=128,
         layer_types=["sliding_attention", "full_attention"] * 4, rope_theta=150000, rms_norm_eps=1e-5,
         vocab_size=VOCAB_SIZE, max_position_embeddings=65536,
     ),

@@ -36,7 +36,7 @@ QUICK = Plan(decode_rounds=3, decode_tokens=48, overhead_rounds=1, ttft_sizes={1
              ranks_rounds=1, families_turns=3, families_tokens=3000)
 FULL = Plan(decode_rounds=10, decode_tokens=64, overhead_rounds=2, ttft_sizes={1024: 3, 4096: 2, 8192: 1},
             streams=(1, 2, 4, 8), concurrency_rounds=3, concurrency_tokens=64, replay_turns=10, replay_tokens=2500,
-            dashboard_rounds=3, ranks_rounds=3, families_turns=10, families_tokens=8000)
+            dashboard_rounds=3, ranks_rounds=3, families_turns=6, families_tokens=6000)
 SECTIONS = ("decode", "overhead", "ttft", "concurrency", "replay", "dashboard", "families", "ranks")
 CONCURRENCY = 8  # both servers decode up to this many streams together
 

@@ -180,7 +180,11 @@ async def serve(args: argparse.Namespace, sock: socket.socket) -> int:
     app = create_app(engine, **app_settings(args))
     server = ApiServer(app, sock, args.shutdown_grace, log_config=uvicorn.config.LOGGING_CONFIG, log_level="info")
     dtype = ", ".join(filter(None, (engine.info["dtype"], engine.info["dtype_note"])))
-    print(f"mlx-tui: serving {engine.config.model} at http://{args.host}:{args.port} (BLAS: {engine.blas}; dtype: {dtype})", file=sys.stderr)
+    print(
+        f"mlx-tui: serving {engine.config.model} at http://{args.host}:{args.port} "
+        f"(BLAS: {engine.blas}; dtype: {dtype}; prefix cache: {engine.info['cache_mode']})",
+        file=sys.stderr,
+    )
     signalled = asyncio.Event()
 
     def on_signal():

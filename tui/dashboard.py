@@ -143,6 +143,9 @@ class CachePanel(Panel):
         if c.get("disk_budget"):
             t.add_row("disk", bar(c.get("disk_bytes", 0), c["disk_budget"], width))
         t.add_row("entries", f"{c.get('entries', 0)} · {c.get('evictions', 0)} evicted")
+        if c.get("mode", "any token") != "any token":
+            t.add_row("snapshots", f"{c.get('snapshots', 0)} · {fmt.size(c.get('snapshot_bytes'))} · {c.get('snapshot_hits', 0)} hits")
+        t.add_row("reuse", Text(f"prefix: {c.get('mode', fmt.DASH)}", no_wrap=True, overflow="ellipsis"))
         self.draw(t)
 
 
