@@ -81,16 +81,28 @@ CONFIGS = {
 }
 FAMILIES = list(CONFIGS)
 
+# chunked attention (ChunkedKVCache), which mlx-lm's BatchGenerator cannot batch
+UNBATCHABLE = dict(
+    model_type="llama4",
+    text_config=dict(
+        model_type="llama4_text", attention_bias=False, attention_chunk_size=16, head_dim=16, hidden_size=64,
+        interleave_moe_layer_step=1, intermediate_size=64, intermediate_size_mlp=128, max_position_embeddings=4096,
+        num_attention_heads=4, num_experts_per_tok=1, num_hidden_layers=4, num_key_value_heads=2,
+        num_local_experts=2, rms_norm_eps=1e-5, rope_scaling=None, rope_theta=10000.0, use_qk_norm=True,
+        vocab_size=400,
+    ),
+)
+
 
 def build(family: str, path: Path, seed: int = 0) -> Path:
-    """Write the tiny random `family` model to `path` (once) and return it."""
+    """Write the tiny random `family` model (or "llama4") to `path` (once) and return it."""
     if (path / "model.safetensors").exists():
         return path
     import json
 
     path.mkdir(parents=True, exist_ok=True)
     demo = json.loads((MODEL_DIR / "config.json").read_text())
-    config = COMMON | CONFIGS[family] | {"vocab_size": demo["vocab_size"]}
+    config = UNBATCHABLE if family == "llama4" else COMMON | CONFIGS[family] | {"vocab_size": demo["vocab_size"]}
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(MODEL_DIR / name, path / name)
     for key in ("eos_token_id", "bos_token_id"):

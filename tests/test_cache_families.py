@@ -218,3 +218,13 @@ def test_a_group_agrees_on_snapshot_hits_from_disk(loop, make_engine, tmp_path_f
     assert text_of(events) == expected[1]
     assert next(e for e in events if isinstance(e, Started)).cached_tokens > 0
     assert loop.run(group.stats())["cache"]["disk_hits"] == 1
+
+
+def test_a_model_whose_cache_cannot_be_batched_is_refused_at_start(loop, tmp_path):
+    from mlx_tui.engine.client import EngineClient, ModelLoadError
+    from mlx_tui.engine.config import EngineConfig
+
+    engine = EngineClient(EngineConfig(model=str(build("llama4", tmp_path)), transcripts_dir=None, cache_dir=None))
+    with pytest.raises(ModelLoadError, match="ChunkedKVCache layers cannot be batched"):
+        loop.run(engine.start())
+    loop.run(engine.stop())
