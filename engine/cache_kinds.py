@@ -91,7 +91,9 @@ def snapshot_row(generator, uid: int) -> list:
 
     [(stage, idx)] = generator._find_uids([uid]).values()  # BatchGenerator has no public per-row access
     batch = generator._prompt_batch if stage == 1 else generator._generation_batch
-    return [row(layer) for layer in batch.prompt_cache]
+    kept = [row(layer) for layer in batch.prompt_cache]
+    mx.eval([arrays(layer) for layer in kept])  # so that the copies, not the batch, hold the state
+    return kept
 
 
 def resume(end, kept, n: int):

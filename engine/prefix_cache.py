@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import mlx.core as mx
 import numpy as np
 
 from . import cache_kinds
@@ -168,6 +169,9 @@ class PrefixCache:
             return None
         now = self.clock()
         asked = dict(snapshots or {})
+        # mlx-lm hands a row's recurrent state back as views of the whole batch's arrays: keep copies
+        layers = [layer if cache_kinds.is_kv(layer) else cache_kinds.owned(layer) for layer in layers]
+        mx.eval([cache_kinds.arrays(layer) for layer in layers])
         entry = Entry(np.asarray(tokens, dtype=np.int64), layers, checkpoint, now, asked)
         for old in self.entries:
             if len(old.tokens) == len(entry.tokens) and common_prefix(old.tokens, entry.tokens) == len(entry.tokens):
