@@ -58,3 +58,137 @@ def test_text(client, stream):
     [message] = response.output
     assert message.status == "completed" and message.content[0].annotations == []
     assert response.usage.output_tokens_details.reasoning_tokens == 0
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_reasoning(client, stream):
+    response = ask(client, stream, input="Is 17 a prime number?", reasoning={"effort": "medium", "summary": "auto"})
+    reasoning, message = response.output
+    assert reasoning.type == "reasoning" and message.type == "message"
+    assert reasoning.content[0].text == "17 has no divisors other than 1 and 17." == reasoning.summary[0].text
+    assert reasoning.encrypted_content and texts(response) == "Yes, 17 is a prime number."
+    assert 0 < response.usage.output_tokens_details.reasoning_tokens < response.usage.output_tokens
+
+
+def test_reasoning_without_summary_streams_only_its_text(server):
+    body = {"input": "Is 17 a prime number?", "reasoning": {"effort": "high"}}
+    kinds = {e["type"] for e in raw_events(server, body)}
+    assert "response.reasoning_text.delta" in kinds and not any("summary" in k for k in kinds)
+
+
+def reasoning_turns(reasoning: dict) -> list:
+    return [
+        {"role": "user", "content": "Is 17 a prime number?"},
+        reasoning,
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Yes, 17 is a prime number."}]},
+        {"role": "user", "content": "And 18?"},
+    ]
+
+
+def prompt_of(server, response_id: str) -> str:
+    return httpx.get(f"{server.url}/v1/transcripts/{response_id}").json()["prompt"]
+
+
+def test_reasoning_round_trips_signed(client, server):
+    first = ask(client, False, input="Is 17 a prime number?", reasoning={"effort": "medium"})
+    reasoning = first.output[0].model_dump(exclude_none=True)
+    second = ask(client, False, input=reasoning_turns(reasoning), reasoning={"effort": "medium"})
+    assert texts(second) == "No, 18 is not prime." and second.output[0].content[0].text == "18 is divisible by 2."
+    assert "<think>\n17 has no divisors other than 1 and 17.\n</think>" in prompt_of(server, second.id)
+    assert second.usage.input_tokens_details.cached_tokens > first.usage.input_tokens
+
+
+def test_reasoning_signed_elsewhere_is_dropped(client, server):
+    forged = {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "MTcgaGFzIG5vIGRpdmlzb3Jz.AAAA"}
+    response = ask(client, False, input=reasoning_turns(forged), max_output_tokens=3)
+    assert "<think>" not in prompt_of(server, response.id).split("Is 17")[1].split("And 18")[0]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_single_tool_call(client, stream):
+    response = ask(client, stream, input=PARIS, tools=FUNCTIONS, reasoning={"effort": "none"})
+    [call] = response.output
+    assert call.type == "function_call" and call.name == "get_weather" and call.namespace is None
+    assert json.loads(call.arguments) == {"city": "Paris"} and call.call_id.startswith("call_") and call.status == "completed"
+    assert response.status == "completed" and response.tools[0].name == "get_weather"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_parallel_tool_calls(client, stream):
+    response = ask(client, stream, input="What are the weather and the time in Berlin?", tools=FUNCTIONS, reasoning={"effort": "none"})
+    assert [(c.name, json.loads(c.arguments)) for c in calls(response)] == [
+        ("get_weather", {"city": "Berlin"}),
+        ("get_time", {"timezone": "Europe/Berlin"}),
+    ]
+    assert len({c.call_id for c in calls(response)}) == 2 and response.parallel_tool_calls is True
+
+
+def test_parallel_tool_calls_off_keeps_the_first(client):
+    body = {"input": "What are the weather and the time in Berlin?", "tools": FUNCTIONS, "reasoning": {"effort": "none"}}
+    response = ask(client, True, parallel_tool_calls=False, **body)
+    assert [c.name for c in calls(response)] == ["get_weather"] and response.parallel_tool_calls is False
+
+
+def test_arguments_stream_in_pieces(server):
+    events = raw_events(server, {"input": PARIS, "tools": FUNCTIONS, "reasoning": {"effort": "none"}})
+    pieces = [e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta"]
+    [done] = [e for e in events if e["type"] == "response.function_call_arguments.done"]
+    assert len(pieces) > 1 and "".join(pieces) == done["arguments"] and json.loads(done["arguments"]) == {"city": "Paris"}
+
+
+@pytest.mark.parametrize("output", [PARIS_RESULT, [{"type": "input_text", "text": PARIS_RESULT}]], ids=["string", "parts"])
+def test_tool_result_round_trip(client, output):
+    first = ask(client, False, input=PARIS, tools=FUNCTIONS, reasoning={"effort": "none"})
+    [call] = calls(first)
+    turns = [{"role": "user", "content": PARIS}, call.model_dump(exclude_none=True), {"type": "function_call_output", "call_id": call.call_id, "output": output}]
+    second = ask(client, True, input=turns, tools=FUNCTIONS, reasoning={"effort": "none"})
+    assert second.output_text == "It is sunny in Paris, 18°C."
+    # the second prompt starts with the first (but for its empty thinking block), so it comes from the prefix cache
+    assert first.usage.input_tokens - 10 < second.usage.input_tokens_details.cached_tokens < second.usage.input_tokens
+
+
+def test_parallel_results_round_trip(client):
+    question = "What are the weather and the time in Berlin?"
+    first = ask(client, False, input=question, tools=FUNCTIONS, reasoning={"effort": "none"})
+    weather, time = calls(first)
+    results = [
+        {"type": "function_call_output", "call_id": weather.call_id, "output": '{"city": "Berlin", "temperature_c": 12, "condition": "cloudy"}'},
+        {"type": "function_call_output", "call_id": time.call_id, "output": '{"timezone": "Europe/Berlin", "time": "14:05"}'},
+    ]
+    turns = [{"role": "user", "content": question}, weather.model_dump(exclude_none=True), time.model_dump(exclude_none=True), *results]
+    second = ask(client, False, input=turns, tools=FUNCTIONS, reasoning={"effort": "none"})
+    assert second.output_text == "In Berlin it is cloudy and 12°C; the local time is 14:05."
+
+
+NAMESPACE = {"type": "namespace", "name": "weather_service", "description": "Weather and time.", "tools": FUNCTIONS}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_namespace_call_maps_back(client, server, stream):
+    tools = [NAMESPACE, {"type": "web_search"}, {"type": "file_search", "vector_store_ids": ["vs_1"]}]
+    response = ask(client, stream, input=PARIS, tools=tools, reasoning={"effort": "none"})
+    [call] = calls(response)
+    assert (call.namespace, call.name, json.loads(call.arguments)) == ("weather_service", "get_weather", {"city": "Paris"})
+    # the namespaced call goes back in the next turn as the model saw it
+    turns = [{"role": "user", "content": PARIS}, call.model_dump(exclude_none=True), {"type": "function_call_output", "call_id": call.call_id, "output": PARIS_RESULT}]
+    assert ask(client, False, input=turns, tools=tools, reasoning={"effort": "none"}).output_text == "It is sunny in Paris, 18°C."
+    assert "web_search" not in prompt_of(server, response.id)
+
+
+def test_namespace_names_taken_at_the_top_are_prefixed(server):
+    tools = [FUNCTIONS[0], NAMESPACE]
+    response = httpx.post(server.url + "/v1/responses", json={"model": "m", "input": PARIS, "tools": tools, "max_output_tokens": 1})
+    prompt = prompt_of(server, response.json()["id"])
+    assert '"name": "get_weather"' in prompt and '"name": "weather_service__get_weather"' in prompt
+    assert '"name": "get_time"' in prompt and "weather_service__get_time" not in prompt
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "name": "get_time"}], ids=["required", "named"])
+def test_tool_choice_forces_a_call(client, choice):
+    response = ask(client, False, input="Good morning!", tools=FUNCTIONS, tool_choice=choice, reasoning={"effort": "none"})
+    assert len(calls(response)) >= 1 and (choice == "required" or calls(response)[0].name == "get_time")
+
+
+def test_tool_choice_none_leaves_the_tools_out(client, server):
+    response = ask(client, False, input=PARIS, tools=FUNCTIONS, tool_choice="none", reasoning={"effort": "none"})
+    assert not calls(response) and "get_weather" not in prompt_of(server, response.id)
