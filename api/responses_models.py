@@ -192,9 +192,15 @@ class TextSettings(Model):
     format: TextFormat | None = None
 
 
+Input = Annotated[
+    Annotated[str, Tag("text")] | Annotated[list[Item], Tag("items"), Field(min_length=1)],
+    Discriminator(lambda value: "text" if isinstance(value, str) else "items"),
+]
+
+
 class ResponsesRequest(Model):
     model: str
-    input: str | Annotated[list[Item], Field(min_length=1)]
+    input: Input
     instructions: str | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None

@@ -192,3 +192,98 @@ def test_tool_choice_forces_a_call(client, choice):
 def test_tool_choice_none_leaves_the_tools_out(client, server):
     response = ask(client, False, input=PARIS, tools=FUNCTIONS, tool_choice="none", reasoning={"effort": "none"})
     assert not calls(response) and "get_weather" not in prompt_of(server, response.id)
+
+
+def test_usage_sums(client, loop, engine):
+    response = ask(client, False, input=[{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Good morning!"}], reasoning={"effort": "none"})
+    request = Request([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Good morning!"}], enable_thinking=False)
+    used = response.usage
+    assert used.input_tokens == loop.run(engine.count_tokens(request))
+    assert used.total_tokens == used.input_tokens + used.output_tokens and used.output_tokens > 0
+    again = ask(client, False, input=[{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Good morning!"}], reasoning={"effort": "none"})
+    assert again.usage.input_tokens_details.cached_tokens == used.input_tokens - 1  # all but the last prompt token
+    assert again.usage.input_tokens_details.cache_write_tokens == 0
+
+
+def test_instructions_and_leading_developer_turns_are_one_system_message(client, server):
+    body = {"instructions": "You are a pirate.", "input": [{"role": "developer", "content": [{"type": "input_text", "text": "Answer like one."}]}, {"role": "user", "content": "Who are you?"}]}
+    response = ask(client, False, **body, max_output_tokens=2)
+    assert prompt_of(server, response.id).startswith("<|im_start|>system\nYou are a pirate.\n\nAnswer like one.<|im_end|>\n<|im_start|>user\nWho are you?")
+
+
+def test_images_and_files_become_placeholders(client, server):
+    content = [{"type": "input_text", "text": "Look:"}, {"type": "input_image", "image_url": "data:image/png;base64,AA=="}, {"type": "input_file", "file_id": "f"}]
+    response = ask(client, False, input=[{"role": "user", "content": content}], max_output_tokens=2)
+    prompt = prompt_of(server, response.id)
+    assert "Look:\n[input_image: not shown, this model reads text only]\n[input_file: not shown, this model reads text only]" in prompt
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_max_output_tokens_is_incomplete(client, server, stream):
+    body = {"input": "Good morning!", "max_output_tokens": 3, "reasoning": {"effort": "none"}}
+    if stream:
+        events = raw_events(server, body)
+        assert events[-1]["type"] == "response.incomplete"
+        response = events[-1]["response"]
+        assert response["status"] == "incomplete" and response["incomplete_details"] == {"reason": "max_output_tokens"}
+        assert response["output"][0]["status"] == "incomplete" and response["usage"]["output_tokens"] == 3
+    else:
+        response = client.responses.create(model="m", **body)
+        assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+        assert response.usage.output_tokens == 3 and response.output[0].status == "incomplete"
+
+
+def test_store_and_prompt_cache_key_are_accepted(client):
+    response = ask(client, False, input="Good morning!", store=True, prompt_cache_key="k1", include=["reasoning.encrypted_content"], metadata={"a": "b"})
+    assert response.status == "completed"
+
+
+def assert_openai_error(response: httpx.Response, status: int, starts: str = "", code=None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == code
+    assert error["type"] == ("invalid_request_error" if status == 400 else error["type"])
+    assert error["message"].startswith(starts), error["message"]
+    return error
+
+
+def post(server, **body) -> httpx.Response:
+    return httpx.post(server.url + "/v1/responses", json={"model": "m", "input": "Hi"} | body, timeout=60)
+
+
+@pytest.mark.parametrize(
+    "body, starts",
+    [
+        ({"previous_response_id": "resp_1"}, "previous_response_id: this server does not keep responses"),
+        ({"conversation": "conv_1"}, "conversation: this server does not keep responses"),
+        ({"background": True}, "background:"),
+        ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {}}}}, "text.format: structured output is not yet supported"),
+        ({"text": {"format": {"type": "json_object"}}}, "text.format:"),
+        ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input.0: item references"),
+        ({"tool_choice": {"type": "web_search"}}, "tool_choice:"),
+        ({"tool_choice": {"type": "function", "name": "nope"}, "tools": FUNCTIONS}, "tool_choice names 'nope'"),
+        ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "[1]"}]}, "input.0.arguments:"),
+        ({"input": []}, "input"),
+        ({"input": 5}, "input"),
+        ({"input": [{"role": "wizard", "content": "x"}]}, "input.items.0.message.role"),
+        ({"input": [{"type": "message", "role": "user", "content": 5}]}, "input.items.0.message.content"),
+        ({"max_output_tokens": 0}, "max_output_tokens"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"model": None}, "model"),
+    ],
+)
+def test_bad_requests(server, body, starts):
+    assert_openai_error(post(server, **body), 400, starts)
+
+
+def test_sdk_raises_bad_request(client):
+    with pytest.raises(openai.BadRequestError, match="previous_response_id"):
+        client.responses.create(model="m", input="Hi", previous_response_id="resp_1")
+
+
+@pytest.mark.parametrize("path", ["/v1/responses", "/v1/chat/completions"])
+def test_prompt_too_long_is_context_length_exceeded(server, engine, path):
+    words = "Paris Tokyo London " * engine.info["context_length"]
+    body = {"input": words} if path == "/v1/responses" else {"messages": [{"role": "user", "content": words}]}
+    response = httpx.post(server.url + path, json={"model": "m"} | body, timeout=120)
+    assert_openai_error(response, 400, "prompt is too long: ", code="context_length_exceeded")
