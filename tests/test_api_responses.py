@@ -287,3 +287,102 @@ def test_prompt_too_long_is_context_length_exceeded(server, engine, path):
     body = {"input": words} if path == "/v1/responses" else {"messages": [{"role": "user", "content": words}]}
     response = httpx.post(server.url + path, json={"model": "m"} | body, timeout=120)
     assert_openai_error(response, 400, "prompt is too long: ", code="context_length_exceeded")
+
+
+# A request shaped as Codex CLI sends it (its own prompt text is not copied here).
+CODEX_HEADERS = {
+    "authorization": "Bearer x",
+    "accept": "text/event-stream",
+    "originator": "codex_exec",
+    "user-agent": "codex_exec/0.171.0 (Debian 12.0.0; x86_64) xterm (codex_exec; 0.171.0)",
+    "session-id": "s-1",
+    "x-codex-turn-metadata": '{"turn_id": "t-1", "sandbox_mode": "read-only"}',
+}
+CODEX_BODY = {
+    "model": "local-model",
+    "stream": True,
+    "input": [
+        {"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "<permissions>Read-only sandbox.</permissions>"}]},
+        {"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "You are a coding agent."}, {"type": "input_text", "text": "Be concise."}]},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "<environment_context>cwd: /tmp</environment_context>"}]},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": PARIS}]},
+    ],
+    "tools": [
+        {"type": "function", "strict": False, **FUNCTIONS[0]},
+        {"type": "namespace", "name": "agents_v1", "description": "Sub-agents.", "tools": [
+            {"type": "function", "name": "spawn_agent", "description": "Start one.", "strict": False, "parameters": {"type": "object", "properties": {"task": {"type": "string"}}, "required": ["task"], "additionalProperties": False}},
+        ]},
+        {"type": "function", "strict": False, **FUNCTIONS[1]},
+        {"type": "web_search", "external_web_access": False},
+    ],
+    "tool_choice": "auto",
+    "parallel_tool_calls": True,
+    "reasoning": {"summary": "auto"},
+    "store": False,
+    "include": ["reasoning.encrypted_content"],
+    "prompt_cache_key": "01a2-session",
+    "client_metadata": {"x-codex-window-id": "w:0", "turn_id": "t-1"},
+}
+
+
+def check_order(events: list[dict]):
+    """The invariants of a Responses stream that the SDK and Codex rely on."""
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert [e["type"] for e in events[:2]] == ["response.created", "response.in_progress"]
+    assert events[-1]["type"] in ("response.completed", "response.incomplete")
+    lifecycle = [e["response"] for e in events if "response" in e]
+    assert len({r["id"] for r in lifecycle}) == 1 and lifecycle[0]["output"] == [] and lifecycle[0]["status"] == "in_progress"
+    items = [e for e in events if "output_index" in e]
+    added = [e["output_index"] for e in items if e["type"] == "response.output_item.added"]
+    done = [e for e in items if e["type"] == "response.output_item.done"]
+    assert added == list(range(len(added))) == [e["output_index"] for e in done]
+    for index in added:  # each item's events: added first, done last, not interleaved with another item's
+        own = [i for i, e in enumerate(events) if e.get("output_index") == index]
+        assert events[own[0]]["type"] == "response.output_item.added" and events[own[-1]]["type"] == "response.output_item.done"
+        assert own == list(range(own[0], own[-1] + 1))
+        kinds = [events[i]["type"] for i in own]
+        for part, deltas in [("content_part", "text.delta"), ("reasoning_summary_part", "summary_text.delta")]:
+            opened = [k for k, kind in enumerate(kinds) if kind == f"response.{part}.added"]
+            streamed = [k for k, kind in enumerate(kinds) if kind.endswith(deltas) and ("summary" in kind) == ("summary" in part)]
+            closed = [k for k, kind in enumerate(kinds) if kind == f"response.{part}.done"]
+            assert not streamed or (opened and opened[0] < streamed[0] and streamed[-1] < closed[0])
+        item = done[added.index(index)]["item"]
+        text = "".join(events[i]["delta"] for i in own if events[i]["type"] in ("response.output_text.delta", "response.reasoning_text.delta"))
+        if item["type"] in ("message", "reasoning"):
+            assert item["content"][0]["text"] == text
+        if item["type"] == "function_call":
+            arguments = "".join(events[i]["delta"] for i in own if events[i]["type"] == "response.function_call_arguments.delta")
+            assert arguments == item["arguments"] and json.loads(arguments) is not None
+    final = events[-1]["response"]
+    assert final["output"] == [e["item"] for e in done]
+    used = final["usage"]
+    assert used["total_tokens"] == used["input_tokens"] + used["output_tokens"]
+    assert {"cached_tokens", "cache_write_tokens"} <= set(used["input_tokens_details"]) and "reasoning_tokens" in used["output_tokens_details"]
+
+
+def test_codex_shaped_request(server):
+    events = raw_events(server, CODEX_BODY, CODEX_HEADERS)
+    check_order(events)
+    final = events[-1]["response"]
+    assert final["model"] == "local-model" and final["tools"][1]["type"] == "namespace" and final["parallel_tool_calls"] is True
+    [summary] = [t for t in httpx.get(server.url + "/v1/transcripts").json()["data"] if t["id"] == final["id"]]
+    assert summary["source"] == "responses" and summary["client"] == "codex_exec/0.171.0"
+    prompt = prompt_of(server, final["id"])
+    assert prompt.startswith("<|im_start|>system\n<permissions>Read-only sandbox.</permissions>\n\nYou are a coding agent.\nBe concise.\n\n# Tools")
+    assert '"name": "spawn_agent"' in prompt and "web_search" not in prompt
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"input": "Is 17 a prime number?", "reasoning": {"effort": "low", "summary": "detailed"}},
+        {"input": "What are the weather and the time in Berlin?", "tools": FUNCTIONS, "reasoning": {"effort": "none"}},
+        {"input": "Check the weather in Sydney, please.", "tools": FUNCTIONS, "reasoning": {"effort": "none"}},
+        {"input": "Good morning!", "max_output_tokens": 4},
+    ],
+    ids=["reasoning-summary", "parallel-calls", "text-then-call", "incomplete"],
+)
+def test_event_order(server, body):
+    events = raw_events(server, body)
+    check_order(events)
+    assert len({e["type"] for e in events}) > 6
