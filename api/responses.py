@@ -134,7 +134,7 @@ def tool_choice(body: ResponsesRequest, targets: dict[str, Target]) -> str:
     if choice.type not in ("function", "custom") or not choice.name:
         raise ApiError(400, f"tool_choice: only auto, none, required or a named function can be chosen here, not {choice.type!r}")
     for name, target in targets.items():
-        if target.name == choice.name and target.namespace == choice.namespace:
+        if target.name == choice.name and choice.namespace in (None, target.namespace) and target.custom == (choice.type == "custom"):
             return name
     raise ApiError(400, f"tool_choice names {choice.name!r}, which is not among the tools")
 

@@ -6,6 +6,9 @@ import httpx
 import openai
 import pytest
 
+from conftest import Server
+
+from mlx_tui.api.server import create_app
 from mlx_tui.engine.demo.conversations import TOOLS
 from mlx_tui.engine.request import Request
 
@@ -386,3 +389,58 @@ def test_event_order(server, body):
     events = raw_events(server, body)
     check_order(events)
     assert len({e["type"] for e in events}) > 6
+
+
+CUSTOM = {"type": "namespace", "name": "editing", "description": "Edit files.", "tools": [{"type": "custom", "name": "apply_patch", "description": "Apply a patch."}]}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_custom_tool_in_a_namespace(client, server, stream):
+    choice = {"type": "custom", "name": "apply_patch"}
+    response = ask(client, stream, input="Good morning!", tools=[CUSTOM], tool_choice=choice, reasoning={"effort": "none"}, max_output_tokens=40)
+    call = response.output[0]
+    assert (call.type, call.name, call.namespace) == ("custom_tool_call", "apply_patch", "editing") and isinstance(call.input, str)
+    assert '"name": "apply_patch", "description": "Apply a patch.", "parameters": {"type": "object", "properties": {"input"' in prompt_of(server, response.id)
+
+
+def test_custom_tool_call_goes_back_as_its_input(client, server):
+    turns = [
+        {"role": "user", "content": "Patch it."},
+        {"type": "custom_tool_call", "call_id": "call_9", "name": "apply_patch", "namespace": "editing", "input": "*** Begin Patch"},
+        {"type": "custom_tool_call_output", "call_id": "call_9", "output": "Done."},
+    ]
+    response = ask(client, False, input=turns, tools=[CUSTOM], max_output_tokens=2)
+    prompt = prompt_of(server, response.id)
+    assert '{"name": "apply_patch", "arguments": {"input": "*** Begin Patch"}}' in prompt and "<tool_response>\nDone.\n</tool_response>" in prompt
+
+
+@pytest.fixture(scope="module")
+def faulty(loop, engine):
+    """A server that lets the X-MLX-TUI-Fault header break a request's own processing."""
+    server = Server(loop, create_app(engine, debug_faults=True))
+    yield server
+    server.close()
+
+
+def test_failure_after_the_stream_began_is_response_failed(faulty):
+    events = raw_events(faulty, {"input": "Good morning!"}, {"x-mlx-tui-fault": "request_error@3"})
+    assert [e["type"] for e in events[:2]] == ["response.created", "response.in_progress"]
+    error, failed = events[-2:]
+    assert error["type"] == "error" and error["code"] == "server_error" and "injected" in error["message"]
+    assert failed["type"] == "response.failed" and failed["response"]["status"] == "failed"
+    assert failed["response"]["error"] == {"code": "server_error", "message": error["message"]}
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+
+
+def test_failure_of_a_whole_response_is_an_error_status(faulty):
+    response = httpx.post(faulty.url + "/v1/responses", json={"model": "m", "input": "Hi"}, headers={"x-mlx-tui-fault": "request_error@3"}, timeout=60)
+    assert_openai_error(response, 500)
+
+
+def test_sdk_stream_raises_on_failure(faulty):
+    client = openai.OpenAI(base_url=faulty.url + "/v1", api_key="x", max_retries=0)
+    with client.responses.stream(model="m", input="Hi", extra_headers={"x-mlx-tui-fault": "request_error@3"}) as events:
+        kinds = [e.type for e in events]
+        with pytest.raises(RuntimeError):
+            events.get_final_response()
+    assert kinds[-2:] == ["error", "response.failed"]
