@@ -5,9 +5,13 @@ import json
 import httpx
 import openai
 import pytest
+from openai.types.responses import Response, ResponseStreamEvent
+from pydantic import TypeAdapter
 
 from conftest import Server
 
+from mlx_tui.api.responses import seal, to_request
+from mlx_tui.api.responses_models import ResponsesRequest
 from mlx_tui.api.server import create_app
 from mlx_tui.engine.demo.conversations import TOOLS
 from mlx_tui.engine.request import Request
@@ -15,6 +19,7 @@ from mlx_tui.engine.request import Request
 FUNCTIONS = [{"type": "function", **t["function"]} for t in TOOLS]
 PARIS = "What is the weather in Paris?"
 PARIS_RESULT = '{"city": "Paris", "temperature_c": 18, "condition": "sunny"}'
+NAMESPACE = {"type": "namespace", "name": "weather_service", "description": "Weather and time.", "tools": FUNCTIONS}
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +76,23 @@ def test_reasoning(client, stream):
     assert reasoning.content[0].text == "17 has no divisors other than 1 and 17." == reasoning.summary[0].text
     assert reasoning.encrypted_content and texts(response) == "Yes, 17 is a prime number."
     assert 0 < response.usage.output_tokens_details.reasoning_tokens < response.usage.output_tokens
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"input": "Good morning!"},
+        {"input": "Is 17 a prime number?", "reasoning": {"effort": "low", "summary": "auto"}},
+        {"input": "What are the weather and the time in Berlin?", "tools": [NAMESPACE], "reasoning": {"effort": "none"}},
+        {"input": "Good morning!", "max_output_tokens": 2},
+    ],
+    ids=["text", "reasoning", "calls", "incomplete"],
+)
+def test_whole_response_validates_as_the_sdk_type(server, body):
+    """The SDK builds a response without validating it; here the raw JSON is validated against its type."""
+    response = post(server, temperature=0, **body)
+    assert response.status_code == 200
+    Response.model_validate(response.json())
 
 
 def test_reasoning_without_summary_streams_only_its_text(server):
@@ -163,7 +185,6 @@ def test_parallel_results_round_trip(client):
     assert second.output_text == "In Berlin it is cloudy and 12°C; the local time is 14:05."
 
 
-NAMESPACE = {"type": "namespace", "name": "weather_service", "description": "Weather and time.", "tools": FUNCTIONS}
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
@@ -328,8 +349,13 @@ CODEX_BODY = {
 }
 
 
+STREAM_EVENT = TypeAdapter(ResponseStreamEvent)
+
+
 def check_order(events: list[dict]):
-    """The invariants of a Responses stream that the SDK and Codex rely on."""
+    """The invariants of a Responses stream that the SDK and Codex rely on; each event validated against the SDK's type."""
+    for event in events:
+        STREAM_EVENT.validate_python(event)
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
     assert [e["type"] for e in events[:2]] == ["response.created", "response.in_progress"]
     assert events[-1]["type"] in ("response.completed", "response.incomplete")
@@ -444,3 +470,35 @@ def test_sdk_stream_raises_on_failure(faulty):
         with pytest.raises(RuntimeError):
             events.get_final_response()
     assert kinds[-2:] == ["error", "response.failed"]
+
+
+def test_items_of_one_assistant_turn_make_one_message():
+    items = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris and Rome?"},
+        {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": seal("Two calls.")},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Checking."}]},
+        {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+        {"type": "function_call", "call_id": "c2", "name": "get_weather", "namespace": "weather_service", "arguments": '{"city": "Rome"}'},
+        {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+        {"type": "function_call_output", "call_id": "c2", "output": [{"type": "input_text", "text": "rainy"}]},
+        {"type": "reasoning", "id": "rs_2", "summary": [], "encrypted_content": seal("Both known.")},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Sunny and rainy."}]},
+        {"type": "web_search_call", "id": "ws_1", "status": "completed"},
+        {"role": "developer", "content": "Now in French."},
+    ]
+    request, _ = to_request(ResponsesRequest.model_validate({"model": "m", "instructions": "Hi.", "input": items, "tools": [NAMESPACE]}))
+
+    def call(call_id: str, city: str) -> dict:
+        return {"id": call_id, "type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}
+
+    assert request.messages == [
+        {"role": "system", "content": "Hi.\n\nBe brief."},
+        {"role": "user", "content": "Weather in Paris and Rome?"},
+        {"role": "assistant", "content": "Checking.", "reasoning_content": "Two calls.", "tool_calls": [call("c1", "Paris"), call("c2", "Rome")]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+        {"role": "tool", "tool_call_id": "c2", "content": "rainy"},
+        {"role": "assistant", "content": "Sunny and rainy.", "reasoning_content": "Both known."},
+        {"role": "system", "content": "Now in French."},
+    ]
+    assert request.source == "responses" and request.enable_thinking is None
