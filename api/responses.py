@@ -7,6 +7,7 @@ signed rather than secret.
 """
 
 import base64
+import copy
 import json
 import time
 import uuid
@@ -240,6 +241,7 @@ class ResponseStream:
         self.output: list[dict] = []
         self.open: dict | None = None  # the message or reasoning item receiving deltas
         self.calls: dict[int, dict] = {}  # the engine's call index → its output item
+        self.arguments: dict[int, str] = {}  # the engine's call index → its arguments so far
         self.dropped: set[int] = set()  # calls after the first when parallel_tool_calls is false
 
     def response(self, status: str, **fields) -> dict:
@@ -251,7 +253,7 @@ class ResponseStream:
             "created_at": self.created_at,
             "status": status,
             "model": body.model,
-            "output": [copy(item) for item in self.output],
+            "output": [snapshot(item) for item in self.output],
             "parallel_tool_calls": self.parallel,
             "tool_choice": choice if isinstance(choice, str) else choice.model_dump(exclude_none=True) if choice else "auto",
             "tools": [t.model_dump(exclude_none=True) for t in body.tools or []],
@@ -324,7 +326,7 @@ class ResponseStream:
             part = {"type": "reasoning_text", "text": ""}
         self.output.append(item)
         self.open = item
-        frames.append(self.event("response.output_item.added", output_index=len(self.output) - 1, item=copy(item)))
+        frames.append(self.event("response.output_item.added", output_index=len(self.output) - 1, item=snapshot(item)))
         item["content"].append(part)
         frames.append(self.event("response.content_part.added", **self.where(), content_index=0, part=dict(part)))
         if kind == "reasoning" and self.summary:
@@ -346,11 +348,11 @@ class ResponseStream:
             item["encrypted_content"] = seal(part["text"])
             frames = [self.event("response.reasoning_text.done", **where, content_index=0, text=part["text"])]
         frames.append(self.event("response.content_part.done", **where, content_index=0, part=dict(part)))
-        if item["summary"] if item["type"] == "reasoning" else False:
+        if item["type"] == "reasoning" and item["summary"]:
             summary = item["summary"][0]
             frames.append(self.event("response.reasoning_summary_text.done", **where, summary_index=0, text=summary["text"]))
             frames.append(self.event("response.reasoning_summary_part.done", **where, summary_index=0, part=dict(summary)))
-        return frames + [self.event("response.output_item.done", output_index=where["output_index"], item=copy(item))]
+        return frames + [self.event("response.output_item.done", output_index=where["output_index"], item=snapshot(item))]
 
     def start_call(self, index: int, call_id: str, name: str) -> list[Frame]:
         if not self.parallel and (self.calls or self.dropped):
@@ -364,14 +366,14 @@ class ResponseStream:
             item["arguments"] = ""
         if target.namespace:
             item["namespace"] = target.namespace
-        item["_arguments"] = ""
         self.output.append(item)
         self.calls[index] = item
-        return [self.event("response.output_item.added", output_index=len(self.output) - 1, item=copy(item))]
+        self.arguments[index] = ""
+        return [self.event("response.output_item.added", output_index=len(self.output) - 1, item=snapshot(item))]
 
     def call_delta(self, index: int, delta: str) -> list[Frame]:
         item = self.calls[index]
-        item["_arguments"] += delta
+        self.arguments[index] += delta
         if item["type"] == "custom_tool_call":
             return []  # its input is known once the arguments are whole
         item["arguments"] += delta
@@ -381,11 +383,11 @@ class ResponseStream:
         item = self.calls[index]
         item["status"] = status
         if item["type"] == "custom_tool_call":
-            item["input"] = custom_input(item["_arguments"])
+            item["input"] = custom_input(self.arguments[index])
             done = self.event("response.custom_tool_call_input.done", **self.where(item), input=item["input"])
         else:
             done = self.event("response.function_call_arguments.done", **self.where(item), arguments=item["arguments"])
-        return [done, self.event("response.output_item.done", output_index=self.output.index(item), item=copy(item))]
+        return [done, self.event("response.output_item.done", output_index=self.output.index(item), item=snapshot(item))]
 
     def finish(self, reason: str, used: ev.Usage) -> list[Frame]:
         cut = reason == "length"
@@ -403,9 +405,9 @@ class ResponseStream:
         return [self.event("error", code=code, message=message, param=None), self.event("response.failed", response=failed)]
 
 
-def copy(item: dict) -> dict:
-    """An output item as sent: a snapshot, without what is kept only for the stream."""
-    return json.loads(json.dumps({k: v for k, v in item.items() if not k.startswith("_")}))
+def snapshot(item: dict) -> dict:
+    """An output item as it is at this event (the stream goes on changing its own)."""
+    return copy.deepcopy(item)
 
 
 def custom_input(arguments: str) -> str:
