@@ -145,6 +145,7 @@ def convert(body: ResponsesRequest, names: dict[tuple[str | None, str], str]) ->
     items = [Message(role="user", content=body.input)] if isinstance(body.input, str) else body.input
     system = [body.instructions] if body.instructions else []
     messages: list[dict] = []
+    called: dict[str, str] = {}  # call id → the name the model knows the tool by
     turn: dict | None = None  # the assistant message being gathered from consecutive items
     for i, item in enumerate(items):
         if isinstance(item, ItemReference):
@@ -158,6 +159,8 @@ def convert(body: ResponsesRequest, names: dict[tuple[str | None, str], str]) ->
             turn = None
         elif isinstance(item, FunctionCallOutput):
             messages.append({"role": "tool", "tool_call_id": item.call_id, "content": text(item.output)})
+            if name := called.get(item.call_id):
+                messages[-1]["name"] = name
             turn = None
         elif isinstance(item, Reasoning):
             if (reasoning := unseal(item.encrypted_content)) is None:
@@ -173,7 +176,9 @@ def convert(body: ResponsesRequest, names: dict[tuple[str | None, str], str]) ->
             if isinstance(item, Message):
                 turn["content"] = "\n".join(filter(None, [turn["content"], text(item.content)]))
             else:
-                turn.setdefault("tool_calls", []).append(history_call(i, item, names))
+                call = history_call(i, item, names)
+                called[item.call_id] = call["function"]["name"]
+                turn.setdefault("tool_calls", []).append(call)
     if system:
         messages.insert(0, {"role": "system", "content": "\n\n".join(system)})
     return messages
@@ -187,7 +192,7 @@ def history_call(i: int, item: FunctionCall | CustomToolCall, names: dict[tuple[
     else:
         try:
             arguments = json.loads(item.arguments or "{}")
-        except ValueError:
+        except (ValueError, RecursionError):
             arguments = None
         if not isinstance(arguments, dict):
             raise ApiError(400, f"input.{i}.arguments: must be a JSON object, got {item.arguments[:100]!r}")

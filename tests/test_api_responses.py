@@ -496,8 +496,8 @@ def test_items_of_one_assistant_turn_make_one_message():
         {"role": "system", "content": "Hi.\n\nBe brief."},
         {"role": "user", "content": "Weather in Paris and Rome?"},
         {"role": "assistant", "content": "Checking.", "reasoning_content": "Two calls.", "tool_calls": [call("c1", "Paris"), call("c2", "Rome")]},
-        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
-        {"role": "tool", "tool_call_id": "c2", "content": "rainy"},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny", "name": "get_weather"},
+        {"role": "tool", "tool_call_id": "c2", "content": "rainy", "name": "get_weather"},
         {"role": "assistant", "content": "Sunny and rainy.", "reasoning_content": "Both known."},
         {"role": "system", "content": "Now in French."},
     ]
