@@ -15,6 +15,8 @@ from mlx_tui.api.responses_models import ResponsesRequest
 from mlx_tui.api.server import create_app
 from mlx_tui.engine.demo.conversations import TOOLS
 from mlx_tui.engine.request import Request
+from mlx_tui.tui.requests import cells
+from mlx_tui.tui.state import State
 
 FUNCTIONS = [{"type": "function", **t["function"]} for t in TOOLS]
 PARIS = "What is the weather in Paris?"
@@ -389,13 +391,17 @@ def check_order(events: list[dict]):
     assert {"cached_tokens", "cache_write_tokens"} <= set(used["input_tokens_details"]) and "reasoning_tokens" in used["output_tokens_details"]
 
 
-def test_codex_shaped_request(server):
+def test_codex_shaped_request(server, engine):
     events = raw_events(server, CODEX_BODY, CODEX_HEADERS)
     check_order(events)
     final = events[-1]["response"]
     assert final["model"] == "local-model" and final["tools"][1]["type"] == "namespace" and final["parallel_tool_calls"] is True
     [summary] = [t for t in httpx.get(server.url + "/v1/transcripts").json()["data"] if t["id"] == final["id"]]
     assert summary["source"] == "responses" and summary["client"] == "codex_exec/0.171.0"
+    state = State()  # the dashboard, from the same bus events
+    for event in list(engine.bus.recent):
+        state.apply(event)
+    assert cells(state.requests[final["id"]])[2:4] == ("responses", "codex_exec/0.171.0")
     prompt = prompt_of(server, final["id"])
     assert prompt.startswith("<|im_start|>system\n<permissions>Read-only sandbox.</permissions>\n\nYou are a coding agent.\nBe concise.\n\n# Tools")
     assert '"name": "spawn_agent"' in prompt and "web_search" not in prompt
