@@ -44,6 +44,9 @@ from .responses_models import (
 )
 
 PING_SECONDS = 10
+# A client's idle timer counts events, not SSE comments (Codex gives up after 300 s without one):
+# during a long prefill, `response.in_progress` is sent again at most this often.
+PROGRESS_SECONDS = 30
 EMPTY_SCHEMA = {"type": "object", "properties": {}}
 CUSTOM_SCHEMA = {"type": "object", "properties": {"input": {"type": "string", "description": "The tool's input, as free text."}}, "required": ["input"]}
 ERROR_CODES = {429: "rate_limit_exceeded"}
@@ -243,6 +246,7 @@ class ResponseStream:
         self.summary = body.reasoning is not None and bool(body.reasoning.summary or body.reasoning.generate_summary)
         self.parallel = body.parallel_tool_calls is not False
         self.sequence = 0
+        self.alive = time.monotonic()  # when the last event was made
         self.output: list[dict] = []
         self.open: dict | None = None  # the message or reasoning item receiving deltas
         self.calls: dict[int, dict] = {}  # the engine's call index → its output item
@@ -277,6 +281,7 @@ class ResponseStream:
         } | fields
 
     def event(self, kind: str, **fields) -> Frame:
+        self.alive = time.monotonic()
         self.sequence += 1
         return {"type": kind, "sequence_number": self.sequence - 1} | fields
 
@@ -288,6 +293,8 @@ class ResponseStream:
 
     def feed(self, event: ev.Event) -> list[Frame]:
         match event:
+            case ev.PrefillProgress() if time.monotonic() - self.alive >= PROGRESS_SECONDS:
+                return [self.event("response.in_progress", response=self.response("in_progress"))]
             case ev.TextDelta(delta):
                 frames = self.open_item("message")
                 self.open["content"][0]["text"] += delta

@@ -10,10 +10,12 @@ from pydantic import TypeAdapter
 
 from conftest import Server
 
+from mlx_tui.api import responses
 from mlx_tui.api.responses import seal, to_request
 from mlx_tui.api.responses_models import ResponsesRequest
 from mlx_tui.api.server import create_app
 from mlx_tui.engine.demo.conversations import TOOLS
+from mlx_tui.engine.events import Done, PrefillProgress, Started, TextDelta, Timings, Usage
 from mlx_tui.engine.request import Request
 from mlx_tui.tui.requests import cells
 from mlx_tui.tui.state import State
@@ -508,3 +510,15 @@ def test_items_of_one_assistant_turn_make_one_message():
         {"role": "system", "content": "Now in French."},
     ]
     assert request.source == "responses" and request.enable_thinking is None
+
+
+def test_a_long_prefill_repeats_in_progress(monkeypatch):
+    """Codex's idle timer counts events: a prefill longer than PROGRESS_SECONDS says it is still in progress."""
+    body = ResponsesRequest.model_validate({"model": "m", "input": "Hi"})
+    stream = responses.ResponseStream(body, {})
+    events = stream.start(Started(4000, 0))
+    assert stream.feed(PrefillProgress(512, 4000)) == []  # too soon
+    monkeypatch.setattr(responses, "PROGRESS_SECONDS", 0)
+    events += stream.feed(PrefillProgress(1024, 4000)) + stream.feed(TextDelta("Hello")) + stream.feed(Done("end", Usage(4000, 0, 1), Timings(0, 0, 0)))
+    assert [e["type"] for e in events][:4] == ["response.created", "response.in_progress", "response.in_progress", "response.output_item.added"]
+    check_order(events)
