@@ -62,6 +62,23 @@ def raw_events(server, body: dict, headers: dict | None = None) -> list[dict]:
     return events
 
 
+def post(server, **body) -> httpx.Response:
+    return httpx.post(server.url + "/v1/responses", json={"model": "m", "input": "Hi"} | body, timeout=60)
+
+
+def prompt_of(server, response_id: str) -> str:
+    return httpx.get(f"{server.url}/v1/transcripts/{response_id}").json()["prompt"]
+
+
+def assert_openai_error(response: httpx.Response, status: int, starts: str = "", code=None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == code
+    assert status != 400 or error["type"] == "invalid_request_error"
+    assert error["message"].startswith(starts), error["message"]
+    return error
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 def test_text(client, stream):
     response = ask(client, stream, input="Good morning!", reasoning={"effort": "none"})
@@ -112,10 +129,6 @@ def reasoning_turns(reasoning: dict) -> list:
         {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Yes, 17 is a prime number."}]},
         {"role": "user", "content": "And 18?"},
     ]
-
-
-def prompt_of(server, response_id: str) -> str:
-    return httpx.get(f"{server.url}/v1/transcripts/{response_id}").json()["prompt"]
 
 
 def test_reasoning_round_trips_signed(client, server):
@@ -264,19 +277,6 @@ def test_max_output_tokens_is_incomplete(client, server, stream):
 def test_store_and_prompt_cache_key_are_accepted(client):
     response = ask(client, False, input="Good morning!", store=True, prompt_cache_key="k1", include=["reasoning.encrypted_content"], metadata={"a": "b"})
     assert response.status == "completed"
-
-
-def assert_openai_error(response: httpx.Response, status: int, starts: str = "", code=None) -> dict:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["code"] == code
-    assert error["type"] == ("invalid_request_error" if status == 400 else error["type"])
-    assert error["message"].startswith(starts), error["message"]
-    return error
-
-
-def post(server, **body) -> httpx.Response:
-    return httpx.post(server.url + "/v1/responses", json={"model": "m", "input": "Hi"} | body, timeout=60)
 
 
 @pytest.mark.parametrize(
