@@ -8,13 +8,13 @@ import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
-from conftest import Server
+from conftest import Server, shared_dir
 
 from mlx_tui.api import responses
 from mlx_tui.api.responses import seal, to_request
 from mlx_tui.api.responses_models import ResponsesRequest
 from mlx_tui.api.server import create_app
-from mlx_tui.engine.demo.conversations import TOOLS
+from mlx_tui.engine.demo.conversations import FALLBACK_REPLY, TOOLS
 from mlx_tui.engine.events import Done, PrefillProgress, Started, TextDelta, Timings, Usage
 from mlx_tui.engine.request import Request
 from mlx_tui.tui.requests import cells
@@ -407,6 +407,21 @@ def test_codex_shaped_request(server, engine):
     prompt = prompt_of(server, final["id"])
     assert prompt.startswith("<|im_start|>system\n<permissions>Read-only sandbox.</permissions>\n\nYou are a coding agent.\nBe concise.\n\n# Tools")
     assert '"name": "spawn_agent"' in prompt and "web_search" not in prompt
+
+
+CODEX_SAMPLE = shared_dir() / "samples" / "codex-0.171.0-first-turn.json"
+
+
+def test_codex_sample_as_is(server):
+    """Codex CLI's real first turn (read from the shared samples, not copied here), headers and body as sent, streams to the end."""
+    lines = CODEX_SAMPLE.with_suffix(".headers.txt").read_text().splitlines()[1:]
+    skip = {"host", "content-length", "connection", "accept-encoding"}
+    headers = {k: v.strip() for k, _, v in (line.partition(":") for line in lines) if k and k.lower() not in skip}
+    events = raw_events(server, json.loads(CODEX_SAMPLE.read_text()), headers)
+    check_order(events)
+    final = events[-1]["response"]
+    assert final["status"] == "completed" and final["output"][-1]["content"][0]["text"] == FALLBACK_REPLY
+    assert {t["type"] for t in final["tools"]} == {"function", "namespace", "web_search"}
 
 
 @pytest.mark.parametrize(
