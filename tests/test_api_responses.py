@@ -14,6 +14,7 @@ from mlx_tui.api import responses
 from mlx_tui.api.responses import seal, to_request
 from mlx_tui.api.responses_models import ResponsesRequest
 from mlx_tui.api.server import create_app
+from mlx_tui.api.warm import warm_request
 from mlx_tui.engine.demo.conversations import FALLBACK_REPLY, TOOLS
 from mlx_tui.engine.events import Done, PrefillProgress, Started, TextDelta, Timings, Usage
 from mlx_tui.engine.request import Request
@@ -537,3 +538,12 @@ def test_a_long_prefill_repeats_in_progress(monkeypatch):
     events += stream.feed(PrefillProgress(1024, 4000)) + stream.feed(TextDelta("Hello")) + stream.feed(Done("end", Usage(4000, 0, 1), Timings(0, 0, 0)))
     assert [e["type"] for e in events][:4] == ["response.created", "response.in_progress", "response.in_progress", "response.output_item.added"]
     check_order(events)
+
+
+def test_warm_takes_a_captured_codex_request():
+    """`--warm` with Codex's captured first turn prefills the prompt its next turn starts with."""
+    request = warm_request(CODEX_SAMPLE)
+    sample = json.loads(CODEX_SAMPLE.read_text())
+    again, _ = to_request(ResponsesRequest.model_validate(sample))
+    assert request.source == "responses" and request.max_tokens == 1 and request.messages == again.messages
+    assert [t["function"]["name"] for t in request.tools] == [t["function"]["name"] for t in again.tools] and len(request.tools) == 12
