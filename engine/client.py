@@ -403,6 +403,7 @@ class EngineClient:
             self.metrics.waiting.set(stats["waiting"])
             self.metrics.cache_bytes.labels("ram").set(stats["cache"]["ram_bytes"])
             self.metrics.cache_bytes.labels("disk").set(stats["cache"]["disk_bytes"])
+            self.metrics.observe_stats(stats, self.pid)
             self.last_stats = stats
             self.bus.publish("stats", **stats, breaker=self.breaker.snapshot(), state=self.state,
                              restarts=self.restarts, pid=self.pid, rank_states=self.rank_states())

@@ -6,12 +6,14 @@ holds and a SHA-256 of its arrays. A file that is unreadable, truncated, altered
 from another model is removed, never loaded.
 """
 
+import contextlib
 import hashlib
 import json
 import os
-import queue
 import struct
+import sys
 import threading
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +64,15 @@ class DiskEntry:
 
 
 class DiskCache:
-    """Entry files under `directory` (one per model identity), at most `budget` bytes in all."""
+    """Entry files under `directory` (one per model identity), at most `budget` bytes in all.
+
+    Entries wait to be written in a queue of at most `PENDING_BYTES` (the oldest are dropped
+    beyond it); a write that fails drops its entry, so a full, read-only or removed folder
+    costs the disk tier, never the worker.
+    """
+
+    PENDING_BYTES = 2**30
+    FLUSH_S = 5.0  # how long `flush` waits, less than the front process gives a stopping worker
 
     def __init__(self, directory: Path, budget: int, model_id: str):
         self.directory = directory
@@ -71,8 +81,13 @@ class DiskCache:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.index: list[DiskEntry] = []
         self.rejected = 0
+        self.write_errors = 0
+        self.dropped = 0  # queued writes dropped to keep the queue within PENDING_BYTES
         self._lock = threading.Lock()
-        self._queue: queue.Queue = queue.Queue()
+        self._pending: deque = deque()
+        self._pending_bytes = 0
+        self._writing = False
+        self._changed = threading.Condition()
         self._scan()
         threading.Thread(target=self._write_behind, daemon=True).start()
 
@@ -106,29 +121,57 @@ class DiskCache:
             "tokens": json.dumps(entry.tokens.tolist()),
             "checkpoint": str(int(entry.checkpoint)),
         }
-        self._queue.put((entry.tokens, entry.layers, *serialisable(entry.layers, metadata)))
+        arrays, header = serialisable(entry.layers, metadata)
+        size = sum(a.nbytes for a in arrays.values())
+        with self._changed:
+            self._pending.append((size, (entry.tokens, entry.layers, arrays, header)))
+            self._pending_bytes += size
+            while self._pending_bytes > self.PENDING_BYTES and len(self._pending) > 1:
+                self._pending_bytes -= self._pending.popleft()[0]
+                self.dropped += 1
+            self._changed.notify_all()
 
-    def flush(self):
-        """Wait until everything queued so far is on disk."""
-        self._queue.join()
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything queued so far is written (or dropped), at most `timeout` (default FLUSH_S) seconds."""
+        with self._changed:
+            idle = lambda: not self._pending and not self._writing  # noqa: E731
+            return self._changed.wait_for(idle, self.FLUSH_S if timeout is None else timeout)
 
     def _write_behind(self):
         while True:
-            item = self._queue.get()
+            with self._changed:
+                self._changed.wait_for(lambda: self._pending)
+                size, item = self._pending.popleft()
+                self._writing = True
             try:
                 self._write(*item)
-            except OSError:
-                pass  # a full or read-only disk costs the disk tier, not the request
+            except Exception as e:  # a full, read-only or removed folder costs the disk tier, never the worker
+                self._write_failed(e)
             finally:
-                self._queue.task_done()
+                with self._changed:
+                    self._pending_bytes -= size
+                    self._writing = False
+                    self._changed.notify_all()
+
+    def _write_failed(self, error: Exception):
+        """Count the failure, and say so on stderr the first time."""
+        self.write_errors += 1
+        if self.write_errors == 1:
+            print(f"disk cache: cannot write to {self.directory} ({error}); entries are dropped "
+                  "while it fails (counted in /metrics)", file=sys.stderr, flush=True)
 
     def _write(self, tokens: np.ndarray, layers: list, arrays: dict, header: dict):
         name = hashlib.sha256(tokens.tobytes()).hexdigest()[:32]
         path = self.directory / f"{name}.safetensors"
         header["0.sha256"] = digest(layers)
         tmp = self.directory / f"{name}.partial.safetensors"
-        mx.save_safetensors(str(tmp), arrays, header)
-        os.replace(tmp, path)
+        try:
+            mx.save_safetensors(str(tmp), arrays, header)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)  # what a full disk let through
+            raise
         with self._lock:
             self.index = [e for e in self.index if e.path != path]
             self.index.append(DiskEntry(path, tokens, path.stat().st_size))

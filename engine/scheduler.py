@@ -345,6 +345,8 @@ class Scheduler:
                 "hits": cache.hits,
                 "disk_hits": cache.disk_hits,
                 "disk_rejected": self.cache.disk.rejected if self.cache.disk else 0,
+                "disk_write_errors": self.cache.disk.write_errors if self.cache.disk else 0,
+                "disk_dropped": self.cache.disk.dropped if self.cache.disk else 0,
                 "prompt_tokens": cache.prompt_tokens,
                 "reused_tokens": cache.reused_tokens,
                 "evictions": cache.evictions,
