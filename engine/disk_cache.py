@@ -2,12 +2,14 @@
 
 Each entry is one safetensors file written with mlx-lm's `save_prompt_cache` to a
 temporary name and renamed into place, its metadata naming the model, the tokens it
-holds and a SHA-256 of its arrays. A file that is unreadable, truncated, altered or
-from another model is removed, never loaded.
+holds, a SHA-256 of its arrays and an HMAC of all of that under the folder's own key.
+A file that is unreadable, truncated, altered, unsigned or from another model is
+removed, never loaded.
 """
 
 import contextlib
 import hashlib
+import hmac
 import json
 import os
 import struct
@@ -31,6 +33,40 @@ def digest(layers: list) -> str:
         for array in (layer.keys, layer.values):
             h.update(memoryview(array))
     return h.hexdigest()
+
+
+def sign(metadata: dict, array_digest: str, key: bytes) -> str:
+    """An HMAC-SHA256 under `key` of our header metadata (every field) and the arrays' digest."""
+    message = json.dumps([metadata, array_digest], sort_keys=True).encode()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def verify(metadata: dict, array_digest: str, key: bytes, signature: str) -> bool:
+    return hmac.compare_digest(sign(metadata, array_digest, key), signature)
+
+
+def secret(directory: Path) -> bytes:
+    """The folder's key for `sign`: 32 random bytes in a file only its owner may read, made on first use.
+
+    A key file that others could read or change, or that is not whole, is replaced, and
+    with it every entry it signed is refused.
+    """
+    path = directory / "key"
+    try:
+        status = path.stat()
+        if status.st_uid == os.getuid() and not status.st_mode & 0o077 and len(key := path.read_bytes()) == 32:
+            return key
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    key = os.urandom(32)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process made it first
+        return secret(directory)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key)
+    return key
 
 
 def serialisable(layers: list, metadata: dict) -> tuple[dict, dict]:
@@ -79,6 +115,7 @@ class DiskCache:
         self.budget = budget
         self.model_id = model_id
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.key = secret(directory)
         self.index: list[DiskEntry] = []
         self.rejected = 0
         self.write_errors = 0
@@ -88,8 +125,8 @@ class DiskCache:
         self._pending_bytes = 0
         self._writing = False
         self._changed = threading.Condition()
+        self._writer: threading.Thread | None = None  # started by the first `save`
         self._scan()
-        threading.Thread(target=self._write_behind, daemon=True).start()
 
     @property
     def nbytes(self) -> int:
@@ -104,6 +141,8 @@ class DiskCache:
                 meta = read_metadata(path)
                 if meta["model"] != self.model_id:
                     raise ValueError("written for another model")
+                if "hmac" not in meta:
+                    raise ValueError("not signed")
                 tokens = np.asarray(json.loads(meta["tokens"]), dtype=np.int64)
             except Exception:  # any defect in a file found on disk means it is not ours to trust
                 self._reject(path)
@@ -124,6 +163,9 @@ class DiskCache:
         arrays, header = serialisable(entry.layers, metadata)
         size = sum(a.nbytes for a in arrays.values())
         with self._changed:
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_behind, daemon=True)
+                self._writer.start()
             self._pending.append((size, (entry.tokens, entry.layers, arrays, header)))
             self._pending_bytes += size
             while self._pending_bytes > self.PENDING_BYTES and len(self._pending) > 1:
@@ -163,7 +205,9 @@ class DiskCache:
     def _write(self, tokens: np.ndarray, layers: list, arrays: dict, header: dict):
         name = hashlib.sha256(tokens.tobytes()).hexdigest()[:32]
         path = self.directory / f"{name}.safetensors"
-        header["0.sha256"] = digest(layers)
+        header["0.sha256"] = array_digest = digest(layers)
+        metadata = {k.removeprefix("0."): v for k, v in header.items() if k.startswith("0.")}
+        header["0.hmac"] = sign(metadata, array_digest, self.key)
         tmp = self.directory / f"{name}.partial.safetensors"
         try:
             mx.save_safetensors(str(tmp), arrays, header)
@@ -208,7 +252,7 @@ class DiskCache:
                 meta["model"] == self.model_id
                 and reusable(layers)
                 and all(layer.offset == len(tokens) == layer.keys.shape[2] for layer in layers)
-                and meta["sha256"] == digest(layers)
+                and verify({k: v for k, v in meta.items() if k != "hmac"}, digest(layers), self.key, meta["hmac"])
             )
         except Exception:  # unreadable, truncated or malformed: all mean the same here
             sound = False

@@ -1,14 +1,21 @@
-"""The disk tier's writer on its own: failed writes are counted and dropped, the queue is bounded, flush ends."""
+"""The disk tier on its own: failed writes are counted and dropped, the queue is bounded, flush ends;
+only files this cache folder signed, whole and unchanged, are ever loaded."""
 
+import functools
 import hashlib
 import os
+import shutil
 import subprocess
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mlx_lm.models.cache import KVCache
 
 from mlx_tui.engine.disk_cache import DiskCache
@@ -116,6 +123,99 @@ def test_writes_to_a_full_disk_are_counted_and_leave_nothing_behind(full_tmpfs):
     disk.save(entry(512, width=16))  # ~130 KiB: does not fit
     assert disk.flush(10)
     assert disk.write_errors == 1 and not disk.index
-    assert not list((full_tmpfs / "model").iterdir()), "the partial file is removed"
+    assert not list((full_tmpfs / "model").glob("*.safetensors")), "the partial file is removed"
     disk.save(entry(8))  # fits
     assert disk.flush(10) and len(disk.index) == 1 and disk.write_errors == 1
+
+
+def written(folder: Path, e: Entry) -> Path:
+    disk = DiskCache(folder, 2**30, "m")
+    disk.save(e)
+    assert disk.flush(10)
+    [path] = folder.glob("*.safetensors")
+    return path
+
+
+def test_the_key_is_the_owners_alone_and_kept(tmp_path):
+    DiskCache(tmp_path, 2**30, "m")
+    key = tmp_path / "key"
+    assert key.stat().st_mode & 0o777 == 0o600 and len(key.read_bytes()) == 32
+    assert DiskCache(tmp_path, 2**30, "m").key == key.read_bytes()
+    before = key.read_bytes()
+    key.chmod(0o644)  # others could read it: what it signed proves nothing any more
+    assert DiskCache(tmp_path, 2**30, "m").key != before and key.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_token_id_changed_in_the_header_is_refused(tmp_path):
+    path = written(tmp_path, entry(16))
+    data = path.read_bytes()
+    assert data.count(b"[0, 1, 2, 3,") == 1
+    path.write_bytes(data.replace(b"[0, 1, 2, 3,", b"[0, 1, 2, 9,"))  # still parses, arrays untouched
+    disk = DiskCache(tmp_path, 2**30, "m")
+    changed = np.array([0, 1, 2, 9, *range(4, 16)])
+    assert disk.fetch(changed, 0, 0.0) is None
+    assert disk.rejected == 1 and not path.exists()
+
+
+def test_a_file_signed_in_another_cache_folder_is_refused(tmp_path):
+    path = written(tmp_path / "theirs", entry(16))
+    ours = DiskCache(tmp_path / "ours", 2**30, "m")
+    shutil.copy(path, ours.directory)
+    disk = DiskCache(tmp_path / "ours", 2**30, "m")
+    assert disk.fetch(np.arange(16), 0, 0.0) is None and disk.rejected == 1
+
+
+@functools.cache
+def original() -> tuple[bytes, bytes, Entry]:
+    """A sound entry file, the key of the folder it was written in, and the entry."""
+    e = entry(12)
+    with tempfile.TemporaryDirectory() as folder:
+        path = written(Path(folder), e)
+        return path.read_bytes(), (Path(folder) / "key").read_bytes(), e
+
+
+def load_all(data: bytes) -> list[Entry]:
+    """Whatever a fresh disk tier loads from a folder (with the original's key) holding `data` as an entry file."""
+    _, key, _ = original()
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "key").write_bytes(key)
+        os.chmod(Path(folder) / "key", 0o600)
+        (Path(folder) / "entry.safetensors").write_bytes(data)
+        disk = DiskCache(Path(folder), 2**30, "m")
+        return [loaded for found in list(disk.index) if (loaded := disk.load(found, 0.0))]
+
+
+def same(a: Entry, b: Entry) -> bool:
+    return np.array_equal(a.tokens, b.tokens) and all(
+        mx.array_equal(x.keys, y.keys).item() and mx.array_equal(x.values, y.values).item() and x.offset == y.offset
+        for x, y in zip(a.layers, b.layers, strict=True)
+    )
+
+
+FUZZ = settings(max_examples=300, deadline=None, database=None, derandomize=bool(os.environ.get("CI")))
+
+
+def test_the_original_file_loads():
+    data, _, e = original()
+    [loaded] = load_all(data)
+    assert same(loaded, e)
+
+
+@FUZZ
+@given(st.binary(max_size=4096))
+def test_random_files_are_never_loaded(data):
+    assert load_all(data) == []
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.integers(0, 2**31), st.integers(1, 255)), min_size=1, max_size=8),
+       st.one_of(st.none(), st.integers(0, 2**31)))
+def test_mutated_files_are_never_loaded_as_anything_else(flips, cut):
+    data, _, e = original()
+    mutated = bytearray(data)
+    for at, bits in flips:
+        mutated[at % len(mutated)] ^= bits
+    if cut is not None:
+        mutated = mutated[: cut % len(mutated)]
+    for loaded in load_all(bytes(mutated)):  # a flip that changes nothing that is read (JSON whitespace) may load
+        assert same(loaded, e)
