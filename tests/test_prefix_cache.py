@@ -4,6 +4,7 @@ import asyncio
 import json
 import random
 import shutil
+import struct
 from pathlib import Path
 
 import pytest
@@ -251,6 +252,47 @@ def test_entries_of_another_model_are_removed(loop, make_engine, tmp_path):
     events = loop.run(collect(engine, request_for("capital")))
     assert started(events).cached_tokens == 0
     assert loop.run(engine.stats())["cache"]["disk_rejected"] == len(planted)
+
+
+def change_one_weight(path: Path):
+    """Change one number of the first tensor in a safetensors file in place: same size, same header."""
+    data = bytearray(path.read_bytes())
+    (header,) = struct.unpack("<Q", data[:8])
+    name, tensor = next((k, v) for k, v in json.loads(data[8 : 8 + header]).items() if k != "__metadata__")
+    at = 8 + header + tensor["data_offsets"][0]
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_an_entry_for_weights_changed_in_place_misses(loop, make_engine, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(MODEL_DIR, model)
+    first = make_engine(model=str(model), cache_dir=str(tmp_path / "cache"))
+    loop.run(collect(first, request_for("capital")))
+    loop.run(first.stop())
+    size = (model / "model.safetensors").stat().st_size
+    change_one_weight(model / "model.safetensors")
+    assert (model / "model.safetensors").stat().st_size == size
+    second = make_engine(model=str(model), cache_dir=str(tmp_path / "cache"))
+    events = loop.run(collect(second, request_for("capital")))
+    assert started(events).cached_tokens == 0
+    assert loop.run(second.stats())["cache"]["disk_hits"] == 0
+
+
+def test_a_hub_snapshot_is_named_by_its_revision(tmp_path):
+    from mlx_tui.engine.loader import identity
+
+    def snapshot(commit: str) -> str:
+        folder = tmp_path / "models--org--name" / "snapshots" / commit
+        shutil.copytree(MODEL_DIR, folder)
+        return str(folder)
+
+    first = snapshot("a" * 40)
+    named = identity(first, {}, "float32")
+    change_one_weight(Path(first) / "model.safetensors")  # the hub never changes a revision's files: not read
+    assert identity(first, {}, "float32") == named
+    moved = Path(first).rename(Path(first).with_name("b" * 40))
+    assert identity(str(moved), {}, "float32") != named
 
 
 def test_concurrent_conversations_each_hit(loop, make_engine):
