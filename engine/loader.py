@@ -156,6 +156,7 @@ def load(
         return load_shard(ref, source, extra, progress, group, shard, dtype)
     try:
         model, tokenizer, config = mlx_load(source, tokenizer_config=extra, lazy=True, return_config=True)
+        require_template(ref, tokenizer)
         note = cast(model, config, dtype, ref)  # lazily: each layer is read and cast in the loop below
         layers = list(getattr(model, "layers", []))
         for i, layer in enumerate(layers):
@@ -172,6 +173,12 @@ def load(
     context = config.get("max_position_embeddings") or getattr(tokenizer, "model_max_length", 0)
     running = weights_summary(model, config)[0]
     return Loaded(model, tokenizer, int(context or 4096), running, identity(source, config, running), dtype_note=note)
+
+
+def require_template(ref: str, tokenizer):
+    """A model without a chat template (and none given) would answer nonsense: refuse it."""
+    if not tokenizer.chat_template:
+        raise ModelError(f"{ref}: the model has no chat template; give one with --chat-template FILE")
 
 
 def cast(model, config: dict, dtype: str, ref: str) -> str:
@@ -199,6 +206,9 @@ def load_shard(
             return_config=True,
             tokenizer_config=extra,
         )
+        require_template(ref, tokenizer)
+    except ModelError:
+        raise
     except ModuleNotFoundError as e:
         raise ModelError(f"{ref}: unknown tool parser or model type ({e.name})") from e
     except ValueError as e:
