@@ -188,6 +188,7 @@ class EngineClient:
         finally:
             del self._streams[rid]
             if not finished:
+                self._generating.discard(request_id)
                 self.worker.send(("cancel", rid))
                 self.breaker.release()
                 self.bus.publish("request", id=request_id, phase="cancelled")

@@ -250,7 +250,7 @@ class Scheduler:
 
     def _token(self, a: Active, r, now: float) -> list[Tagged]:
         a.first_token = a.first_token or now
-        a.generated += 1
+        a.generated += r.finish_reason != "stop"  # the end-of-sequence token is not output, as OpenAI and Anthropic count
         a.reply.append(r.token)
         self.generation_tokens_total += 1
         reason = note = None

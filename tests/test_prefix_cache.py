@@ -46,8 +46,8 @@ def test_next_turn_reuses_the_whole_previous_turn(loop, make_engine):
     second = loop.run(collect(engine, request_for("tool_result")))
     done = first[-1]
     assert started(first).cached_tokens == 0
-    # the first turn's KV holds its prompt and its whole reply, the end-of-turn token included
-    assert started(second).cached_tokens == done.usage.prompt_tokens + done.usage.generated_tokens
+    # the first turn's KV holds its prompt and its whole reply, the end-of-turn token (not counted as output) included
+    assert started(second).cached_tokens == done.usage.prompt_tokens + done.usage.generated_tokens + 1
     assert second[-1].usage.cached_tokens == started(second).cached_tokens
 
 
@@ -56,7 +56,7 @@ def test_reasoning_turns_are_reused_too(loop, make_engine):
     first = loop.run(collect(engine, request_for("reasoning")))
     second = loop.run(collect(engine, request_for("reasoning_multi_turn")))
     done = first[-1]
-    assert started(second).cached_tokens == done.usage.prompt_tokens + done.usage.generated_tokens
+    assert started(second).cached_tokens == done.usage.prompt_tokens + done.usage.generated_tokens + 1
 
 
 @pytest.mark.parametrize("names", [["multi_turn", "greeting", "tool_result", "parallel_results", "reasoning_multi_turn"]])
@@ -304,7 +304,7 @@ def test_concurrent_conversations_each_hit(loop, make_engine):
     first = loop.run(together(["weather_paris", "reasoning"]))
     follow = loop.run(together(["tool_result", "reasoning_multi_turn"]))
     for f, s in zip(first, follow):
-        assert started(s).cached_tokens == f[-1].usage.prompt_tokens + f[-1].usage.generated_tokens
+        assert started(s).cached_tokens == f[-1].usage.prompt_tokens + f[-1].usage.generated_tokens + 1
 
 
 def test_warm_up_makes_the_first_request_hit(loop, make_engine, tmp_path):
