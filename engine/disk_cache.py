@@ -176,8 +176,10 @@ class DiskCache:
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything queued so far is written (or dropped), at most `timeout` (default FLUSH_S) seconds."""
         with self._changed:
-            idle = lambda: not self._pending and not self._writing  # noqa: E731
-            return self._changed.wait_for(idle, self.FLUSH_S if timeout is None else timeout)
+            return self._changed.wait_for(self._idle, self.FLUSH_S if timeout is None else timeout)
+
+    def _idle(self) -> bool:
+        return not self._pending and not self._writing
 
     def _write_behind(self):
         while True:
