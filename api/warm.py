@@ -17,7 +17,8 @@ from .openai_models import ChatRequest
 def warm_request(path: Path) -> Request:
     """The request to prefill: an Anthropic or OpenAI request body as JSON, or else a system prompt as text.
 
-    ValueError (one line) for a JSON file that is not a request body. A JSON body with a top-level `system`, or tools with `input_schema`, is read as Anthropic's.
+    A JSON body with a top-level `system`, or tools with `input_schema`, is read as Anthropic's.
+    ValueError (one line) for a JSON file that is not a request body.
     """
     text = path.read_text()
     try:

@@ -59,7 +59,7 @@ def weights_fingerprint(source: str) -> bytes:
     return h.digest()
 
 
-WHOLE_FILE_BYTES = 256 * 2**20  # hashed whole up to this size; larger files are sampled
+WHOLE_FILE_BYTES = 16 * 2**20  # hashed whole up to this size; larger files are sampled
 SAMPLES, SAMPLE_BYTES = 64, 64 * 2**10
 
 
@@ -73,7 +73,7 @@ def file_fingerprint(path: Path) -> bytes:
         if status.st_size <= WHOLE_FILE_BYTES:
             return hashlib.file_digest(f, "sha256").digest() + h.digest()
         (header,) = struct.unpack("<Q", f.read(8))
-        h.update(f.read(min(header, WHOLE_FILE_BYTES)))
+        h.update(f.read(min(header, 64 * 2**20)))
         for i in range(SAMPLES):
             f.seek(status.st_size * i // SAMPLES)
             h.update(f.read(SAMPLE_BYTES))

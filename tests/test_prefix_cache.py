@@ -2,9 +2,12 @@
 
 import asyncio
 import json
+import os
 import random
 import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -293,6 +296,18 @@ def test_a_hub_snapshot_is_named_by_its_revision(tmp_path):
     assert identity(first, {}, "float32") == named
     moved = Path(first).rename(Path(first).with_name("b" * 40))
     assert identity(str(moved), {}, "float32") != named
+
+
+def test_a_hub_repo_id_is_named_by_its_cached_revision(tmp_path):
+    """As mlx-lm finds a repo id: in the hub cache (HF_HUB_CACHE), under refs/main's snapshot; no network."""
+    repo = tmp_path / "hub" / "models--org--name"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("c0ffee")
+    shutil.copytree(MODEL_DIR, repo / "snapshots" / "c0ffee")
+    code = "from mlx_tui.engine.loader import weights_fingerprint as f; print(f('org/name'), f('org/absent'))"
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["b'revision", "c0ffee'", "b''"], done.stderr
 
 
 def test_concurrent_conversations_each_hit(loop, make_engine):
