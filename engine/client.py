@@ -188,6 +188,7 @@ class EngineClient:
         finally:
             del self._streams[rid]
             if not finished:
+                self._generating.discard(request_id)
                 self.worker.send(("cancel", rid))
                 self.breaker.release()
                 self.bus.publish("request", id=request_id, phase="cancelled")
@@ -405,6 +406,7 @@ class EngineClient:
             self.metrics.cache_bytes.labels("disk").set(stats["cache"]["disk_bytes"])
             self.metrics.cache_bytes.labels("snapshots").set(stats["cache"]["snapshot_bytes"])
             self.metrics.cache_snapshots.set(stats["cache"]["snapshots"])
+            self.metrics.observe_stats(stats, self.pid)
             self.last_stats = stats
             self.bus.publish("stats", **stats, breaker=self.breaker.snapshot(), state=self.state,
                              restarts=self.restarts, pid=self.pid, rank_states=self.rank_states())

@@ -1,5 +1,6 @@
 """Engine settings, shared by the front process and the worker."""
 
+import difflib
 import os
 import re
 import sys
@@ -75,8 +76,21 @@ def model_problem(ref: str) -> str | None:
             return f"{ref}: no config.json in the model directory"
         return None
     if REPO_ID.match(ref) and not ref.startswith((".", "~")):
-        return None
+        return misread_folder(ref)
     return f"{ref}: no such model directory"
+
+
+def misread_folder(ref: str) -> str | None:
+    """For a repo id `org/name` where the folder `org/` here holds a folder named much like `name`: both readings."""
+    org, name = ref.split("/")
+    try:
+        near = difflib.get_close_matches(name, [p.name for p in Path(org).iterdir() if p.is_dir()], 1)
+    except OSError:  # no such folder here: a repo id
+        return None
+    if not near:
+        return None
+    return (f"{ref}: not a folder here (did you mean {org}/{near[0]}?), and as a Hugging Face repo id it would be "
+            f"downloaded; give the folder's path, or for the hub run from a folder without {org}/")
 
 
 HEARTBEAT = "mlx-tui rank alive:"  # each rank of a group says so on stderr once a second, with its CPU seconds

@@ -3,16 +3,20 @@
 Each entry is one safetensors file in mlx-lm's prompt-cache format (`load_prompt_cache`
 reads it): the entry's layers, then those of each snapshot, written to a temporary name and
 renamed into place, its metadata naming the model, the tokens it holds, the snapshots'
-positions and a SHA-256 of its arrays. A file that is unreadable, truncated, altered or
-from another model is removed, never loaded.
+positions, a SHA-256 of its arrays and an HMAC of all of that under the folder's own key. A
+file that is unreadable, truncated, altered, unsigned or from another model is removed,
+never loaded.
 """
 
+import contextlib
 import hashlib
+import hmac
 import json
 import os
-import queue
 import struct
+import sys
 import threading
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +35,40 @@ def digest(arrays: dict) -> str:
         h.update(name.encode())
         h.update(memoryview(arrays[name]))
     return h.hexdigest()
+
+
+def sign(metadata: dict, array_digest: str, key: bytes) -> str:
+    """An HMAC-SHA256 under `key` of our header metadata (every field) and the arrays' digest."""
+    message = json.dumps([metadata, array_digest], sort_keys=True).encode()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def verify(metadata: dict, array_digest: str, key: bytes, signature: str) -> bool:
+    return hmac.compare_digest(sign(metadata, array_digest, key), signature)
+
+
+def secret(directory: Path) -> bytes:
+    """The folder's key for `sign`: 32 random bytes in a file only its owner may read, made on first use.
+
+    A key file that others could read or change, or that is not whole, is replaced, and
+    with it every entry it signed is refused.
+    """
+    path = directory / "key"
+    try:
+        status = path.stat()
+        if status.st_uid == os.getuid() and not status.st_mode & 0o077 and len(key := path.read_bytes()) == 32:
+            return key
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    key = os.urandom(32)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process made it first
+        return secret(directory)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key)
+    return key
 
 
 def serialisable(caches: list, metadata: dict) -> tuple[dict, dict]:
@@ -84,19 +122,33 @@ def described(path: Path, meta: dict) -> DiskEntry:
 
 
 class DiskCache:
-    """Entry files under `directory` (one per model identity), at most `budget` bytes in all."""
+    """Entry files under `directory` (one per model identity), at most `budget` bytes in all.
+
+    Entries wait to be written in a queue of at most `PENDING_BYTES` (the oldest are dropped
+    beyond it); a write that fails drops its entry, so a full, read-only or removed folder
+    costs the disk tier, never the worker.
+    """
+
+    PENDING_BYTES = 2**30
+    FLUSH_S = 5.0  # how long `flush` waits, less than the front process gives a stopping worker
 
     def __init__(self, directory: Path, budget: int, model_id: str):
         self.directory = directory
         self.budget = budget
         self.model_id = model_id
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.key = secret(directory)
         self.index: list[DiskEntry] = []
         self.rejected = 0
+        self.write_errors = 0
+        self.dropped = 0  # queued writes dropped to keep the queue within PENDING_BYTES
         self._lock = threading.Lock()
-        self._queue: queue.Queue = queue.Queue()
+        self._pending: deque = deque()
+        self._pending_bytes = 0
+        self._writing = False
+        self._changed = threading.Condition()
+        self._writer: threading.Thread | None = None  # started by the first `save`
         self._scan()
-        threading.Thread(target=self._write_behind, daemon=True).start()
 
     @property
     def nbytes(self) -> int:
@@ -111,6 +163,8 @@ class DiskCache:
                 meta = read_metadata(path)
                 if meta["model"] != self.model_id:
                     raise ValueError("written for another model")
+                if "hmac" not in meta:
+                    raise ValueError("not signed")
                 found = described(path, meta)
             except Exception:  # any defect in a file found on disk means it is not ours to trust
                 self._reject(path)
@@ -132,29 +186,64 @@ class DiskCache:
             "cuttable": str(int(entry.cuttable)),
         }
         caches = entry.layers + [x for p in positions for x in entry.snapshots[p]]
-        self._queue.put((entry.tokens, *serialisable(caches, metadata)))
+        arrays, header = serialisable(caches, metadata)
+        size = sum(a.nbytes for a in arrays.values())
+        with self._changed:
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_behind, daemon=True)
+                self._writer.start()
+            self._pending.append((size, (entry.tokens, arrays, header)))
+            self._pending_bytes += size
+            while self._pending_bytes > self.PENDING_BYTES and len(self._pending) > 1:
+                self._pending_bytes -= self._pending.popleft()[0]
+                self.dropped += 1
+            self._changed.notify_all()
 
-    def flush(self):
-        """Wait until everything queued so far is on disk."""
-        self._queue.join()
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything queued so far is written (or dropped), at most `timeout` (default FLUSH_S) seconds."""
+        with self._changed:
+            return self._changed.wait_for(self._idle, self.FLUSH_S if timeout is None else timeout)
+
+    def _idle(self) -> bool:
+        return not self._pending and not self._writing
 
     def _write_behind(self):
         while True:
-            item = self._queue.get()
+            with self._changed:
+                self._changed.wait_for(lambda: self._pending)
+                size, item = self._pending.popleft()
+                self._writing = True
             try:
                 self._write(*item)
-            except OSError:
-                pass  # a full or read-only disk costs the disk tier, not the request
+            except Exception as e:  # a full, read-only or removed folder costs the disk tier, never the worker
+                self._write_failed(e)
             finally:
-                self._queue.task_done()
+                with self._changed:
+                    self._pending_bytes -= size
+                    self._writing = False
+                    self._changed.notify_all()
+
+    def _write_failed(self, error: Exception):
+        """Count the failure, and say so on stderr the first time."""
+        self.write_errors += 1
+        if self.write_errors == 1:
+            print(f"disk cache: cannot write to {self.directory} ({error}); entries are dropped "
+                  "while it fails (counted in /metrics)", file=sys.stderr, flush=True)
 
     def _write(self, tokens: np.ndarray, arrays: dict, header: dict):
         name = hashlib.sha256(tokens.tobytes()).hexdigest()[:32]
         path = self.directory / f"{name}.safetensors"
-        header["0.sha256"] = digest(arrays)
+        header["0.sha256"] = array_digest = digest(arrays)
+        metadata = {k.removeprefix("0."): v for k, v in header.items() if k.startswith("0.")}
+        header["0.hmac"] = sign(metadata, array_digest, self.key)
         tmp = self.directory / f"{name}.partial.safetensors"
-        mx.save_safetensors(str(tmp), arrays, header)
-        os.replace(tmp, path)
+        try:
+            mx.save_safetensors(str(tmp), arrays, header)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)  # what a full disk let through
+            raise
         with self._lock:
             self.index = [e for e in self.index if e.path != path]
             self.index.append(described(path, {k.removeprefix("0."): v for k, v in header.items() if k.startswith("0.")}))
@@ -194,7 +283,7 @@ class DiskCache:
             snapshots = {p: caches[width * (i + 1) : width * (i + 2)] for i, p in enumerate(positions)}
             sound = (
                 meta["model"] == self.model_id
-                and meta["sha256"] == digest(arrays)
+                and verify({k: v for k, v in meta.items() if k != "hmac"}, digest(arrays), self.key, meta["hmac"])
                 and width * (1 + len(positions)) == len(caches)
                 and all(isinstance(c, cache_kinds.BATCHABLE) for c in caches)
                 and all(layer.offset == len(tokens) for layer in layers if hasattr(layer, "offset"))

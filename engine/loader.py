@@ -3,11 +3,14 @@
 import hashlib
 import json
 import os
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 import mlx.core as mx
+from huggingface_hub import snapshot_download
 from mlx.utils import tree_flatten
 from mlx_lm.utils import load as mlx_load
 from mlx_lm.utils import sharded_load
@@ -30,14 +33,52 @@ class Loaded:
     dtype_note: str = ""
 
 
-def identity(ref: str, config: dict, dtype: str) -> str:
-    """A short hash naming these weights: the reference, the config, the dtype they run in and the weight files' sizes."""
-    h = hashlib.sha256(f"{ref}\0{dtype}".encode())
+def identity(source: str, config: dict, dtype: str) -> str:
+    """A short hash naming what the model's KV state depends on: the weights (see `weights_fingerprint`),
+    the config, the dtype they run in, and the versions of mlx and mlx-lm that compute it."""
+    h = hashlib.sha256(f"{source}\0{dtype}\0mlx {mx.__version__}\0mlx-lm {version('mlx-lm')}".encode())
     h.update(json.dumps(config, sort_keys=True, default=str).encode())
-    path = Path(ref).expanduser()
-    for weights in sorted(path.glob("*.safetensors")) if path.is_dir() else ():
-        h.update(f"{weights.name}:{weights.stat().st_size}".encode())
+    h.update(weights_fingerprint(source))
     return h.hexdigest()[:16]
+
+
+def weights_fingerprint(source: str) -> bytes:
+    """The weights' content: the hub revision's commit for a snapshot in the Hugging Face cache, else a
+    hash of each safetensors file in the folder (see `file_fingerprint`)."""
+    path = Path(source)
+    if not path.is_dir():  # a repo id that mlx-lm fetched: its snapshot in the hub cache
+        try:
+            path = Path(snapshot_download(source, local_files_only=True, allow_patterns=["config.json"]))
+        except Exception:  # not in the cache after all: nothing to read
+            return b""
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        return f"revision {path.name}".encode()
+    h = hashlib.sha256()
+    for weights in sorted(path.glob("*.safetensors")):
+        h.update(file_fingerprint(weights))
+    return h.digest()
+
+
+WHOLE_FILE_BYTES = 16 * 2**20  # hashed whole up to this size; larger files are sampled
+SAMPLES, SAMPLE_BYTES = 64, 64 * 2**10
+
+
+def file_fingerprint(path: Path) -> bytes:
+    """A hash of a weights file: all of it when small; else its header (names, dtypes, shapes, offsets),
+    `SAMPLES` evenly spaced pieces of its data and its modification time, so that an edit between
+    the pieces still changes it."""
+    status = path.stat()
+    h = hashlib.sha256(f"{path.name}:{status.st_size}".encode())
+    with open(path, "rb") as f:
+        if status.st_size <= WHOLE_FILE_BYTES:
+            return hashlib.file_digest(f, "sha256").digest() + h.digest()
+        (header,) = struct.unpack("<Q", f.read(8))
+        h.update(f.read(min(header, 64 * 2**20)))
+        for i in range(SAMPLES):
+            f.seek(status.st_size * i // SAMPLES)
+            h.update(f.read(SAMPLE_BYTES))
+    h.update(str(status.st_mtime_ns).encode())
+    return h.digest()
 
 
 def available_memory() -> int:
@@ -115,6 +156,7 @@ def load(
         return load_shard(ref, source, extra, progress, group, shard, dtype)
     try:
         model, tokenizer, config = mlx_load(source, tokenizer_config=extra, lazy=True, return_config=True)
+        require_template(ref, tokenizer)
         note = cast(model, config, dtype, ref)  # lazily: each layer is read and cast in the loop below
         layers = list(getattr(model, "layers", []))
         for i, layer in enumerate(layers):
@@ -131,6 +173,12 @@ def load(
     context = config.get("max_position_embeddings") or getattr(tokenizer, "model_max_length", 0)
     running = weights_summary(model, config)[0]
     return Loaded(model, tokenizer, int(context or 4096), running, identity(source, config, running), dtype_note=note)
+
+
+def require_template(ref: str, tokenizer):
+    """A model without a chat template (and none given) would answer nonsense: refuse it."""
+    if not tokenizer.chat_template:
+        raise ModelError(f"{ref}: the model has no chat template; give one with --chat-template FILE")
 
 
 def cast(model, config: dict, dtype: str, ref: str) -> str:
@@ -158,6 +206,9 @@ def load_shard(
             return_config=True,
             tokenizer_config=extra,
         )
+        require_template(ref, tokenizer)
+    except ModelError:
+        raise
     except ModuleNotFoundError as e:
         raise ModelError(f"{ref}: unknown tool parser or model type ({e.name})") from e
     except ValueError as e:

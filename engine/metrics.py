@@ -37,6 +37,15 @@ class Metrics:
         self.cache_snapshots = Gauge(
             "mlx_tui:prefix_cache_snapshots", "State snapshots of layers that cannot be cut, held in RAM.", registry=r
         )
+        self.disk_failures = {
+            "disk_write_errors": Counter("mlx_tui:prefix_cache_disk_write_errors",
+                                         "Prefix cache entries the disk tier failed to write.", registry=r),
+            "disk_dropped": Counter("mlx_tui:prefix_cache_disk_writes_dropped",
+                                    "Prefix cache entries dropped from a full disk write queue.", registry=r),
+            "disk_rejected": Counter("mlx_tui:prefix_cache_disk_rejected",
+                                     "Disk cache files refused: damaged, foreign or not signed by this cache.", registry=r),
+        }
+        self._disk_counts: tuple = (None, {})
 
     def observe(self, event):
         if isinstance(event, Started):
@@ -49,6 +58,17 @@ class Metrics:
             self.ttft.observe(event.timings.queued_s + event.timings.prefill_s)
             if event.note == "repetition":
                 self.repetitions.inc()
+
+    def observe_stats(self, stats: dict, pid: int | None):
+        """Count the disk tier's failures from the worker's running totals (a new worker starts them at 0)."""
+        worker, seen = self._disk_counts
+        if pid != worker:
+            seen = {}
+        for key, counter in self.disk_failures.items():
+            now = stats["cache"].get(key, 0)
+            counter.inc(max(0, now - seen.get(key, 0)))
+            seen[key] = now
+        self._disk_counts = (pid, seen)
 
     def text(self) -> bytes:
         return generate_latest(self.registry)

@@ -264,7 +264,7 @@ class Scheduler:
 
     def _token(self, a: Active, r, now: float) -> list[Tagged]:
         a.first_token = a.first_token or now
-        a.generated += 1
+        a.generated += r.finish_reason != "stop"  # the end-of-sequence token is not output, as OpenAI and Anthropic count
         a.reasoning += a.output.markup.state == MarkupParser.REASONING
         a.reply.append(r.token)
         self.generation_tokens_total += 1
@@ -360,6 +360,8 @@ class Scheduler:
                 "hits": cache.hits,
                 "disk_hits": cache.disk_hits,
                 "disk_rejected": self.cache.disk.rejected if self.cache.disk else 0,
+                "disk_write_errors": self.cache.disk.write_errors if self.cache.disk else 0,
+                "disk_dropped": self.cache.disk.dropped if self.cache.disk else 0,
                 "prompt_tokens": cache.prompt_tokens,
                 "reused_tokens": cache.reused_tokens,
                 "evictions": cache.evictions,

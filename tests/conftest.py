@@ -5,6 +5,7 @@ Both live on one event loop in a background thread; tests reach the engine with
 """
 
 import asyncio
+import os
 import socket
 import threading
 from collections.abc import Coroutine
@@ -19,13 +20,15 @@ from mlx_tui.engine.config import EngineConfig
 from mlx_tui.engine.demo import MODEL_DIR
 
 
-def shared_dir() -> Path:
-    """The project's shared/ folder: beside the checkout (as CI lays it), else where sessions find it."""
-    beside = Path(__file__).resolve().parents[2] / "shared"
-    return beside if beside.is_dir() else Path("/work/shared")
+# a request in the shape of Claude Code's first turn, written for the tests (none of the client's prompt text)
+CLAUDE_CODE_SAMPLE = Path(__file__).parent / "fixtures" / "claude-code-first-turn.json"
 
 
-CLAUDE_CODE_SAMPLE = shared_dir() / "samples" / "claude-code-2.1.332-first-turn.json"
+def skip_unless_ci(reason: str):
+    """Skip, saying why; under CI (`CI=true`), where everything a test needs is installed, fail instead."""
+    if os.environ.get("CI", "").lower() in ("true", "1"):
+        pytest.fail(f"{reason}, and CI must run this test (.ci/run installs what it needs)")
+    pytest.skip(reason)
 
 
 class LoopThread:

@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import skip_unless_ci
 
 VERSION = "2.1.328"
 INSTALL_DIR = Path.home() / ".cache" / "mlx-tui" / f"claude-code-{VERSION}"
@@ -14,12 +15,12 @@ INSTALL_DIR = Path.home() / ".cache" / "mlx-tui" / f"claude-code-{VERSION}"
 
 @pytest.fixture(scope="module")
 def claude() -> Path:
-    """The CLI, installed from npm once into a cache folder; skipped only where npm is absent."""
+    """The CLI, installed from npm once into a cache folder; skipped only where npm is absent (and never in CI)."""
     binary = INSTALL_DIR / "node_modules" / ".bin" / "claude"
     if binary.exists():
         return binary
     if shutil.which("npm") is None:
-        pytest.skip("node/npm is not installed, so the Claude Code CLI cannot be run")
+        skip_unless_ci("node/npm is not installed, so the Claude Code CLI cannot be run")
     done = subprocess.run(
         ["npm", "install", "--prefix", str(INSTALL_DIR), "--no-audit", "--no-fund", f"@anthropic-ai/claude-code@{VERSION}"],
         capture_output=True,

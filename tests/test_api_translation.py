@@ -29,7 +29,7 @@ def test_claude_code_sample_translates():
         body = json.load(f)["body"]
     request = anthropic.to_request(MessagesRequest.model_validate(body))
     system = request.messages[0]
-    assert system["role"] == "system" and system["content"].startswith("You are a Claude agent")
+    assert system["role"] == "system" and system["content"].startswith("You are a test fixture shaped like Claude Code")
     assert "x-anthropic-billing-header" not in json.dumps(request.messages)
     assert [m["role"] for m in request.messages[1:]] == [m["role"] for m in body["messages"]]
     assert [t["function"]["name"] for t in request.tools] == [t["name"] for t in body["tools"]]

@@ -5,10 +5,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import skip_unless_ci
 
 from mlx_tui.engine.blas import find_openblas
 
-pytestmark = pytest.mark.skipif(find_openblas() is None, reason="no system OpenBLAS")
+
+@pytest.fixture(autouse=True)
+def openblas():
+    if find_openblas() is None:
+        skip_unless_ci("no system OpenBLAS (apt-get install libopenblas0-pthread)")
 
 
 def worker_threads(engine) -> str:

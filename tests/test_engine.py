@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 from conftest import letter_token
+from tokenizers import Tokenizer
 
 from mlx_tui.engine.client import EngineClient
 from mlx_tui.engine.config import EngineConfig
@@ -144,6 +145,28 @@ def test_four_concurrent_requests_decode_in_one_batch(loop, engine):
         assert reply_of(events) == expected_reply(BY_NAME[name])
     after = loop.run(engine.stats())["batch_sizes"]
     assert after.get(4, 0) > before.get(4, 0)
+
+
+def test_output_tokens_are_the_replys_tokens_without_the_end_of_sequence(loop, engine):
+    """As OpenAI's completion_tokens and Anthropic's output_tokens count: what was generated and sent, not the end token."""
+    tokenizer = Tokenizer.from_file(str(MODEL_DIR / "tokenizer.json"))
+    events = loop.run(collect(engine, request_for(BY_NAME["capital"])))
+    done = events[-1]
+    assert done.stop_reason == "end"
+    assert done.usage.generated_tokens == len(tokenizer.encode(text(events, RawText), add_special_tokens=False).ids)
+
+
+def test_a_request_left_while_generating_is_forgotten(loop, engine):
+    async def start_then_leave():
+        stream = engine.generate(request_for(BY_NAME["greeting"], max_tokens=5000,
+                                             sampling=Sampling(logit_bias={letter_token(): 50.0})), request_id="left-1")
+        async for event in stream:
+            if isinstance(event, TextDelta):
+                break
+        await stream.aclose()
+
+    loop.run(start_then_leave())
+    assert "left-1" not in engine._generating, "one id kept per client disconnect"
 
 
 def test_cancelled_request_leaves_the_batch(loop, engine):

@@ -2,8 +2,12 @@
 
 import asyncio
 import json
+import os
 import random
 import shutil
+import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,8 +49,8 @@ def test_next_turn_reuses_the_whole_previous_turn(loop, make_engine):
     second = loop.run(collect(engine, request_for("tool_result")))
     done = first[-1]
     assert started(first).cached_tokens == 0
-    # the first turn's KV holds its prompt and its whole reply, the end-of-turn token included
-    assert started(second).cached_tokens == done.usage.prompt_tokens + done.usage.generated_tokens
+    # the first turn's KV holds its prompt and its whole reply, the end-of-turn token (not counted as output) included
+    assert started(second).cached_tokens == done.usage.prompt_tokens + done.usage.generated_tokens + 1
     assert second[-1].usage.cached_tokens == started(second).cached_tokens
 
 
@@ -55,7 +59,7 @@ def test_reasoning_turns_are_reused_too(loop, make_engine):
     first = loop.run(collect(engine, request_for("reasoning")))
     second = loop.run(collect(engine, request_for("reasoning_multi_turn")))
     done = first[-1]
-    assert started(second).cached_tokens == done.usage.prompt_tokens + done.usage.generated_tokens
+    assert started(second).cached_tokens == done.usage.prompt_tokens + done.usage.generated_tokens + 1
 
 
 @pytest.mark.parametrize("names", [["multi_turn", "greeting", "tool_result", "parallel_results", "reasoning_multi_turn"]])
@@ -253,6 +257,59 @@ def test_entries_of_another_model_are_removed(loop, make_engine, tmp_path):
     assert loop.run(engine.stats())["cache"]["disk_rejected"] == len(planted)
 
 
+def change_one_weight(path: Path):
+    """Change one number of the first tensor in a safetensors file in place: same size, same header."""
+    data = bytearray(path.read_bytes())
+    (header,) = struct.unpack("<Q", data[:8])
+    name, tensor = next((k, v) for k, v in json.loads(data[8 : 8 + header]).items() if k != "__metadata__")
+    at = 8 + header + tensor["data_offsets"][0]
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_an_entry_for_weights_changed_in_place_misses(loop, make_engine, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(MODEL_DIR, model)
+    first = make_engine(model=str(model), cache_dir=str(tmp_path / "cache"))
+    loop.run(collect(first, request_for("capital")))
+    loop.run(first.stop())
+    size = (model / "model.safetensors").stat().st_size
+    change_one_weight(model / "model.safetensors")
+    assert (model / "model.safetensors").stat().st_size == size
+    second = make_engine(model=str(model), cache_dir=str(tmp_path / "cache"))
+    events = loop.run(collect(second, request_for("capital")))
+    assert started(events).cached_tokens == 0
+    assert loop.run(second.stats())["cache"]["disk_hits"] == 0
+
+
+def test_a_hub_snapshot_is_named_by_its_revision(tmp_path):
+    from mlx_tui.engine.loader import identity
+
+    def snapshot(commit: str) -> str:
+        folder = tmp_path / "models--org--name" / "snapshots" / commit
+        shutil.copytree(MODEL_DIR, folder)
+        return str(folder)
+
+    first = snapshot("a" * 40)
+    named = identity(first, {}, "float32")
+    change_one_weight(Path(first) / "model.safetensors")  # the hub never changes a revision's files: not read
+    assert identity(first, {}, "float32") == named
+    moved = Path(first).rename(Path(first).with_name("b" * 40))
+    assert identity(str(moved), {}, "float32") != named
+
+
+def test_a_hub_repo_id_is_named_by_its_cached_revision(tmp_path):
+    """As mlx-lm finds a repo id: in the hub cache (HF_HUB_CACHE), under refs/main's snapshot; no network."""
+    repo = tmp_path / "hub" / "models--org--name"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("c0ffee")
+    shutil.copytree(MODEL_DIR, repo / "snapshots" / "c0ffee")
+    code = "from mlx_tui.engine.loader import weights_fingerprint as f; print(f('org/name'), f('org/absent'))"
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["b'revision", "c0ffee'", "b''"], done.stderr
+
+
 def test_concurrent_conversations_each_hit(loop, make_engine):
     engine = make_engine()
 
@@ -262,7 +319,7 @@ def test_concurrent_conversations_each_hit(loop, make_engine):
     first = loop.run(together(["weather_paris", "reasoning"]))
     follow = loop.run(together(["tool_result", "reasoning_multi_turn"]))
     for f, s in zip(first, follow):
-        assert started(s).cached_tokens == f[-1].usage.prompt_tokens + f[-1].usage.generated_tokens
+        assert started(s).cached_tokens == f[-1].usage.prompt_tokens + f[-1].usage.generated_tokens + 1
 
 
 def test_warm_up_makes_the_first_request_hit(loop, make_engine, tmp_path):

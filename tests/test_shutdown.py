@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -282,3 +283,31 @@ def test_no_transcripts_leaves_nothing_on_disk_after_a_shutdown(serve, tmp_path)
     server.process.send_signal(signal.SIGTERM)
     assert server.exit_code(30) == 0, server.stderr()
     assert not [p for p in tmp_path.rglob("*") if p.is_file()], "nothing may be written to disk"
+
+
+def test_a_cache_folder_removed_while_serving_costs_the_disk_tier_not_the_exit(serve):
+    """Writes into the removed folder fail: counted in /metrics, said once in the log, and SIGTERM still ends at once."""
+    server = serve()
+
+    def ask(text: str):
+        body = {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": text}]}
+        assert httpx.post(server.url + PATHS["openai"], json=body, timeout=60).status_code == 200
+
+    ask("Good morning!")
+    deadline = time.monotonic() + 30
+    while not list(server.cache.rglob("*.safetensors")):  # the first entry is written behind the reply
+        assert time.monotonic() < deadline, "the first entry was never written"
+        time.sleep(0.05)
+    shutil.rmtree(server.cache)
+    ask("What is the capital of France?")
+    ask("Hello there")
+    deadline = time.monotonic() + 30
+    while "mlx_tui:prefix_cache_disk_write_errors_total 2.0" not in httpx.get(server.url + "/metrics").text:
+        assert time.monotonic() < deadline, "the failed writes never reached /metrics"
+        time.sleep(0.2)
+    began = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    assert server.exit_code(30) == 0, server.stderr()
+    assert time.monotonic() - began < 5, "the worker's flush must not wait out the grace"
+    assert "Traceback" not in server.stderr()
+    assert server.stderr().count("disk cache: cannot write to") == 1, server.stderr()

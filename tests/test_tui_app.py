@@ -235,3 +235,20 @@ async def test_the_chat_marks_an_abandoned_tool_call():
         assert "abandoned" in card.border_title
         assert '"city": "Pa' in shown(app, "ToolCallCard")
         assert "tool_calls" not in app.query_one("AssistantTurn").message()
+
+
+class DiskFailing(Gated):
+    """A backend whose engine reports a disk tier that failed to write."""
+
+    async def events(self):
+        cache = {"disk_budget": 2**30, "disk_bytes": 0, "disk_write_errors": 2, "disk_dropped": 1, "disk_rejected": 0}
+        yield {"kind": "stats", "time": time.time(), "cache": cache}
+        await asyncio.Event().wait()
+
+
+async def test_the_cache_panel_shows_the_disk_tiers_failures():
+    app = MlxTui(DiskFailing())
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: "disk errors" in shown(app, "#cache"))
+        assert "2 failed writes · 1 dropped" in shown(app, "#cache")
+        assert "refused" not in shown(app, "#cache")

@@ -9,6 +9,7 @@ import socket
 import sys
 from pathlib import Path
 
+from mlx_tui.engine.blas import missing_openblas, worker_blas
 from mlx_tui.engine.config import DTYPES, EngineConfig, cache_dir, hostfile_hosts, model_problem
 
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain"}
@@ -62,6 +63,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.exit(2, f"mlx-tui: --dtype {args.dtype}: choose one of {', '.join(DTYPES)}\n")
     if args.warm and not args.warm.is_file():
         p.error(f"--warm {args.warm}: no such file")
+    if args.warm:
+        from mlx_tui.api.warm import warm_request
+
+        try:
+            warm_request(args.warm)
+        except (ValueError, OSError) as e:
+            p.exit(2, f"mlx-tui: --warm {args.warm}: {e}\n")
+    if args.chat_template and not Path(args.chat_template).is_file():
+        p.exit(2, f"mlx-tui: --chat-template {args.chat_template}: no such file\n")
     if args.blas_threads < 0:
         p.error("--blas-threads must be 0 (all cores but one) or more")
     for name in ("max_concurrency", "prefill_step", "max_tokens", "local_ranks"):
@@ -274,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     if not is_loopback(args.host) and not args.api_key and not args.insecure:
         print(f"mlx-tui: refusing to serve on {args.host} without --api-key (or --insecure)", file=sys.stderr)
         return 2
+    if warning := missing_openblas(args.blas, worker_blas(args.blas)[0]):
+        print(f"mlx-tui: warning: {warning}", file=sys.stderr)
     sock, problem = listen(args)
     if args.serve:
         if problem:

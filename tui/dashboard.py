@@ -142,11 +142,20 @@ class CachePanel(Panel):
         t.add_row("RAM", bar(c.get("ram_bytes", 0), c.get("ram_budget", 0), width))
         if c.get("disk_budget"):
             t.add_row("disk", bar(c.get("disk_bytes", 0), c["disk_budget"], width))
+        if failures := disk_failures(c):
+            t.add_row("disk errors", Text(failures, style="bold red"))
         t.add_row("entries", f"{c.get('entries', 0)} · {c.get('evictions', 0)} evicted")
         if c.get("mode", "any token") != "any token":
             t.add_row("snapshots", f"{c.get('snapshots', 0)} · {fmt.size(c.get('snapshot_bytes'))} · {c.get('snapshot_hits', 0)} hits")
         t.add_row("reuse", Text(f"prefix: {c.get('mode', fmt.DASH)}", no_wrap=True, overflow="ellipsis"))
         self.draw(t)
+
+
+def disk_failures(c: dict) -> str:
+    """The disk tier's failed writes, dropped writes and refused files, where there are any."""
+    counts = [(c.get(k, 0), what) for k, what in (("disk_write_errors", "failed writes"),
+                                                  ("disk_dropped", "dropped"), ("disk_rejected", "refused"))]
+    return " · ".join(f"{n:,} {what}" for n, what in counts if n)
 
 
 class DashboardView(Container):
