@@ -101,8 +101,9 @@ def header(results: dict) -> list[str]:
         f"- date: {m['date']} ({m.get('duration_s', '?')} s); commit {m['commit']}",
         f"- machine: {m['machine']}; load average {m['load_start']} at start, {m.get('load_end', '?')} at end "
         "(shared machine: numbers are medians of interleaved rounds, each ratio from one round)",
-        f"- model: random llama, {model['params_m']}M parameters, {model['layers']} layers, hidden {model['hidden']}, "
-        f"vocab {model['vocab']}, {model['dtype']} (`{model['path']}`)",
+        f"- model: random {model.get('type', 'llama')}, {model['params_m']}M parameters, {model['layers']} layers, "
+        f"hidden {model['hidden']}, vocab {model['vocab']}, {model['dtype']} (`{model['path']}`)"
+        if model else "- models: as each section says",
         f"- BLAS: {m['blas']}; mapped per process: {blas}",
         f"- python {m['python']}; {versions}",
         f"- plan: {results['plan']}",

@@ -69,7 +69,7 @@ async def run(args, blas: str) -> int:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    results = {"meta": meta, "model": describe(model_dir), "plan": dataclasses.asdict(plan), "sections": list(sections),
+    results = {"meta": meta, "model": describe(model_dir) if set(sections) != {"families"} else None, "plan": dataclasses.asdict(plan), "sections": list(sections),
                "mode": "quick" if args.quick else "full"}
     workdir = Path(tempfile.mkdtemp(prefix="mlx-tui-bench-"))
     cache_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 5  # our default RAM budget
