@@ -13,12 +13,16 @@ class Queued:
 
 @dataclass(slots=True, frozen=True)
 class Started:
-    """The prompt is rendered; its first `cached_tokens` (`cached_chars` of its text) come from the prefix cache."""
+    """The prompt is rendered; its first `cached_tokens` (`cached_chars` of its text) come from the prefix cache.
+
+    `constraint` describes the grammar the reply runs under and where it begins ("" for none).
+    """
 
     prompt_tokens: int
     cached_tokens: int
     prompt_text: str = ""
     cached_chars: int = 0
+    constraint: str = ""
 
 
 @dataclass(slots=True, frozen=True)

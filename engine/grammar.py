@@ -1,0 +1,285 @@
+"""Constrained decoding with llguidance: JSON schemas and tool-call markup turned into per-request token masks.
+
+A request's constraint becomes one Lark grammar (llguidance's dialect, with JSON schemas
+inlined as `%json`): free reasoning up to the end of `<think>` when the prompt opened it,
+then the reply (a JSON value, forced tool calls, or free text whose tool calls are bound
+once their markup begins). Compiled grammars are kept per grammar text; each request gets
+a copy of the compiled matcher and applies its mask as an mlx-lm logits processor with
+plain MLX operations, so it runs on the CPU backend and on Metal alike.
+"""
+
+import json
+import re
+from collections import OrderedDict
+from collections.abc import Callable
+import llguidance
+import llguidance.hf
+import llguidance.numpy
+import mlx.core as mx
+import numpy as np
+
+from .request import Request
+
+# The layout templates render JSON in (`tojson`, json.dumps): one space after ':' and ',', no
+# other whitespace, so a model never has room to pad a reply with blank lines until max_tokens.
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# Bounds on the work one grammar may cost (compilation and each mask), well above what real
+# schemas need: a schema past them is refused instead of stalling the batch.
+LIMITS = dict(initial_lexer_fuel=200_000, step_lexer_fuel=200_000, max_grammar_size=200_000, max_lexer_states=50_000)
+FREE_TEXT = r"/(.|\n)*/"
+ANY_OBJECT = {"type": "object"}
+SHIFTS = mx.arange(32, dtype=mx.uint32)
+
+
+class GrammarError(ValueError):
+    """The constraint cannot be compiled; the message says why, for the client."""
+
+
+def literal(text: str) -> str:
+    return json.dumps(text)
+
+
+def inline_json(schema: dict) -> str:
+    """A JSON schema as a Lark grammar element, in the layout of JSON_OPTIONS."""
+    guidance = schema.get("x-guidance") or {}
+    return "%json " + json.dumps({**schema, "x-guidance": {**JSON_OPTIONS, **guidance}})
+
+
+def tool_name(tool: dict) -> str:
+    return tool.get("function", tool)["name"]
+
+
+def tool_schema(tool: dict) -> dict:
+    return tool.get("function", tool).get("parameters") or {"type": "object", "properties": {}}
+
+
+# Call formats: the markup between a call's start and end tags, per `mlx_lm.tool_parsers` module.
+# Each takes the tool's name and arguments schema and returns a Lark expression (adding any rules it needs).
+
+
+def json_tools_call(name: str, schema: dict, rules: list[str]) -> str:
+    """Hermes style: `{"name": ..., "arguments": {...}}` on its own line."""
+    head = literal(f'\n{{"name": {json.dumps(name)}, "arguments": ')
+    return f"{head} {inline_json(schema)} {literal('}' + chr(10))}"
+
+
+def xml_value(schema: dict, close: str, rules: list[str]) -> str:
+    """One parameter's value up to and including `close`: raw text for strings, JSON otherwise (as the parsers read them).
+
+    A raw string is a lazy rule added to `rules`: it ends at the first `close`, as the parsers' regexes do.
+    """
+    if "enum" in schema and all(isinstance(v, str) for v in schema["enum"]):
+        return "(" + " | ".join(literal(v) for v in schema["enum"]) + f") {literal(close)}"
+    if schema.get("type") == "string" and not ({"pattern", "format", "const"} & schema.keys()):
+        low, high = schema.get("minLength", 0), schema.get("maxLength")
+        name = f"raw_{len(rules)}"
+        rules.append(f"{name}[lazy]: /(.|\\n){{{low},{'' if high is None else high}}}{regex_escape(close)}/")
+        return name
+    return f"{inline_json(schema)} {literal(close)}"
+
+
+def regex_escape(text: str) -> str:
+    return "".join("\\" + c if c in r"\.+*?()|[]{}^$/-" else c.replace("\n", "\\n") for c in text)
+
+
+def xml_parameters(schema: dict, open_: Callable[[str], str], close: str, rules: list[str]) -> str:
+    """Every declared parameter in order, each optional unless required; `open_(name)` is its opening markup."""
+    required = set(schema.get("required", []))
+    parts = []
+    for key, sub in (schema.get("properties") or {}).items():
+        part = f"{literal(open_(key))} {xml_value(sub if isinstance(sub, dict) else {}, close, rules)}"
+        parts.append(f"({part})" if key in required else f"({part})?")
+    return " ".join(parts) or '""'
+
+
+def qwen3_coder_call(name: str, schema: dict, rules: list[str]) -> str:
+    """Qwen3-Coder XML: `<function=NAME>` then `<parameter=KEY>` blocks, string values raw."""
+    params = xml_parameters(schema, lambda key: f"<parameter={key}>\n", "\n</parameter>\n", rules)
+    return f"{literal(f'{chr(10)}<function={name}>{chr(10)}')} {params} {literal('</function>' + chr(10))}"
+
+
+def glm47_call(name: str, schema: dict, rules: list[str]) -> str:
+    """GLM-4.7: the name, then `<arg_key>`/`<arg_value>` pairs, string values raw."""
+    params = xml_parameters(schema, lambda key: f"<arg_key>{key}</arg_key>\n<arg_value>", "</arg_value>\n", rules)
+    return f"{literal(name + chr(10))} {params}"
+
+
+def minimax_m2_call(name: str, schema: dict, rules: list[str]) -> str:
+    """MiniMax-M2: `<invoke name=...>` with `<parameter name=...>` children, string values raw."""
+    params = xml_parameters(schema, lambda key: f'<parameter name="{key}">', "</parameter>\n", rules)
+    return f"{literal(f'{chr(10)}<invoke name={json.dumps(name)}>{chr(10)}')} {params} {literal('</invoke>' + chr(10))}"
+
+
+def kimi_k2_call(name: str, schema: dict, rules: list[str]) -> str:
+    """Kimi-K2: one call in the section, `functions.NAME:0` and its JSON arguments."""
+    head = f"<|tool_call_begin|>functions.{name}:0<|tool_call_argument_begin|>"
+    return f"{literal(head)} {inline_json(schema)} {literal('<|tool_call_end|>')}"
+
+
+FORMATS: dict[str, Callable[[str, dict, list[str]], str]] = {
+    "json_tools": json_tools_call,
+    "qwen3_coder": qwen3_coder_call,
+    "glm47": glm47_call,
+    "laguna": glm47_call,
+    "minimax_m2": minimax_m2_call,
+    "kimi_k2": kimi_k2_call,
+}
+
+
+def masked(logits: mx.array, bitmask: np.ndarray) -> mx.array:
+    """`logits` with every token the bitmask (llguidance's: one bit a token, 32 a word) leaves out at -inf."""
+    words = mx.array(bitmask).view(mx.uint32)
+    allowed = ((words[..., None] >> SHIFTS) & 1).reshape(words.shape[0], -1)[:, : logits.shape[-1]]
+    return mx.where(allowed.astype(mx.bool_), logits, mx.array(-mx.inf, dtype=logits.dtype))
+
+
+class GrammarProcessor:
+    """An mlx-lm logits processor holding one request's matcher.
+
+    Called once a step with the tokens so far (the last one sampled at the step before) and
+    the step's logits, still lazy: it starts the model's step, feeds the matcher that last
+    token and computes the next mask while the step runs, then masks the logits.
+    """
+
+    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int, eos: list[int], description: str):
+        self.matcher = matcher
+        self.eos = eos
+        self.description = description
+        self.bitmask = llguidance.numpy.allocate_token_bitmask(1, vocab_size)
+        self.first = True
+        self.error = ""
+
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        mx.async_eval(logits)
+        if not self.first and not self.error and not self.matcher.consume_token(int(tokens[-1].item())):
+            self.error = self.matcher.get_error()
+        self.first = False
+        if not self.error:
+            llguidance.numpy.fill_next_token_bitmask(self.matcher, self.bitmask)
+            self.error = self.matcher.get_error()
+        if self.error:  # only an end is left: the reply stops here rather than leave the grammar
+            self.bitmask[:] = 0
+            for t in self.eos:
+                self.bitmask[0, t // 32] |= np.int32(np.uint32(1 << (t % 32)).view(np.int32))
+        return masked(logits, self.bitmask)
+
+
+class Grammars:
+    """Builds each request's grammar for one model's tokenizer and call format; caches compiled grammars.
+
+    `think` and `tool` are the template's (start, end) tags or None; `parser` the name of its
+    `mlx_lm.tool_parsers` module; `constrain_tools` binds every call the model starts on its own.
+    """
+
+    CACHE = 64
+
+    def __init__(self, tokenizer, vocab_size: int, think, tool, parser: str | None, constrain_tools: bool = False):
+        self.tokenizer = llguidance.hf.from_tokenizer(
+            tokenizer._tokenizer, n_vocab=vocab_size, eos_token=sorted(tokenizer.eos_token_ids)
+        )
+        self.eos = sorted(tokenizer.eos_token_ids)
+        self.encode = lambda text: tokenizer.encode(text, add_special_tokens=False)
+        self.think = think
+        self.tool = tool
+        self.parser = parser
+        self.call = FORMATS.get(parser or "") if tool else None
+        self.constrain_tools = constrain_tools
+        self.limits = llguidance.LLParserLimits(**LIMITS)
+        self.compiled: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
+
+    @property
+    def forces_calls(self) -> bool:
+        """Whether a forced call is generated under a grammar (else the prompt starts its markup)."""
+        return self.call is not None
+
+    def tag(self, text: str) -> str:
+        """A tag as a Lark element: the special token where the tokenizer has one, else the text."""
+        ids = self.encode(text)
+        if len(ids) == 1 and self.tokenizer.is_special_token(ids[0]):
+            return f"<[{ids[0]}]>"
+        return literal(text)
+
+    def grammar(self, request: Request, reasoning: bool) -> tuple[str, str] | None:
+        """The request's Lark grammar and a line describing it, or None when nothing binds it."""
+        constraint = request.constraint
+        tools = request.tools if request.tool_choice != "none" else None
+        strict = set(constraint.strict_tools) if constraint and tools else set()
+        if strict and self.call is None:
+            name = self.parser or "none"
+            raise GrammarError(f"strict tools need a grammar for this model's tool-call format ({name}), which has none here")
+        reply = constraint.schema if constraint and constraint.format else None
+        forced = bool(tools) and request.tool_choice != "auto" and self.call is not None
+        lazy = bool(tools) and not forced and self.call is not None and (self.constrain_tools or bool(strict))
+        if reply is None and not forced and not lazy:
+            return None
+        rules, what = [], []
+        head = ""
+        # reasoning stays free: to the end of the block the prompt opened, or of one the model opens when asked to think
+        if self.think and (reasoning or request.enable_thinking):
+            rules.append(f"think: {FREE_TEXT} {self.tag(self.think[1])} /[ \\n]{{0,4}}/")
+            head = "think " if reasoning else f"({self.tag(self.think[0])} think)? "
+            what.append(f"free until {self.think[1]}" if reasoning else f"free inside {self.think[0]}{self.think[1]}")
+        calls = 'call ("\\n" call)*'
+        if forced:
+            chosen = [t for t in tools if request.tool_choice == "required" or tool_name(t) == request.tool_choice]
+            rules += self.call_rules(chosen, lambda t: True)
+            body = calls
+            what.append(f"a call to {'/'.join(tool_name(t) for t in chosen)} ({self.parser})")
+        elif reply is not None:
+            rules.append(f"reply: {inline_json(reply)}")
+            body = "reply"
+            what.append(f"a {constraint.format} reply")
+            if tools and self.call is not None:  # or the model's calls instead of the reply
+                rules += self.call_rules(tools, lambda t: self.constrain_tools or tool_name(t) in strict)
+                body = f"reply | {calls}"
+                what[-1] += f" or calls ({self.parser})"
+        else:
+            rules += self.call_rules(tools, lambda t: self.constrain_tools or tool_name(t) in strict)
+            start = self.tag(self.tool[0])
+            lazy_mark = "" if start.startswith("<[") else "[lazy]"  # a special token ends free text by itself
+            rules.append(f"text_then_call{lazy_mark}: {FREE_TEXT} {start}")
+            body = f"(text_then_call call_body)* {FREE_TEXT}"
+            bound = "every call" if self.constrain_tools else "calls to " + "/".join(sorted(strict))
+            what.append(f"free text; {bound} bound from {self.tool[0]} ({self.parser})")
+        return "\n".join([f"start: {head}{body}", *rules]), ", then ".join(what)
+
+    def call_rules(self, tools: list[dict], bound: Callable[[dict], bool]) -> list[str]:
+        """`call` (a whole call, tags included) and `call_body` (after the start tag) for these tools."""
+        names = [f"call_{i}" for i in range(len(tools))]
+        rules = [f"call_body: {' | '.join(names)}", f"call: {self.tag(self.tool[0])} call_body"]
+        end = self.tag(self.tool[1]) if self.tool[1] else '""'
+        for name, tool in zip(names, tools):
+            schema = tool_schema(tool) if bound(tool) else ANY_OBJECT
+            rules.append(f"{name}: {self.call(tool_name(tool), schema, rules)} {end}")
+        return rules
+
+    def processor(self, request: Request, reasoning: bool) -> GrammarProcessor | None:
+        """The request's logits processor, or None when nothing binds it; GrammarError when its grammar fails."""
+        found = self.grammar(request, reasoning)
+        if found is None:
+            return None
+        lark, description = found
+        return GrammarProcessor(self.compile(lark).deep_copy(), self.tokenizer.vocab_size, self.eos, description)
+
+    def compile(self, lark: str) -> llguidance.LLMatcher:
+        if (matcher := self.compiled.get(lark)) is not None:
+            self.compiled.move_to_end(lark)
+            return matcher
+        grammar = llguidance.LLMatcher.grammar_from_lark(lark)
+        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer, limits=self.limits)
+        if failed:
+            raise GrammarError(f"the schema cannot be used: {first_line(messages[0])}")
+        matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0, limits=self.limits)
+        if matcher.is_error():
+            raise GrammarError(f"the schema cannot be used: {first_line(matcher.get_error())}")
+        self.compiled[lark] = matcher
+        if len(self.compiled) > self.CACHE:
+            self.compiled.popitem(last=False)
+        return matcher
+
+
+def first_line(message: str) -> str:
+    """llguidance's message without its position in our grammar text, which means nothing to the client."""
+    line = message.strip().splitlines()[0] if message.strip() else "unknown error"
+    return re.sub(r"^at \d+\(\d+\): ", "", line)
+
