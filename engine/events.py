@@ -15,7 +15,8 @@ class Queued:
 class Started:
     """The prompt is rendered; its first `cached_tokens` (`cached_chars` of its text) come from the prefix cache.
 
-    `constraint` describes the grammar the reply runs under and where it begins ("" for none).
+    `constraint` describes the grammar the reply runs under ("" for none); it binds the reply
+    after the first `constraint_from` in the generated text ("": from its start).
     """
 
     prompt_tokens: int
@@ -23,6 +24,7 @@ class Started:
     prompt_text: str = ""
     cached_chars: int = 0
     constraint: str = ""
+    constraint_from: str = ""
 
 
 @dataclass(slots=True, frozen=True)

@@ -9,9 +9,9 @@ plain MLX operations, so it runs on the CPU backend and on Metal alike.
 """
 
 import json
-import re
 from collections import OrderedDict
 from collections.abc import Callable
+
 import llguidance
 import llguidance.hf
 import llguidance.numpy
@@ -19,13 +19,8 @@ import mlx.core as mx
 import numpy as np
 
 from .request import Request
+from .schemas import LIMITS, first_line, inline_json, tool_name, tool_schema
 
-# The layout templates render JSON in (`tojson`, json.dumps): one space after ':' and ',', no
-# other whitespace, so a model never has room to pad a reply with blank lines until max_tokens.
-JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-# Bounds on the work one grammar may cost (compilation and each mask), well above what real
-# schemas need: a schema past them is refused instead of stalling the batch.
-LIMITS = dict(initial_lexer_fuel=200_000, step_lexer_fuel=200_000, max_grammar_size=200_000, max_lexer_states=50_000)
 FREE_TEXT = r"/(.|\n)*/"
 ANY_OBJECT = {"type": "object"}
 SHIFTS = mx.arange(32, dtype=mx.uint32)
@@ -37,20 +32,6 @@ class GrammarError(ValueError):
 
 def literal(text: str) -> str:
     return json.dumps(text)
-
-
-def inline_json(schema: dict) -> str:
-    """A JSON schema as a Lark grammar element, in the layout of JSON_OPTIONS."""
-    guidance = schema.get("x-guidance") or {}
-    return "%json " + json.dumps({**schema, "x-guidance": {**JSON_OPTIONS, **guidance}})
-
-
-def tool_name(tool: dict) -> str:
-    return tool.get("function", tool)["name"]
-
-
-def tool_schema(tool: dict) -> dict:
-    return tool.get("function", tool).get("parameters") or {"type": "object", "properties": {}}
 
 
 # Call formats: the markup between a call's start and end tags, per `mlx_lm.tool_parsers` module.
@@ -68,9 +49,13 @@ def xml_value(schema: dict, close: str, rules: list[str]) -> str:
 
     A raw string is a lazy rule added to `rules`: it ends at the first `close`, as the parsers' regexes do.
     """
+    if isinstance(schema.get("const"), str):
+        return f"{literal(schema['const'])} {literal(close)}"
     if "enum" in schema and all(isinstance(v, str) for v in schema["enum"]):
         return "(" + " | ".join(literal(v) for v in schema["enum"]) + f") {literal(close)}"
-    if schema.get("type") == "string" and not ({"pattern", "format", "const"} & schema.keys()):
+    if schema.get("type") == "string":
+        if {"pattern", "format"} & schema.keys() and not (schema.get("x-guidance") or {}).get("lenient"):
+            raise GrammarError("a string parameter's pattern or format cannot be bound in this tool-call format")
         low, high = schema.get("minLength", 0), schema.get("maxLength")
         name = f"raw_{len(rules)}"
         rules.append(f"{name}[lazy]: /(.|\\n){{{low},{'' if high is None else high}}}{regex_escape(close)}/")
@@ -86,8 +71,10 @@ def xml_parameters(schema: dict, open_: Callable[[str], str], close: str, rules:
     """Every declared parameter in order, each optional unless required; `open_(name)` is its opening markup."""
     required = set(schema.get("required", []))
     parts = []
+    guidance = {"x-guidance": schema["x-guidance"]} if "x-guidance" in schema else {}
     for key, sub in (schema.get("properties") or {}).items():
-        part = f"{literal(open_(key))} {xml_value(sub if isinstance(sub, dict) else {}, close, rules)}"
+        sub = {**sub, **guidance} if isinstance(sub, dict) else {}
+        part = f"{literal(open_(key))} {xml_value(sub, close, rules)}"
         parts.append(f"({part})" if key in required else f"({part})?")
     return " ".join(parts) or '""'
 
@@ -141,10 +128,11 @@ class GrammarProcessor:
     token and computes the next mask while the step runs, then masks the logits.
     """
 
-    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int, eos: list[int], description: str):
+    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int, eos: list[int], description: str, begins: str):
         self.matcher = matcher
         self.eos = eos
         self.description = description
+        self.begins = begins  # the markup after which the grammar binds ("": from the first token)
         self.bitmask = llguidance.numpy.allocate_token_bitmask(1, vocab_size)
         self.first = True
         self.error = ""
@@ -199,8 +187,8 @@ class Grammars:
             return f"<[{ids[0]}]>"
         return literal(text)
 
-    def grammar(self, request: Request, reasoning: bool) -> tuple[str, str] | None:
-        """The request's Lark grammar and a line describing it, or None when nothing binds it."""
+    def grammar(self, request: Request, reasoning: bool) -> tuple[str, str, str] | None:
+        """The request's Lark grammar, a line describing it and the markup after which it binds; None when nothing binds it."""
         constraint = request.constraint
         tools = request.tools if request.tool_choice != "none" else None
         strict = set(constraint.strict_tools) if constraint and tools else set()
@@ -213,16 +201,17 @@ class Grammars:
         if reply is None and not forced and not lazy:
             return None
         rules, what = [], []
-        head = ""
+        head = begins = ""
         # reasoning stays free: to the end of the block the prompt opened, or of one the model opens when asked to think
         if self.think and (reasoning or request.enable_thinking):
             rules.append(f"think: {FREE_TEXT} {self.tag(self.think[1])} /[ \\n]{{0,4}}/")
             head = "think " if reasoning else f"({self.tag(self.think[0])} think)? "
+            begins = self.think[1]
             what.append(f"free until {self.think[1]}" if reasoning else f"free inside {self.think[0]}{self.think[1]}")
         calls = 'call ("\\n" call)*'
         if forced:
             chosen = [t for t in tools if request.tool_choice == "required" or tool_name(t) == request.tool_choice]
-            rules += self.call_rules(chosen, lambda t: True)
+            rules += self.call_rules(chosen, lambda t: True, strict)
             body = calls
             what.append(f"a call to {'/'.join(tool_name(t) for t in chosen)} ({self.parser})")
         elif reply is not None:
@@ -230,36 +219,46 @@ class Grammars:
             body = "reply"
             what.append(f"a {constraint.format} reply")
             if tools and self.call is not None:  # or the model's calls instead of the reply
-                rules += self.call_rules(tools, lambda t: self.constrain_tools or tool_name(t) in strict)
+                rules += self.call_rules(tools, lambda t: self.constrain_tools or tool_name(t) in strict, strict)
                 body = f"reply | {calls}"
                 what[-1] += f" or calls ({self.parser})"
         else:
-            rules += self.call_rules(tools, lambda t: self.constrain_tools or tool_name(t) in strict)
+            rules += self.call_rules(tools, lambda t: self.constrain_tools or tool_name(t) in strict, strict)
             start = self.tag(self.tool[0])
             lazy_mark = "" if start.startswith("<[") else "[lazy]"  # a special token ends free text by itself
             rules.append(f"text_then_call{lazy_mark}: {FREE_TEXT} {start}")
             body = f"(text_then_call call_body)* {FREE_TEXT}"
+            begins = begins or self.tool[0]
             bound = "every call" if self.constrain_tools else "calls to " + "/".join(sorted(strict))
             what.append(f"free text; {bound} bound from {self.tool[0]} ({self.parser})")
-        return "\n".join([f"start: {head}{body}", *rules]), ", then ".join(what)
+        return "\n".join([f"start: {head}{body}", *rules]), ", then ".join(what), begins
 
-    def call_rules(self, tools: list[dict], bound: Callable[[dict], bool]) -> list[str]:
-        """`call` (a whole call, tags included) and `call_body` (after the start tag) for these tools."""
+    def call_rules(self, tools: list[dict], bound: Callable[[dict], bool], strict: set[str]) -> list[str]:
+        """`call` (a whole call, tags included) and `call_body` (after the start tag) for these tools.
+
+        A tool's arguments follow its schema where `bound`, any object elsewhere; keywords
+        llguidance lacks are refused only for the `strict` tools, and ignored for the rest.
+        """
         names = [f"call_{i}" for i in range(len(tools))]
         rules = [f"call_body: {' | '.join(names)}", f"call: {self.tag(self.tool[0])} call_body"]
         end = self.tag(self.tool[1]) if self.tool[1] else '""'
         for name, tool in zip(names, tools):
             schema = tool_schema(tool) if bound(tool) else ANY_OBJECT
+            if tool_name(tool) not in strict:
+                schema = {**schema, "x-guidance": {"lenient": True, **(schema.get("x-guidance") or {})}}
             rules.append(f"{name}: {self.call(tool_name(tool), schema, rules)} {end}")
         return rules
 
     def processor(self, request: Request, reasoning: bool) -> GrammarProcessor | None:
         """The request's logits processor, or None when nothing binds it; GrammarError when its grammar fails."""
-        found = self.grammar(request, reasoning)
+        try:
+            found = self.grammar(request, reasoning)
+        except RecursionError:
+            raise GrammarError("the schema cannot be used: it is nested too deeply") from None
         if found is None:
             return None
-        lark, description = found
-        return GrammarProcessor(self.compile(lark).deep_copy(), self.tokenizer.vocab_size, self.eos, description)
+        lark, description, begins = found
+        return GrammarProcessor(self.compile(lark).deep_copy(), self.tokenizer.vocab_size, self.eos, description, begins)
 
     def compile(self, lark: str) -> llguidance.LLMatcher:
         if (matcher := self.compiled.get(lark)) is not None:
@@ -276,10 +275,4 @@ class Grammars:
         if len(self.compiled) > self.CACHE:
             self.compiled.popitem(last=False)
         return matcher
-
-
-def first_line(message: str) -> str:
-    """llguidance's message without its position in our grammar text, which means nothing to the client."""
-    line = message.strip().splitlines()[0] if message.strip() else "unknown error"
-    return re.sub(r"^at \d+\(\d+\): ", "", line)
 

@@ -203,8 +203,8 @@ class Scheduler:
         self.uid_of[rid] = uid
         self.prompt_tokens_total += len(tokens)
         cached_chars = len(self.tokenizer.decode(tokens[:cached])) if cached else 0
-        constraint = grammar.description if grammar else ""
-        return [(rid, Queued(ahead)), (rid, Started(len(tokens), cached, prompt.text, cached_chars, constraint))]
+        bound = (grammar.description, grammar.begins) if grammar else ("", "")
+        return [(rid, Queued(ahead)), (rid, Started(len(tokens), cached, prompt.text, cached_chars, *bound))]
 
     def _max_tokens(self, request: Request, prompt_tokens: int) -> int:
         room = self.context_length - prompt_tokens
