@@ -87,7 +87,8 @@ async def check(request: Request, constrain_tools: bool = False) -> str | None:
         return f"a schema took longer than {CHECK_SECONDS:g} s to compile; simplify it"
 
 
-def first_line(message: str) -> str:
-    """llguidance's message without its position in our grammar text, which means nothing to the client."""
-    line = message.strip().splitlines()[0] if message.strip() else "unknown error"
-    return re.sub(r"^at \d+\(\d+\): ", "", line)
+def first_line(message: str, most: int = 300) -> str:
+    """llguidance's message on one line, without its position in our grammar text (it means nothing to the client)."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip().strip("^")]
+    line = re.sub(r"^at \d+\(\d+\): ", "", " ".join(lines)) or "unknown error"
+    return line if len(line) <= most else line[: most - 1] + "…"
