@@ -9,8 +9,10 @@ plain MLX operations, so it runs on the CPU backend and on Metal alike.
 """
 
 import json
+import re
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import llguidance
 import llguidance.hf
@@ -34,76 +36,91 @@ def literal(text: str) -> str:
     return json.dumps(text)
 
 
+@dataclass(slots=True)
+class Writer:
+    """What a call format writes its grammar with: `markup(text)` (the model's special tokens where
+    the text holds them, else the text) and `rules`, where it adds any rule it needs."""
+
+    markup: Callable[[str], str]
+    rules: list[str]
+
+    def raw(self, low: int, high: int | None, close: str) -> str:
+        """Raw text of `low` to `high` characters, then `close`: it ends at the first `close`, as the parsers' regexes do."""
+        name = f"raw_{len(self.rules)}"
+        bounds = f"{{{low},{'' if high is None else high}}}"
+        closing = self.markup(close)
+        if "<[" in closing:  # free text never holds a special token: the token ends it
+            self.rules.append(f"{name}: /(.|\\n){bounds}/ {closing}")
+        else:
+            self.rules.append(f"{name}[lazy]: /(.|\\n){bounds}{regex_escape(close)}/")
+        return name
+
+
 # Call formats: the markup between a call's start and end tags, per `mlx_lm.tool_parsers` module.
-# Each takes the tool's name and arguments schema and returns a Lark expression (adding any rules it needs).
+# Each takes the tool's name, its arguments' schema and a Writer, and returns a Lark expression.
 
 
-def json_tools_call(name: str, schema: dict, rules: list[str]) -> str:
+def json_tools_call(name: str, schema: dict, w: Writer) -> str:
     """Hermes style: `{"name": ..., "arguments": {...}}` on its own line."""
-    head = literal(f'\n{{"name": {json.dumps(name)}, "arguments": ')
-    return f"{head} {inline_json(schema)} {literal('}' + chr(10))}"
+    head = w.markup(f'\n{{"name": {json.dumps(name)}, "arguments": ')
+    return f"{head} {inline_json(schema)} {w.markup('}' + chr(10))}"
 
 
-def xml_value(schema: dict, close: str, rules: list[str]) -> str:
-    """One parameter's value up to and including `close`: raw text for strings, JSON otherwise (as the parsers read them).
-
-    A raw string is a lazy rule added to `rules`: it ends at the first `close`, as the parsers' regexes do.
-    """
+def xml_value(schema: dict, close: str, w: Writer) -> str:
+    """One parameter's value up to and including `close`: raw text for strings, JSON otherwise (as the parsers read them)."""
     if isinstance(schema.get("const"), str):
-        return f"{literal(schema['const'])} {literal(close)}"
+        return f"{literal(schema['const'])} {w.markup(close)}"
     if "enum" in schema and all(isinstance(v, str) for v in schema["enum"]):
-        return "(" + " | ".join(literal(v) for v in schema["enum"]) + f") {literal(close)}"
+        return "(" + " | ".join(literal(v) for v in schema["enum"]) + f") {w.markup(close)}"
     if schema.get("type") == "string":
         if {"pattern", "format"} & schema.keys() and not (schema.get("x-guidance") or {}).get("lenient"):
             raise GrammarError("a string parameter's pattern or format cannot be bound in this tool-call format")
-        low, high = schema.get("minLength", 0), schema.get("maxLength")
-        name = f"raw_{len(rules)}"
-        rules.append(f"{name}[lazy]: /(.|\\n){{{low},{'' if high is None else high}}}{regex_escape(close)}/")
-        return name
-    return f"{inline_json(schema)} {literal(close)}"
+        return w.raw(schema.get("minLength", 0), schema.get("maxLength"), close)
+    return f"{inline_json(schema)} {w.markup(close)}"
 
 
 def regex_escape(text: str) -> str:
     return "".join("\\" + c if c in r"\.+*?()|[]{}^$/-" else c.replace("\n", "\\n") for c in text)
 
 
-def xml_parameters(schema: dict, open_: Callable[[str], str], close: str, rules: list[str]) -> str:
+def xml_parameters(schema: dict, open_: Callable[[str], str], close: str, w: Writer) -> str:
     """Every declared parameter in order, each optional unless required; `open_(name)` is its opening markup."""
     required = set(schema.get("required", []))
     parts = []
     guidance = {"x-guidance": schema["x-guidance"]} if "x-guidance" in schema else {}
     for key, sub in (schema.get("properties") or {}).items():
         sub = {**sub, **guidance} if isinstance(sub, dict) else {}
-        part = f"{literal(open_(key))} {xml_value(sub, close, rules)}"
+        part = f"{w.markup(open_(key))} {xml_value(sub, close, w)}"
         parts.append(f"({part})" if key in required else f"({part})?")
     return " ".join(parts) or '""'
 
 
-def qwen3_coder_call(name: str, schema: dict, rules: list[str]) -> str:
+def qwen3_coder_call(name: str, schema: dict, w: Writer) -> str:
     """Qwen3-Coder XML: `<function=NAME>` then `<parameter=KEY>` blocks, string values raw."""
-    params = xml_parameters(schema, lambda key: f"<parameter={key}>\n", "\n</parameter>\n", rules)
-    return f"{literal(f'{chr(10)}<function={name}>{chr(10)}')} {params} {literal('</function>' + chr(10))}"
+    params = xml_parameters(schema, lambda key: f"<parameter={key}>\n", "\n</parameter>\n", w)
+    return f"{w.markup(chr(10) + f'<function={name}>' + chr(10))} {params} {w.markup('</function>' + chr(10))}"
 
 
-def glm47_call(name: str, schema: dict, rules: list[str]) -> str:
+def glm47_call(name: str, schema: dict, w: Writer) -> str:
     """GLM-4.7: the name, then `<arg_key>`/`<arg_value>` pairs, string values raw."""
-    params = xml_parameters(schema, lambda key: f"<arg_key>{key}</arg_key>\n<arg_value>", "</arg_value>\n", rules)
-    return f"{literal(name + chr(10))} {params}"
+    params = xml_parameters(schema, lambda key: f"<arg_key>{key}</arg_key>\n<arg_value>", "</arg_value>\n", w)
+    return f"{w.markup(name + chr(10))} {params}"
 
 
-def minimax_m2_call(name: str, schema: dict, rules: list[str]) -> str:
+def minimax_m2_call(name: str, schema: dict, w: Writer) -> str:
     """MiniMax-M2: `<invoke name=...>` with `<parameter name=...>` children, string values raw."""
-    params = xml_parameters(schema, lambda key: f'<parameter name="{key}">', "</parameter>\n", rules)
-    return f"{literal(f'{chr(10)}<invoke name={json.dumps(name)}>{chr(10)}')} {params} {literal('</invoke>' + chr(10))}"
+    params = xml_parameters(schema, lambda key: f'<parameter name="{key}">', "</parameter>\n", w)
+    head = w.markup(f"\n<invoke name={json.dumps(name)}>\n")
+    return f"{head} {params} {w.markup('</invoke>' + chr(10))}"
 
 
-def kimi_k2_call(name: str, schema: dict, rules: list[str]) -> str:
+def kimi_k2_call(name: str, schema: dict, w: Writer) -> str:
     """Kimi-K2: one call in the section, `functions.NAME:0` and its JSON arguments."""
-    head = f"<|tool_call_begin|>functions.{name}:0<|tool_call_argument_begin|>"
-    return f"{literal(head)} {inline_json(schema)} {literal('<|tool_call_end|>')}"
+    head = w.markup(f"<|tool_call_begin|>functions.{name}:0<|tool_call_argument_begin|>")
+    return f"{head} {inline_json(schema)} {w.markup('<|tool_call_end|>')}"
 
 
-FORMATS: dict[str, Callable[[str, dict, list[str]], str]] = {
+FORMATS: dict[str, Callable[[str, dict, Writer], str]] = {
     "json_tools": json_tools_call,
     "qwen3_coder": qwen3_coder_call,
     "glm47": glm47_call,
@@ -166,7 +183,10 @@ class Grammars:
             tokenizer._tokenizer, n_vocab=vocab_size, eos_token=sorted(tokenizer.eos_token_ids)
         )
         self.eos = sorted(tokenizer.eos_token_ids)
-        self.encode = lambda text: tokenizer.encode(text, add_special_tokens=False)
+        added = getattr(tokenizer._tokenizer, "added_tokens_decoder", {})
+        self.specials = {t.content: i for i, t in added.items() if self.tokenizer.is_special_token(i)}
+        pattern = "|".join(re.escape(t) for t in sorted(self.specials, key=len, reverse=True))
+        self.special_re = re.compile(f"({pattern})") if pattern else None
         self.think = think
         self.tool = tool
         self.parser = parser
@@ -180,12 +200,14 @@ class Grammars:
         """Whether a forced call is generated under a grammar (else the prompt starts its markup)."""
         return self.call is not None
 
-    def tag(self, text: str) -> str:
-        """A tag as a Lark element: the special token where the tokenizer has one, else the text."""
-        ids = self.encode(text)
-        if len(ids) == 1 and self.tokenizer.is_special_token(ids[0]):
-            return f"<[{ids[0]}]>"
-        return literal(text)
+    def markup(self, text: str) -> str:
+        """Fixed markup as Lark elements: the model's special tokens where the text holds one, the text elsewhere.
+
+        A special token is never written out as text, so markup made of them must name them.
+        """
+        parts = self.special_re.split(text) if self.special_re else [text]
+        elements = [f"<[{self.specials[p]}]>" if p in self.specials else literal(p) for p in parts if p]
+        return " ".join(elements) or '""'
 
     def grammar(self, request: Request, reasoning: bool) -> tuple[str, str, str] | None:
         """The request's Lark grammar, a line describing it and the markup after which it binds; None when nothing binds it."""
@@ -204,8 +226,8 @@ class Grammars:
         head = begins = ""
         # reasoning stays free: to the end of the block the prompt opened, or of one the model opens when asked to think
         if self.think and (reasoning or request.enable_thinking):
-            rules.append(f"think: {FREE_TEXT} {self.tag(self.think[1])} /[ \\n]{{0,4}}/")
-            head = "think " if reasoning else f"({self.tag(self.think[0])} think)? "
+            rules.append(f"think: {FREE_TEXT} {self.markup(self.think[1])} /[ \\n]{{0,4}}/")
+            head = "think " if reasoning else f"({self.markup(self.think[0])} think)? "
             begins = self.think[1]
             what.append(f"free until {self.think[1]}" if reasoning else f"free inside {self.think[0]}{self.think[1]}")
         calls = 'call ("\\n" call)*'
@@ -224,8 +246,8 @@ class Grammars:
                 what[-1] += f" or calls ({self.parser})"
         else:
             rules += self.call_rules(tools, lambda t: self.constrain_tools or tool_name(t) in strict, strict)
-            start = self.tag(self.tool[0])
-            lazy_mark = "" if start.startswith("<[") else "[lazy]"  # a special token ends free text by itself
+            start = self.markup(self.tool[0])
+            lazy_mark = "" if "<[" in start else "[lazy]"  # a special token ends free text by itself
             rules.append(f"text_then_call{lazy_mark}: {FREE_TEXT} {start}")
             body = f"(text_then_call call_body)* {FREE_TEXT}"
             begins = begins or self.tool[0]
@@ -240,14 +262,13 @@ class Grammars:
         llguidance lacks are refused only for the `strict` tools, and ignored for the rest.
         """
         names = [f"call_{i}" for i in range(len(tools))]
-        rules = [f"call_body: {' | '.join(names)}", f"call: {self.tag(self.tool[0])} call_body"]
-        end = self.tag(self.tool[1]) if self.tool[1] else '""'
+        w = Writer(self.markup, [f"call_body: {' | '.join(names)}", f"call: {self.markup(self.tool[0])} call_body"])
         for name, tool in zip(names, tools):
             schema = tool_schema(tool) if bound(tool) else ANY_OBJECT
             if tool_name(tool) not in strict:
                 schema = {**schema, "x-guidance": {"lenient": True, **(schema.get("x-guidance") or {})}}
-            rules.append(f"{name}: {self.call(tool_name(tool), schema, rules)} {end}")
-        return rules
+            w.rules.append(f"{name}: {self.call(tool_name(tool), schema, w)} {self.markup(self.tool[1])}")
+        return w.rules
 
     def processor(self, request: Request, reasoning: bool) -> GrammarProcessor | None:
         """The request's logits processor, or None when nothing binds it; GrammarError when its grammar fails."""

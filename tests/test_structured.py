@@ -339,3 +339,53 @@ def test_the_transcript_shows_the_constraint_and_where_it_began(loop, engine):
     assert isinstance(events[-1], Done) and not any(isinstance(e, Error) for e in events)
     assert transcript.constraint == "a call to get_weather (json_tools)"
     assert transcript.constrained_at == 0 and transcript.raw.startswith("<tool_call>")
+
+
+CITY_DAYS = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 12}, "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+    "required": ["city", "days"],
+}
+# A call to f(city="Paris", days=3) as each format's template writes it, and one that breaks the schema (days="x").
+RENDERED = {
+    "json_tools": '<tool_call>\n{"name": "f", "arguments": {"city": "Paris", "days": DAYS}}\n</tool_call>',
+    "qwen3_coder": "<tool_call>\n<function=f>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\nDAYS\n</parameter>\n</function>\n</tool_call>",
+    "glm47": "<tool_call>f\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n<arg_key>days</arg_key>\n<arg_value>DAYS</arg_value>\n</tool_call>",
+    "minimax_m2": '<minimax:tool_call>\n<invoke name="f">\n<parameter name="city">Paris</parameter>\n<parameter name="days">DAYS</parameter>\n</invoke>\n</minimax:tool_call>',
+    "kimi_k2": '<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>{"city": "Paris", "days": DAYS}<|tool_call_end|><|tool_calls_section_end|>',
+}
+
+
+@pytest.fixture(scope="module")
+def demo_tokenizer():
+    from mlx_lm.utils import load_tokenizer
+
+    from mlx_tui.engine.demo import MODEL_DIR
+
+    return load_tokenizer(MODEL_DIR)
+
+
+@pytest.mark.parametrize("parser", RENDERED)
+def test_each_call_format_grammar_takes_what_its_parser_reads(demo_tokenizer, parser):
+    """The grammar of a forced call accepts the format's own markup for valid arguments, which its mlx-lm parser
+    reads back to those arguments, and refuses the same markup with arguments that break the schema."""
+    import importlib
+
+    from mlx_tui.engine.grammar import Grammars
+
+    module = importlib.import_module(f"mlx_lm.tool_parsers.{parser}")
+    tags = (module.tool_call_start, module.tool_call_end)
+    grammars = Grammars(demo_tokenizer, len(demo_tokenizer), None, tags, parser)
+    tools = [tool(CITY_DAYS) | {"function": {"name": "f", "parameters": CITY_DAYS}}]
+    processor = grammars.processor(Request(USER, tools=tools, tool_choice="f"), False)
+    good, bad = (RENDERED[parser].replace("DAYS", days) for days in ("3", '"x"'))
+    matcher = processor.matcher.deep_copy()
+    assert matcher.consume_tokens(demo_tokenizer.encode(good, add_special_tokens=False)), matcher.get_error()
+    assert matcher.is_accepting()
+    body = good[len(tags[0]) : len(good) - len(tags[1])]
+    parsed = module.parse_tool_call(body, tools)
+    parsed = parsed[0] if isinstance(parsed, list) else parsed
+    arguments = parsed["arguments"] if isinstance(parsed["arguments"], dict) else json.loads(parsed["arguments"])
+    assert (parsed["name"], arguments) == ("f", {"city": "Paris", "days": 3})
+    matcher = processor.matcher.deep_copy()
+    assert not matcher.consume_tokens(demo_tokenizer.encode(bad, add_special_tokens=False))
