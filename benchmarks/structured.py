@@ -5,7 +5,9 @@ tokens, like Qwen's: the token trie llguidance walks and the mask MLX applies gr
 run through the engine's client API. Each round runs free and constrained, one stream and
 four, in a rotating order; each ratio is taken within a round. The schema asks for sixteen
 strings of 20-40 characters, so the constrained reply runs to max_tokens like the free one
-(the random model never ends by itself), with a mask computed for every token.
+(the random model never ends by itself), with a mask computed for every token. Beside
+tokens/s, each case reports the worker's CPU milliseconds per generated token: the mask's
+cost in CPU time, which other load on the machine disturbs far less than the wall clock.
 """
 
 import asyncio
@@ -13,7 +15,7 @@ import json
 import random
 from pathlib import Path
 
-from .decode import PROMPT, EngineApi
+from .decode import PROMPT, EngineApi, cpu_seconds
 from .model import MODEL_ARGS, SEED, chat_template
 from .stats import median, progress, ratio, spread
 
@@ -89,14 +91,17 @@ def build_big_vocab(path: Path) -> Path:
     return path
 
 
-async def streams(measure, n: int, max_tokens: int) -> float | None:
-    """Aggregate decode tokens/s of `n` streams run together."""
+async def streams(measure, n: int, max_tokens: int) -> tuple[float | None, float, int]:
+    """Aggregate decode tokens/s of `n` streams run together, the worker's CPU ms per generated token, and the tokens."""
+    before = cpu_seconds(measure.engine.pid)
     results = await asyncio.gather(*(measure(PROMPT, max_tokens) for _ in range(n)))
     for r in results:
         if r.error:
             raise RuntimeError(r.error)
+    generated = sum(r.generated for r in results)
+    cpu_ms = 1000 * (cpu_seconds(measure.engine.pid) - before) / max(generated, 1)
     rates = [r.decode_tps for r in results]
-    return sum(rates) if all(rates) else None
+    return (sum(rates) if all(rates) else None), cpu_ms, generated
 
 
 async def one_model(model_dir: Path, rounds: int, max_tokens: int) -> dict:
@@ -114,19 +119,30 @@ async def one_model(model_dir: Path, rounds: int, max_tokens: int) -> dict:
             await measure(PROMPT, 8)
         cases = [(kind, n) for n in STREAMS for kind in kinds]
         tps: dict[str, list] = {f"{kind} x{n}": [] for kind, n in cases}
+        cpu: dict[str, list] = {f"{kind} x{n}": [] for kind, n in cases}
+        tokens: dict[str, list] = {f"{kind} x{n}": [] for kind, n in cases}
         for i in range(rounds):
             for kind, n in cases[i % len(cases):] + cases[: i % len(cases)]:
-                tps[f"{kind} x{n}"].append(await streams(kinds[kind], n, max_tokens))
+                rate, cpu_ms, generated = await streams(kinds[kind], n, max_tokens)
+                tps[f"{kind} x{n}"].append(rate)
+                cpu[f"{kind} x{n}"].append(cpu_ms)
+                tokens[f"{kind} x{n}"].append(generated)
             progress(f"structured: {model_dir.name}, round {i + 1}/{rounds}: " + ", ".join(
-                f"{k} {v[-1]:.1f}" for k, v in tps.items() if v[-1] is not None))
+                f"{k} {v[-1]:.1f} tok/s {cpu[k][-1]:.1f} CPU ms/tok" for k, v in tps.items() if v[-1] is not None))
     finally:
         await engine.stop()
     ratios = {n: [ratio(c, f) for c, f in zip(tps[f"json_schema x{n}"], tps[f"free x{n}"])] for n in STREAMS}
+    cpu_ratios = {n: [ratio(f, c) for c, f in zip(cpu[f"json_schema x{n}"], cpu[f"free x{n}"])] for n in STREAMS}
     return {
         "tps": tps,
+        "cpu_ms_per_token": cpu,
+        "generated": tokens,
         "median_tps": {k: median(v) for k, v in tps.items()},
+        "median_cpu_ms_per_token": {k: median(v) for k, v in cpu.items()},
         "median_ratio": {str(n): median(v) for n, v in ratios.items()},
         "ratio_range": {str(n): spread(v) for n, v in ratios.items()},
+        # free CPU ms per token / constrained: the speed ratio the CPU cost alone implies, which load disturbs far less
+        "median_cpu_ratio": {str(n): median(v) for n, v in cpu_ratios.items()},
     }
 
 

@@ -134,6 +134,8 @@ def masked(logits: mx.array, bitmask: np.ndarray) -> mx.array:
     """`logits` with every token the bitmask (llguidance's: one bit a token, 32 a word) leaves out at -inf."""
     words = mx.array(bitmask).view(mx.uint32)
     allowed = ((words[..., None] >> SHIFTS) & 1).reshape(words.shape[0], -1)[:, : logits.shape[-1]]
+    if (short := logits.shape[-1] - allowed.shape[-1]) > 0:  # logits past the tokenizer's vocabulary: never allowed
+        allowed = mx.pad(allowed, [(0, 0), (0, short)])
     return mx.where(allowed.astype(mx.bool_), logits, mx.array(-mx.inf, dtype=logits.dtype))
 
 
@@ -179,18 +181,20 @@ class Grammars:
     CACHE = 64
 
     def __init__(self, tokenizer, vocab_size: int, think, tool, parser: str | None, constrain_tools: bool = False):
-        self.tokenizer = llguidance.hf.from_tokenizer(
-            tokenizer._tokenizer, n_vocab=vocab_size, eos_token=sorted(tokenizer.eos_token_ids)
-        )
         self.eos = sorted(tokenizer.eos_token_ids)
-        added = getattr(tokenizer._tokenizer, "added_tokens_decoder", {})
+        self.unavailable = ""  # why this tokenizer cannot be constrained ("" when it can)
+        try:
+            self.tokenizer = llguidance.hf.from_tokenizer(tokenizer._tokenizer, n_vocab=vocab_size, eos_token=self.eos)
+        except Exception as e:  # only Hugging Face fast tokenizers are supported
+            self.tokenizer, self.unavailable = None, f"{type(e).__name__}: {e}"
+        added = getattr(tokenizer._tokenizer, "added_tokens_decoder", {}) if self.tokenizer else {}
         self.specials = {t.content: i for i, t in added.items() if self.tokenizer.is_special_token(i)}
         pattern = "|".join(re.escape(t) for t in sorted(self.specials, key=len, reverse=True))
         self.special_re = re.compile(f"({pattern})") if pattern else None
         self.think = think
         self.tool = tool
         self.parser = parser
-        self.call = FORMATS.get(parser or "") if tool else None
+        self.call = FORMATS.get(parser or "") if tool and self.tokenizer else None
         self.constrain_tools = constrain_tools
         self.limits = llguidance.LLParserLimits(**LIMITS)
         self.compiled: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
@@ -214,6 +218,8 @@ class Grammars:
         constraint = request.constraint
         tools = request.tools if request.tool_choice != "none" else None
         strict = set(constraint.strict_tools) if constraint and tools else set()
+        if self.unavailable and (strict or (constraint and constraint.format)):
+            raise GrammarError(f"structured output is not available for this model's tokenizer ({self.unavailable})")
         if strict and self.call is None:
             name = self.parser or "none"
             raise GrammarError(f"strict tools need a grammar for this model's tool-call format ({name}), which has none here")
