@@ -5,7 +5,9 @@ tokens, like Qwen's: the token trie llguidance walks and the mask MLX applies gr
 run through the engine's client API. Each round runs free and constrained, one stream and
 four, in a rotating order; each ratio is taken within a round. The schema asks for sixteen
 strings of 20-40 characters, so the constrained reply runs to max_tokens like the free one
-(the random model never ends by itself), with a mask computed for every token. Beside
+(the random model never ends by itself), with a mask computed for every token. A second
+pair measures what `--constrain-tools` costs a reply that calls no tool: the same request
+with a tool, free and with the tool strict (the lazy grammar's free-text mask). Beside
 tokens/s, each case reports the worker's CPU milliseconds per generated token: the mask's
 cost in CPU time, which other load on the machine disturbs far less than the wall clock.
 """
@@ -114,7 +116,14 @@ async def one_model(model_dir: Path, rounds: int, max_tokens: int) -> dict:
     try:
         from mlx_tui.engine.request import Constraint
 
-        kinds = {"free": EngineApi(engine), "json_schema": EngineApi(engine, Constraint("json_schema", SCHEMA))}
+        tools = [{"type": "function", "function": {"name": "record", "parameters": SCHEMA}}]
+        kinds = {
+            "free": EngineApi(engine),
+            "json_schema": EngineApi(engine, constraint=Constraint("json_schema", SCHEMA)),
+            "tools": EngineApi(engine, tools=tools),
+            # what --constrain-tools costs text that never calls a tool: the lazy grammar's free-text mask
+            "tools_strict": EngineApi(engine, tools=tools, constraint=Constraint(strict_tools=["record"])),
+        }
         for measure in kinds.values():  # warm-up; the schema's grammar is compiled and cached here
             await measure(PROMPT, 8)
         cases = [(kind, n) for n in STREAMS for kind in kinds]
@@ -131,18 +140,21 @@ async def one_model(model_dir: Path, rounds: int, max_tokens: int) -> dict:
                 f"{k} {v[-1]:.1f} tok/s {cpu[k][-1]:.1f} CPU ms/tok" for k, v in tps.items() if v[-1] is not None))
     finally:
         await engine.stop()
-    ratios = {n: [ratio(c, f) for c, f in zip(tps[f"json_schema x{n}"], tps[f"free x{n}"])] for n in STREAMS}
-    cpu_ratios = {n: [ratio(f, c) for c, f in zip(cpu[f"json_schema x{n}"], cpu[f"free x{n}"])] for n in STREAMS}
+    pairs = {str(n): (f"json_schema x{n}", f"free x{n}") for n in STREAMS}
+    pairs |= {f"tools {n}": (f"tools_strict x{n}", f"tools x{n}") for n in STREAMS}
+    ratios = {k: [ratio(c, f) for c, f in zip(tps[a], tps[b])] for k, (a, b) in pairs.items()}
+    cpu_ratios = {k: [ratio(f, c) for c, f in zip(cpu[a], cpu[b])] for k, (a, b) in pairs.items()}
     return {
         "tps": tps,
         "cpu_ms_per_token": cpu,
         "generated": tokens,
         "median_tps": {k: median(v) for k, v in tps.items()},
         "median_cpu_ms_per_token": {k: median(v) for k, v in cpu.items()},
-        "median_ratio": {str(n): median(v) for n, v in ratios.items()},
-        "ratio_range": {str(n): spread(v) for n, v in ratios.items()},
+        "pairs": pairs,
+        "median_ratio": {k: median(v) for k, v in ratios.items()},
+        "ratio_range": {k: spread(v) for k, v in ratios.items()},
         # free CPU ms per token / constrained: the speed ratio the CPU cost alone implies, which load disturbs far less
-        "median_cpu_ratio": {str(n): median(v) for n, v in cpu_ratios.items()},
+        "median_cpu_ratio": {k: median(v) for k, v in cpu_ratios.items()},
     }
 
 

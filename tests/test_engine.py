@@ -203,6 +203,7 @@ def test_tool_choice_forces_a_call_under_a_grammar(loop, engine, choice):
     assert calls == [("get_weather", {"city": "Tokyo"})]
     assert events[-1].stop_reason == "tool_calls"
     assert text(events, RawText).startswith("<tool_call>"), "the grammar writes the whole call, its opening too"
+    assert len([e for e in events if isinstance(e, ToolCallDelta)]) > 1, "the arguments stream in pieces"
     started = next(e for e in events if isinstance(e, Started))
     assert "a call to get_weather" in started.constraint
 

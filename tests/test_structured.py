@@ -389,3 +389,13 @@ def test_each_call_format_grammar_takes_what_its_parser_reads(demo_tokenizer, pa
     assert (parsed["name"], arguments) == ("f", {"city": "Paris", "days": 3})
     matcher = processor.matcher.deep_copy()
     assert not matcher.consume_tokens(demo_tokenizer.encode(bad, add_special_tokens=False))
+
+
+def test_a_schema_slow_to_compile_is_refused_without_waiting_for_it(monkeypatch):
+    """The front process gives up on a compilation past its time limit (here cut to 50 ms) with a clear error."""
+    from mlx_tui.engine import schemas
+
+    monkeypatch.setattr(schemas, "CHECK_SECONDS", 0.05)
+    slow = {"enum": [f"slow-{i}" for i in range(100_000)]}  # well over 50 ms to build, before its size is refused
+    problem = asyncio.run(schemas.check(Request(USER, constraint=Constraint("json_schema", slow))))
+    assert problem == "a schema took longer than 0.05 s to compile; simplify it"
