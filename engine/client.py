@@ -163,7 +163,8 @@ class EngineClient:
     ) -> AsyncIterator[Event]:
         """The request's events, ending with Done or Error; leaving early cancels it.
 
-        Raises EngineUnavailable before any event when the request cannot be taken.
+        Raises EngineUnavailable before any event when the request cannot be taken; a schema
+        that cannot be compiled ends it with an invalid_request Error before it is queued.
         Each step is published on the bus as a "request" event under `request_id`,
         and noted in `transcript` when one is given.
         """

@@ -11,8 +11,8 @@ from mlx_lm.generate import BatchGenerator
 
 from . import faults, sampling
 from .config import EngineConfig
-from .grammar import Grammars
 from .events import Done, Error, Event, PrefillProgress, Queued, Started, Timings, Usage
+from .grammar import Grammars
 from .loader import Loaded
 from .output import MarkupParser, OutputStream
 from .prefix_cache import PrefixCache, TurnMemory
