@@ -18,7 +18,7 @@ from mlx_tui.engine import events as ev
 from mlx_tui.engine.request import Request as EngineRequest
 from mlx_tui.engine.request import Sampling
 
-from . import serving
+from . import serving, structured
 from .anthropic_models import Message, MessagesRequest, TextBlock, ToolResultBlock
 from .errors import KIND_STATUS, ApiError, anthropic_error
 
@@ -69,7 +69,17 @@ def to_request(body: MessagesRequest, client: str = "") -> EngineRequest:
         enable_thinking=body.thinking is not None and body.thinking.type != "disabled",
         source="anthropic",
         client=client,
+        constraint=constraint(body),
     )
+
+
+def constraint(body: MessagesRequest):
+    """`output_config.format` (or the beta's `output_format`) and tools marked `strict`."""
+    strict = [t.name for t in body.tools or [] if t.strict and t.input_schema is not None]
+    fmt, field = body.output_format, "output_format"
+    if body.output_config and body.output_config.format:
+        fmt, field = body.output_config.format, "output_config.format"
+    return structured.constraint(fmt and fmt.type, fmt and fmt.schema_, strict, f"{field}.schema")
 
 
 def system_text(system: str | list[TextBlock] | None) -> str:

@@ -94,11 +94,23 @@ class Tool(Model):
     type: str | None = None
     description: str = ""
     input_schema: dict[str, Any] | None = None
+    strict: bool | None = None
 
 
 class ToolChoice(Model):
     type: Literal["auto", "any", "tool", "none"]
     name: str | None = None
+
+
+class OutputFormat(Model):
+    type: Literal["json_schema"]
+    schema_: Any = Field(None, alias="schema")
+
+
+class OutputConfig(Model):
+    """Only `format` means something here (`effort` and the rest are ignored)."""
+
+    format: OutputFormat | None = None
 
 
 class Thinking(Model):
@@ -120,3 +132,5 @@ class MessagesRequest(Model):
     top_k: int | None = Field(None, ge=0)
     thinking: Thinking | None = None
     stream: bool = False
+    output_config: OutputConfig | None = None
+    output_format: OutputFormat | None = None

@@ -15,7 +15,7 @@ from mlx_tui.engine import events as ev
 from mlx_tui.engine.request import Request as EngineRequest
 from mlx_tui.engine.request import Sampling
 
-from . import serving
+from . import serving, structured
 from .errors import KIND_STATUS, ApiError, openai_error
 from .openai_models import ChatMessage, ChatRequest, Function, Part
 
@@ -40,7 +40,18 @@ def to_request(body: ChatRequest, client: str = "") -> EngineRequest:
         enable_thinking=enable_thinking(body),
         source="openai",
         client=client,
+        constraint=constraint(body),
     )
+
+
+def constraint(body: ChatRequest):
+    """`response_format` and tools marked `strict`; `strict: false` in a json_schema is bound all the same."""
+    strict = [t.function.name for t in body.tools or [] if t.function.strict]
+    fmt = body.response_format
+    if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is None:
+        raise ApiError(400, "response_format.json_schema: a json_schema format needs json_schema.schema")
+    schema = fmt.json_schema.schema_ if fmt is not None and fmt.json_schema else None
+    return structured.constraint(fmt and fmt.type, schema, strict, "response_format.json_schema.schema")
 
 
 def function(f: Function) -> dict:
@@ -53,9 +64,6 @@ def refuse_unsupported(body: ChatRequest):
     problems = {
         "n": body.n > 1 and "only one choice (n=1) is generated",
         "logprobs": body.logprobs and "log probabilities are not available",
-        "response_format": body.response_format
-        and body.response_format.type != "text"
-        and "structured output is not supported; use response_format text",
         "audio": body.audio is not None and "audio output is not supported",
         "web_search_options": body.web_search_options is not None and "web search is not available",
         "functions": (body.functions is not None or body.function_call is not None)

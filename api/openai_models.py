@@ -51,6 +51,7 @@ class Function(Model):
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = None
+    strict: bool | None = None
 
 
 class Tool(Model):
@@ -71,8 +72,15 @@ class StreamOptions(Model):
     include_usage: bool = False
 
 
+class JsonSchema(Model):
+    name: str = ""
+    schema_: Any = Field(None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(Model):
     type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
 
 
 class ChatTemplateKwargs(Model):

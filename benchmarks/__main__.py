@@ -11,7 +11,7 @@ import sys
 
 from .blas import ensure_same_blas
 
-SECTIONS = ("decode", "overhead", "ttft", "concurrency", "replay", "dashboard", "families", "ranks")
+SECTIONS = ("decode", "overhead", "ttft", "concurrency", "replay", "dashboard", "families", "ranks", "structured")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -47,10 +47,14 @@ class InProcess:
 
 
 class EngineApi:
-    """Our engine through its async client, as the dashboard's chat pane and the API use it."""
+    """Our engine through its async client, as the dashboard's chat pane and the API use it.
 
-    def __init__(self, engine):
+    `fields` go into every Request (structured.py adds a constraint and tools).
+    """
+
+    def __init__(self, engine, **fields):
         self.engine = engine
+        self.fields = fields
 
     async def __call__(self, messages, max_tokens: int) -> Timed:
         from mlx_tui.engine.events import Done, Error, ReasoningDelta, Started, TextDelta
@@ -58,7 +62,7 @@ class EngineApi:
 
         out = Timed()
         start = time.perf_counter()
-        async for ev in self.engine.generate(Request(messages=messages, max_tokens=max_tokens, source="bench")):
+        async for ev in self.engine.generate(Request(messages=messages, max_tokens=max_tokens, source="bench", **self.fields)):
             if isinstance(ev, (TextDelta, ReasoningDelta)) and ev.text:
                 now = time.perf_counter() - start
                 out.ttft = out.ttft if out.ttft is not None else now

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from . import concurrency, dashboard, decode, families, overhead, ranks, replay, report, servers, ttft
+from . import concurrency, dashboard, decode, families, overhead, ranks, replay, report, servers, structured, ttft
 from .model import build, default_dir, describe
 from .stats import progress
 
@@ -29,15 +29,16 @@ class Plan:
     ranks_rounds: int
     families_turns: int
     families_tokens: int
+    structured_rounds: int
 
 
 QUICK = Plan(decode_rounds=3, decode_tokens=48, overhead_rounds=1, ttft_sizes={1024: 1}, streams=(1, 4),
              concurrency_rounds=1, concurrency_tokens=32, replay_turns=3, replay_tokens=2500, dashboard_rounds=1,
-             ranks_rounds=1, families_turns=3, families_tokens=3000)
+             ranks_rounds=1, families_turns=3, families_tokens=3000, structured_rounds=2)
 FULL = Plan(decode_rounds=10, decode_tokens=64, overhead_rounds=2, ttft_sizes={1024: 3, 4096: 2, 8192: 1},
             streams=(1, 2, 4, 8), concurrency_rounds=3, concurrency_tokens=64, replay_turns=10, replay_tokens=2500,
-            dashboard_rounds=3, ranks_rounds=3, families_turns=6, families_tokens=6000)
-SECTIONS = ("decode", "overhead", "ttft", "concurrency", "replay", "dashboard", "families", "ranks")
+            dashboard_rounds=3, ranks_rounds=3, families_turns=6, families_tokens=6000, structured_rounds=6)
+SECTIONS = ("decode", "overhead", "ttft", "concurrency", "replay", "dashboard", "families", "ranks", "structured")
 CONCURRENCY = 8  # both servers decode up to this many streams together
 
 
@@ -46,7 +47,7 @@ def plan_for(args) -> Plan:
     if args.rounds:
         plan = dataclasses.replace(
             plan, decode_rounds=args.rounds, overhead_rounds=args.rounds, concurrency_rounds=args.rounds,
-            dashboard_rounds=args.rounds, ranks_rounds=args.rounds,
+            dashboard_rounds=args.rounds, ranks_rounds=args.rounds, structured_rounds=args.rounds,
             ttft_sizes={k: args.rounds for k in plan.ttft_sizes})
     if args.replay_tokens is not None:
         plan = dataclasses.replace(plan, replay_tokens=args.replay_tokens)
@@ -56,8 +57,8 @@ def plan_for(args) -> Plan:
 async def run(args, blas: str) -> int:
     plan = plan_for(args)
     sections = args.only or tuple(s for s in SECTIONS if s != "ranks")  # the ranks comparison only when asked
-    # a ranks-only run writes beside the main results rather than over them
-    subdir = next((s for s in ("ranks", "families") if set(sections) == {s}), "")
+    # a run of one of these alone writes beside the main results rather than over them
+    subdir = sections[0] if len(sections) == 1 and sections[0] in ("ranks", "families", "structured") else ""
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / ("quick" if args.quick else "") / subdir
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -73,7 +74,7 @@ async def run(args, blas: str) -> int:
                "mode": "quick" if args.quick else "full"}
     workdir = Path(tempfile.mkdtemp(prefix="mlx-tui-bench-"))
     cache_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 5  # our default RAM budget
-    needs_servers = bool(set(sections) - {"ranks", "families"})
+    needs_servers = bool(set(sections) - {"ranks", "families", "structured"})
     ours = servers.ours(model_dir, workdir, CONCURRENCY) if needs_servers else None
     theirs = servers.mlx_lm(model_dir, workdir, CONCURRENCY, cache_bytes) if needs_servers else None
     tui = servers.ours(model_dir, workdir, CONCURRENCY, dashboard=True) if "dashboard" in sections else None
@@ -136,6 +137,8 @@ async def run(args, blas: str) -> int:
                     client, workdir, CONCURRENCY, cache_bytes, plan.families_turns, plan.families_tokens, args.sample)
             if "ranks" in sections:
                 results["ranks"] = await ranks.run(model_dir, tokenizer, plan.ranks_rounds, plan.decode_tokens, 1024)
+            if "structured" in sections:
+                results["structured"] = await structured.run(model_dir, plan.structured_rounds, plan.decode_tokens)
     finally:
         if engine is not None:
             await engine.stop()

@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+from . import schemas
 from .blas import worker_blas
 from .breaker import CircuitBreaker
 from .bus import EventBus
@@ -162,10 +163,17 @@ class EngineClient:
     ) -> AsyncIterator[Event]:
         """The request's events, ending with Done or Error; leaving early cancels it.
 
-        Raises EngineUnavailable before any event when the request cannot be taken.
+        Raises EngineUnavailable before any event when the request cannot be taken; a schema
+        that cannot be compiled ends it with an invalid_request Error before it is queued.
         Each step is published on the bus as a "request" event under `request_id`,
         and noted in `transcript` when one is given.
         """
+        if problem := await schemas.check(request, self.config.constrain_tools):
+            error = Error("invalid_request", problem)
+            if transcript:
+                self.transcripts.record(transcript, error)
+            yield error
+            return
         await self._admit()
         rid = next(self._ids)
         request_id = request_id or f"req_{rid}"
@@ -237,7 +245,7 @@ class EngineClient:
         publish = self.bus.publish
         if isinstance(event, Started):
             publish("request", id=request_id, phase="prefill", prompt_tokens=event.prompt_tokens,
-                    cached_tokens=event.cached_tokens)
+                    cached_tokens=event.cached_tokens, constraint=event.constraint)
         elif isinstance(event, PrefillProgress):
             publish("request", id=request_id, phase="prefill", done=event.done, total=event.total)
         elif isinstance(event, (TextDelta, ToolCallEnd)) and request_id not in self._generating:

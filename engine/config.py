@@ -34,6 +34,7 @@ class EngineConfig:
     loop_window: int = 256
     loop_max_period: int = 64
     tool_parser: str | None = None
+    constrain_tools: bool = False
     chat_template: str | None = None
     blas: str = "auto"
     ranks: int = 1

@@ -13,12 +13,18 @@ class Queued:
 
 @dataclass(slots=True, frozen=True)
 class Started:
-    """The prompt is rendered; its first `cached_tokens` (`cached_chars` of its text) come from the prefix cache."""
+    """The prompt is rendered; its first `cached_tokens` (`cached_chars` of its text) come from the prefix cache.
+
+    `constraint` describes the grammar the reply runs under ("" for none); it binds the reply
+    after the first `constraint_from` in the generated text ("": from its start).
+    """
 
     prompt_tokens: int
     cached_tokens: int
     prompt_text: str = ""
     cached_chars: int = 0
+    constraint: str = ""
+    constraint_from: str = ""
 
 
 @dataclass(slots=True, frozen=True)

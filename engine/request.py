@@ -20,6 +20,20 @@ class Sampling:
 
 
 @dataclass(slots=True)
+class Constraint:
+    """What the reply must match.
+
+    `format` "json_object" or "json_schema" binds the reply's text to the JSON `schema`
+    (json_object: any object); `strict_tools` names tools whose calls are bound to their
+    parameters' schema whenever the model makes them.
+    """
+
+    format: str | None = None
+    schema: dict[str, Any] | None = None
+    strict_tools: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
 class Request:
     """Messages in the chat-template shape `tokenizer.apply_chat_template` takes.
 
@@ -27,7 +41,8 @@ class Request:
     "required" (any tool) or a tool name. `enable_thinking` is None to leave the
     template's default. `source` ("anthropic", "openai", "chat") and `client` (the
     user agent) only label the request on the dashboard. `fault` is the fault-injection
-    debug setting, see `engine/faults.py`.
+    debug setting, see `engine/faults.py`. `constraint` binds the reply to a schema
+    (`engine/grammar.py`); a forced call is bound to its tool's schema without one.
     """
 
     messages: list[dict[str, Any]]
@@ -40,3 +55,4 @@ class Request:
     source: str = ""
     client: str = ""
     fault: str | None = None
+    constraint: Constraint | None = None

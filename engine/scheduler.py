@@ -11,6 +11,7 @@ from mlx_lm.generate import BatchGenerator
 from . import boundaries, cache_kinds, faults, sampling
 from .config import EngineConfig
 from .events import Done, Error, Event, PrefillProgress, Queued, Started, Timings, Usage
+from .grammar import Grammars
 from .loader import Loaded
 from .output import MarkupParser, OutputStream
 from .prefix_cache import PrefixCache, TurnMemory
@@ -97,6 +98,8 @@ class Scheduler:
         if not self.prefill_together:
             self.cache_mode += "; prompts prefilled one at a time"
         self.turns = TurnMemory(self.tokenizer.decode)
+        vocab_size = getattr(getattr(self.model, "args", None), "vocab_size", None) or len(self.tokenizer)
+        self.grammars = Grammars(self.tokenizer, vocab_size, self.think, self.tool, self.parser_name, config.constrain_tools)
         self.generator = self._new_generator()
 
     def _new_generator(self) -> BatchGenerator:
@@ -130,8 +133,10 @@ class Scheduler:
         if self.think and text.rstrip().endswith(self.think[0]):
             state = MarkupParser.REASONING
         if tools and request.tool_choice not in ("auto", "none"):
-            state, body = MarkupParser.TOOL, self._forced_call(request)
-            text += self.tool[0] + body
+            opening = self._forced_call(request)
+            if not self.grammars.forces_calls:  # else the grammar writes the whole call
+                state, body = MarkupParser.TOOL, opening
+                text += self.tool[0] + body
         tokens = self.turns.encode(text, self._encode)
         system_end = boundaries.system_end(self.tokenizer, request.messages, tools, text, tokens)
         prompt = Prompt(text, tokens, state, body, system_end)
@@ -168,6 +173,7 @@ class Scheduler:
             s = request.sampling
             sampler = sampling.sampler(s)
             processors = sampling.logits_processors(s, self.config.repetition_penalty)
+            grammar = self.grammars.processor(request, prompt.state == MarkupParser.REASONING)
         except (RequestError, ValueError, TypeError) as e:
             return [(rid, Error("invalid_request", str(e)))]
         tokens = prompt.tokens
@@ -185,7 +191,7 @@ class Scheduler:
             all_tokens=[tokens[:cached]],
             max_tokens=[max_tokens],
             samplers=[sampler],
-            logits_processors=[processors],
+            logits_processors=[processors + [grammar] if grammar else processors],
         )
         markup = MarkupParser(
             self.think, self.tool, self.tokenizer.tool_parser, request.tools, prompt.state, prompt.body
@@ -199,7 +205,8 @@ class Scheduler:
         self.uid_of[rid] = uid
         self.prompt_tokens_total += len(tokens)
         cached_chars = len(self.tokenizer.decode(tokens[:cached])) if cached else 0
-        return [(rid, Queued(ahead)), (rid, Started(len(tokens), cached, prompt.text, cached_chars))]
+        bound = (grammar.description, grammar.begins) if grammar else ("", "")
+        return [(rid, Queued(ahead)), (rid, Started(len(tokens), cached, prompt.text, cached_chars, *bound))]
 
     def _max_tokens(self, request: Request, prompt_tokens: int) -> int:
         room = self.context_length - prompt_tokens

@@ -30,6 +30,9 @@ class Transcript:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     cached_chars: int = 0
+    constraint: str = ""  # the grammar the reply ran under ("": none)
+    constraint_from: str = ""  # the markup after which it bound ("": from the start)
+    constrained_at: int | None = None  # where in `raw` the grammar began to bind
     raw: str = ""
     tool_calls: list[dict] = field(default_factory=list)
     parse_errors: list[dict] = field(default_factory=list)
@@ -38,11 +41,18 @@ class Transcript:
     error: str | None = None
     finished: float | None = None
 
+    def add_raw(self, text: str):
+        """Add generated text, noting where the grammar began to bind once its marker has appeared."""
+        self.raw += text
+        if self.constraint and self.constrained_at is None:
+            at = self.raw.find(self.constraint_from) if self.constraint_from else 0
+            self.constrained_at = None if at < 0 else at + len(self.constraint_from)
+
     def summary(self) -> dict:
         """The fields a list view needs, without the large ones."""
         return {
             "id": self.id, "source": self.source, "client": self.client, "started": self.started,
-            "prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
+            "prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens, "constraint": self.constraint,
             "tool_calls": len(self.tool_calls), "parse_errors": len(self.parse_errors),
             "stop_reason": self.stop_reason, "error": self.error, "finished": self.finished,
         }
@@ -84,9 +94,11 @@ class Transcripts:
         if isinstance(event, Started):
             t.prompt, t.prompt_tokens = event.prompt_text, event.prompt_tokens
             t.cached_tokens, t.cached_chars = event.cached_tokens, event.cached_chars
-            self._publish(t, step="prompt", prompt=t.prompt, cached_chars=t.cached_chars)
+            t.constraint, t.constraint_from = event.constraint, event.constraint_from
+            self._publish(t, step="prompt", prompt=t.prompt, cached_chars=t.cached_chars,
+                          constraint=t.constraint, constraint_from=t.constraint_from)
         elif isinstance(event, RawText):
-            t.raw += event.text
+            t.add_raw(event.text)
             self._unpublished(t).raw += event.text
             self._publish_soon(t)
         elif isinstance(event, ToolCallEnd):

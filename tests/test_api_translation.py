@@ -10,6 +10,7 @@ from mlx_tui.api.anthropic_models import MessagesRequest
 from mlx_tui.api.errors import ApiError
 from mlx_tui.api.openai_models import ChatRequest
 from mlx_tui.engine import events as ev
+from mlx_tui.engine.request import Constraint
 
 
 USAGE = ev.Usage(prompt_tokens=30, cached_tokens=10, generated_tokens=7)
@@ -205,7 +206,7 @@ def test_openai_request_translates():
 
 
 @pytest.mark.parametrize(
-    "extra", [{"n": 2}, {"logprobs": True}, {"response_format": {"type": "json_object"}}, {"functions": []}, {"logit_bias": {"x": 1}}]
+    "extra", [{"n": 2}, {"logprobs": True}, {"response_format": {"type": "json_schema"}}, {"functions": []}, {"logit_bias": {"x": 1}}]
 )
 def test_openai_refuses_what_it_cannot_do(extra):
     with pytest.raises(ApiError) as caught:
@@ -271,3 +272,38 @@ def test_a_signature_with_any_characters_is_just_not_ours():
 
     assert signed("hm", sign("hm"))
     assert not signed("hm", "\x80 not ascii")
+
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}}
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        ({}, None),
+        ({"response_format": {"type": "text"}}, None),
+        ({"response_format": {"type": "json_object"}}, Constraint("json_object", {"type": "object"})),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA, "strict": False}}},
+         Constraint("json_schema", SCHEMA)),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": SCHEMA, "strict": True}},
+                    {"type": "function", "function": {"name": "g"}}]}, Constraint(strict_tools=["f"])),
+    ],
+    ids=["none", "text", "json_object", "json_schema", "strict_tool"],
+)
+def test_openai_structured_output(extra, expected):
+    assert openai_request(messages=[{"role": "user", "content": "q"}], **extra).constraint == expected
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        ({"output_config": {"effort": "high"}}, None),
+        ({"output_config": {"format": {"type": "json_schema", "schema": SCHEMA}}}, Constraint("json_schema", SCHEMA)),
+        ({"output_format": {"type": "json_schema", "schema": SCHEMA}}, Constraint("json_schema", SCHEMA)),
+        ({"tools": [{"name": "f", "input_schema": SCHEMA, "strict": True}, {"name": "g", "input_schema": SCHEMA}]},
+         Constraint(strict_tools=["f"])),
+    ],
+    ids=["effort_only", "output_config", "beta_output_format", "strict_tool"],
+)
+def test_anthropic_structured_output(extra, expected):
+    assert anthropic_request(messages=[{"role": "user", "content": "q"}], **extra).constraint == expected

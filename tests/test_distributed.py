@@ -21,7 +21,7 @@ from mlx_tui.engine.disk_cache import read_metadata
 from mlx_tui.engine.demo.conversations import CONVERSATIONS
 from mlx_tui.engine.group import CONNECT_TIMEOUT
 from mlx_tui.engine.events import Done, Error, RawText, Started, TextDelta, ToolCallEnd
-from mlx_tui.engine.request import Request, Sampling
+from mlx_tui.engine.request import Constraint, Request, Sampling
 
 BY_NAME = {c["name"]: c for c in CONVERSATIONS}
 
@@ -102,6 +102,27 @@ def test_greedy_output_is_the_same_as_one_rank(loop, engine, group, name):
     assert [(e.name, e.arguments) for e in two if isinstance(e, ToolCallEnd)] == [
         (e.name, e.arguments) for e in one if isinstance(e, ToolCallEnd)
     ]
+    assert isinstance(two[-1], Done) and two[-1].stop_reason == one[-1].stop_reason
+
+
+RECORD = {
+    "type": "object", "properties": {"name": {"type": "string", "maxLength": 12}, "n": {"type": "integer", "minimum": 3, "maximum": 300}},
+    "required": ["name", "n"], "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"constraint": Constraint("json_schema", RECORD)}, {"tool_choice": "get_time"}],
+    ids=["json_schema", "forced_call"],
+)
+def test_constrained_output_is_the_same_as_one_rank(loop, engine, group, changes):
+    """Every rank applies the same mask: a rank that did not would sample other tokens, and its KV (hence the
+    all-reduced logits) would part from one rank's run."""
+    request = request_for("weather_paris" if "tool_choice" in changes else "greeting", **changes)
+    one, two = (loop.run(collect(e, request)) for e in (engine, group))
+    assert started(two).constraint and started(two).constraint == started(one).constraint
+    assert raw(two) == raw(one) and raw(one)
     assert isinstance(two[-1], Done) and two[-1].stop_reason == one[-1].stop_reason
 
 

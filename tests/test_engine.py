@@ -220,12 +220,15 @@ def test_prompt_longer_than_the_context_is_refused(loop, engine):
 
 
 @pytest.mark.parametrize("choice", ["required", "get_weather"])
-def test_tool_choice_forces_a_call_by_prefilling_its_markup(loop, engine, choice):
+def test_tool_choice_forces_a_call_under_a_grammar(loop, engine, choice):
     events = loop.run(collect(engine, request_for(BY_NAME["weather_tokyo"], tool_choice=choice)))
     calls = [(e.name, e.arguments) for e in events if isinstance(e, ToolCallEnd)]
     assert calls == [("get_weather", {"city": "Tokyo"})]
     assert events[-1].stop_reason == "tool_calls"
-    assert "<tool_call>" not in text(events, RawText), "the forced opening is prompt, not output"
+    assert text(events, RawText).startswith("<tool_call>"), "the grammar writes the whole call, its opening too"
+    assert len([e for e in events if isinstance(e, ToolCallDelta)]) > 1, "the arguments stream in pieces"
+    started = next(e for e in events if isinstance(e, Started))
+    assert "a call to get_weather" in started.constraint
 
 
 def test_tool_choice_none_leaves_the_tools_out(loop, engine):

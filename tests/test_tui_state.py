@@ -12,7 +12,8 @@ from mlx_tui.engine.transcripts import Transcripts
 from mlx_tui.tui.changes import Changes
 from mlx_tui.tui.chart import nice_ceiling
 from mlx_tui.tui.state import KEEP, State, TranscriptRecord, percentile
-from mlx_tui.tui.transcripts import SENT_TAIL, sent
+from mlx_tui.tui.requests import cells
+from mlx_tui.tui.transcripts import SENT_TAIL, raw, sent
 
 
 def request(id: str, phase: str, **data) -> dict:
@@ -63,6 +64,30 @@ async def test_transcript_records_match_the_recorders_shape():
         state.apply(event)
     assert state.transcripts["r1"].as_dict() == asdict(t)
     assert state.requests["r1"].tool_calls == 1
+
+
+@pytest.mark.asyncio
+async def test_a_constrained_request_is_marked_and_its_transcript_says_where_the_grammar_began():
+    bus = EventBus()
+    state = State()
+    recorder = Transcripts(bus, None)
+    t = recorder.open("r1", "openai", "", received=None)
+    recorder.record(t, Started(12, 0, "prompt", 0, "free until </think>, then a json_schema reply", "</think>"))
+    recorder.record(t, RawText("<think>\nhm\n"))
+    assert t.constrained_at is None, "still free"
+    recorder.record(t, RawText('</think>\n\n{"a": 1}'))
+    recorder.finish(t)
+    assert t.raw[t.constrained_at :] == '\n\n{"a": 1}'
+    state.apply(request("r1", "queued", source="openai"))
+    state.apply(request("r1", "prefill", prompt_tokens=12, cached_tokens=0, constraint=t.constraint))
+    for event in bus.recent:
+        state.apply(event)
+    record = state.transcripts["r1"]
+    assert record.as_dict() == asdict(t)
+    assert "bound by the grammar from character" in raw(record).plain
+    assert "◆" in cells(state.requests["r1"])[2].plain
+    state.apply(request("r2", "queued", source="openai"))
+    assert cells(state.requests["r2"])[2] == "openai", "a free request is not marked"
 
 
 @pytest.mark.asyncio

@@ -34,6 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e.add_argument("--loop-window", type=int, default=256, help="end a generation whose last N tokens repeat one span (0: off)")
     e.add_argument("--loop-max-period", type=int, default=64, help="the longest repeating span --loop-window looks for")
     e.add_argument("--tool-parser", help="an mlx-lm tool parser name, for models where none is found")
+    e.add_argument("--constrain-tools", action="store_true",
+                   help="bind every tool call the model starts to its tool's schema with a grammar (costs a mask per token)")
     e.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template file to use instead of the model's")
     e.add_argument("--blas", choices=("auto", "reference"), default="auto", help="auto: an optimised OpenBLAS on Linux where found")
     e.add_argument("--blas-threads", type=int, default=0, help="OpenBLAS threads in the worker (0: all cores but one)")
@@ -91,6 +93,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         loop_window=args.loop_window,
         loop_max_period=args.loop_max_period,
         tool_parser=args.tool_parser,
+        constrain_tools=args.constrain_tools,
         chat_template=args.chat_template,
         blas=args.blas,
         blas_threads=args.blas_threads,

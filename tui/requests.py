@@ -26,12 +26,19 @@ def result_cell(row: RequestRow) -> Text | str:
     return fmt.DASH
 
 
+def protocol_cell(row: RequestRow) -> Text | str:
+    """The protocol, marked ◆ when a grammar binds the reply (a schema, or forced or strict tool calls)."""
+    if not row.constraint:
+        return row.source or fmt.DASH
+    return Text.assemble(row.source or fmt.DASH, (" ◆", "magenta"))
+
+
 def cells(row: RequestRow) -> tuple:
     done = row.phase == "done"
     return (
         fmt.clock(row.received),
         fmt.short_id(row.id),
-        row.source or fmt.DASH,
+        protocol_cell(row),
         (row.client or fmt.DASH)[:18],
         phase_cell(row),
         fmt.number(row.prompt_tokens or None),
@@ -52,7 +59,7 @@ def update_row(table: DataTable, key: str, columns: tuple[str, ...], values: tup
 
 
 def matches(row: RequestRow, text: str) -> bool:
-    fields = (row.id, row.source, row.client, row.phase, row.stop_reason or "", row.error or "")
+    fields = (row.id, row.source, row.client, row.phase, row.stop_reason or "", row.error or "", row.constraint)
     return any(text in f.lower() for f in fields)
 
 

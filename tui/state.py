@@ -36,6 +36,7 @@ class RequestRow:
     note: str | None = None
     tool_calls: int = 0
     error: str | None = None
+    constraint: str = ""  # the grammar it runs under ("": none)
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -49,7 +50,7 @@ class TranscriptRecord(Transcript):
     complete: bool = True  # False when only its summary is known (attached after it began)
 
     def summarize(self, summary: dict):
-        for name in ("source", "client", "started", "prompt_tokens", "cached_tokens", "stop_reason", "error", "finished"):
+        for name in ("source", "client", "started", "prompt_tokens", "cached_tokens", "constraint", "stop_reason", "error", "finished"):
             if name in summary:
                 setattr(self, name, summary[name])
 
@@ -171,6 +172,7 @@ class State:
             row.cached_tokens = event.get("cached_tokens", row.cached_tokens)
             row.prefill_done = event.get("done", row.prefill_done)
             row.prefill_total = event.get("total", row.prefill_total)
+            row.constraint = event.get("constraint", row.constraint)
         elif phase == "done":
             for name in ("stop_reason", "note", "prompt_tokens", "cached_tokens", "generated_tokens", "ttft_s", "decode_s"):
                 setattr(row, name, event.get(name))
@@ -192,8 +194,9 @@ class State:
             record.received = event.get("received")
         elif step == "prompt":
             record.prompt, record.cached_chars = event["prompt"], event["cached_chars"]
+            record.constraint, record.constraint_from = event.get("constraint", ""), event.get("constraint_from", "")
         elif step == "raw":
-            record.raw += event["text"]
+            record.add_raw(event["text"])
         elif step == "tool_call":
             record.tool_calls.append(event["call"])
             if row := self.requests.get(id):

@@ -100,10 +100,11 @@ class TranscriptDetail(VerticalScroll):
             for section in ("received", *self.TITLES):
                 self.query_one(f"#section-{section}", Static).update("")
             return
-        self._section("summary", (t.id, t.stop_reason, t.error, t.finished, t.complete, len(t.tool_calls)), lambda: summary(t))
+        self._section("summary", (t.id, t.stop_reason, t.error, t.finished, t.complete, len(t.tool_calls), t.constraint),
+                      lambda: summary(t))
         self._section("received", (t.id, t.received is None), lambda: self._received(t))
         self._section("prompt", (t.id, len(t.prompt), t.cached_chars), lambda: prompt(t))
-        self._section("raw", (t.id, len(t.raw)), lambda: markup(t.raw) if t.raw else dim("nothing yet"))
+        self._section("raw", (t.id, len(t.raw)), lambda: raw(t))
         self._section("calls", (t.id, len(t.tool_calls), len(t.parse_errors)), lambda: calls(t))
         self._section("sent", (t.id, len(t.sent), t.finished), lambda: sent(t))
 
@@ -130,6 +131,8 @@ def summary(t: TranscriptRecord) -> Text:
     text.append(f"\n{t.prompt_tokens:,} prompt tokens, {t.cached_tokens:,} from the prefix cache · ")
     text.append(f"{len(t.tool_calls)} tool call{'' if len(t.tool_calls) == 1 else 's'} · ")
     text.append(*result(t))
+    if t.constraint:
+        text.append(f"\n◆ under a grammar: {t.constraint}", style="magenta")
     if not t.complete:
         text.append("\nonly its summary is known (it began before the dashboard attached)", style="yellow")
     return text
@@ -154,6 +157,18 @@ def prompt(t: TranscriptRecord) -> Text:
     text.stylize("on #1f3a2a", 0, t.cached_chars)
     note = f"▌ the first {t.cached_chars:,} characters came from the prefix cache (shaded)\n"
     return Text.assemble((note, "green"), text)
+
+
+def raw(t: TranscriptRecord) -> Text:
+    """The raw text, the part a grammar bound underlined."""
+    if not t.raw:
+        return dim("nothing yet")
+    text = markup(t.raw)
+    if t.constrained_at is None:
+        return text
+    text.stylize("underline", t.constrained_at)
+    note = f"▌ bound by the grammar from character {t.constrained_at:,} (underlined)\n"
+    return Text.assemble((note, "magenta"), text)
 
 
 def markup(raw: str) -> Text:

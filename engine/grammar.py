@@ -1,0 +1,305 @@
+"""Constrained decoding with llguidance: JSON schemas and tool-call markup turned into per-request token masks.
+
+A request's constraint becomes one Lark grammar (llguidance's dialect, with JSON schemas
+inlined as `%json`): free reasoning up to the end of `<think>` when the prompt opened it,
+then the reply (a JSON value, forced tool calls, or free text whose tool calls are bound
+once their markup begins). Compiled grammars are kept per grammar text; each request gets
+a copy of the compiled matcher and applies its mask as an mlx-lm logits processor with
+plain MLX operations, so it runs on the CPU backend and on Metal alike.
+"""
+
+import json
+import re
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import llguidance
+import llguidance.hf
+import llguidance.numpy
+import mlx.core as mx
+import numpy as np
+
+from .request import Request
+from .schemas import LIMITS, first_line, inline_json, tool_name, tool_schema
+
+FREE_TEXT = r"/(.|\n)*/"
+ANY_OBJECT = {"type": "object"}
+SHIFTS = mx.arange(32, dtype=mx.uint32)
+
+
+class GrammarError(ValueError):
+    """The constraint cannot be compiled; the message says why, for the client."""
+
+
+def literal(text: str) -> str:
+    return json.dumps(text)
+
+
+@dataclass(slots=True)
+class Writer:
+    """What a call format writes its grammar with: `markup(text)` (the model's special tokens where
+    the text holds them, else the text) and `rules`, where it adds any rule it needs."""
+
+    markup: Callable[[str], str]
+    rules: list[str]
+
+    def raw(self, low: int, high: int | None, close: str) -> str:
+        """Raw text of `low` to `high` characters, then `close`: it ends at the first `close`, as the parsers' regexes do."""
+        name = f"raw_{len(self.rules)}"
+        bounds = f"{{{low},{'' if high is None else high}}}"
+        closing = self.markup(close)
+        if "<[" in closing:  # free text never holds a special token: the token ends it
+            self.rules.append(f"{name}: /(.|\\n){bounds}/ {closing}")
+        else:
+            self.rules.append(f"{name}[lazy]: /(.|\\n){bounds}{regex_escape(close)}/")
+        return name
+
+
+# Call formats: the markup between a call's start and end tags, per `mlx_lm.tool_parsers` module.
+# Each takes the tool's name, its arguments' schema and a Writer, and returns a Lark expression.
+
+
+def json_tools_call(name: str, schema: dict, w: Writer) -> str:
+    """Hermes style: `{"name": ..., "arguments": {...}}` on its own line."""
+    head = w.markup(f'\n{{"name": {json.dumps(name)}, "arguments": ')
+    return f"{head} {inline_json(schema)} {w.markup('}' + chr(10))}"
+
+
+def xml_value(schema: dict, close: str, w: Writer) -> str:
+    """One parameter's value up to and including `close`: raw text for strings, JSON otherwise (as the parsers read them)."""
+    if isinstance(schema.get("const"), str):
+        return f"{literal(schema['const'])} {w.markup(close)}"
+    if "enum" in schema and all(isinstance(v, str) for v in schema["enum"]):
+        return "(" + " | ".join(literal(v) for v in schema["enum"]) + f") {w.markup(close)}"
+    if schema.get("type") == "string":
+        if {"pattern", "format"} & schema.keys() and not (schema.get("x-guidance") or {}).get("lenient"):
+            raise GrammarError("a string parameter's pattern or format cannot be bound in this tool-call format")
+        return w.raw(schema.get("minLength", 0), schema.get("maxLength"), close)
+    return f"{inline_json(schema)} {w.markup(close)}"
+
+
+def regex_escape(text: str) -> str:
+    return "".join("\\" + c if c in r"\.+*?()|[]{}^$/-" else c.replace("\n", "\\n") for c in text)
+
+
+def xml_parameters(schema: dict, open_: Callable[[str], str], close: str, w: Writer) -> str:
+    """Every declared parameter in order, each optional unless required; `open_(name)` is its opening markup."""
+    required = set(schema.get("required", []))
+    parts = []
+    guidance = {"x-guidance": schema["x-guidance"]} if "x-guidance" in schema else {}
+    for key, sub in (schema.get("properties") or {}).items():
+        sub = {**sub, **guidance} if isinstance(sub, dict) else {}
+        part = f"{w.markup(open_(key))} {xml_value(sub, close, w)}"
+        parts.append(f"({part})" if key in required else f"({part})?")
+    return " ".join(parts) or '""'
+
+
+def qwen3_coder_call(name: str, schema: dict, w: Writer) -> str:
+    """Qwen3-Coder XML: `<function=NAME>` then `<parameter=KEY>` blocks, string values raw."""
+    params = xml_parameters(schema, lambda key: f"<parameter={key}>\n", "\n</parameter>\n", w)
+    return f"{w.markup(chr(10) + f'<function={name}>' + chr(10))} {params} {w.markup('</function>' + chr(10))}"
+
+
+def glm47_call(name: str, schema: dict, w: Writer) -> str:
+    """GLM-4.7: the name, then `<arg_key>`/`<arg_value>` pairs, string values raw."""
+    params = xml_parameters(schema, lambda key: f"<arg_key>{key}</arg_key>\n<arg_value>", "</arg_value>\n", w)
+    return f"{w.markup(name + chr(10))} {params}"
+
+
+def minimax_m2_call(name: str, schema: dict, w: Writer) -> str:
+    """MiniMax-M2: `<invoke name=...>` with `<parameter name=...>` children, string values raw."""
+    params = xml_parameters(schema, lambda key: f'<parameter name="{key}">', "</parameter>\n", w)
+    head = w.markup(f"\n<invoke name={json.dumps(name)}>\n")
+    return f"{head} {params} {w.markup('</invoke>' + chr(10))}"
+
+
+def kimi_k2_call(name: str, schema: dict, w: Writer) -> str:
+    """Kimi-K2: one call in the section, `functions.NAME:0` and its JSON arguments."""
+    head = w.markup(f"<|tool_call_begin|>functions.{name}:0<|tool_call_argument_begin|>")
+    return f"{head} {inline_json(schema)} {w.markup('<|tool_call_end|>')}"
+
+
+FORMATS: dict[str, Callable[[str, dict, Writer], str]] = {
+    "json_tools": json_tools_call,
+    "qwen3_coder": qwen3_coder_call,
+    "glm47": glm47_call,
+    "laguna": glm47_call,
+    "minimax_m2": minimax_m2_call,
+    "kimi_k2": kimi_k2_call,
+}
+
+
+def masked(logits: mx.array, bitmask: np.ndarray) -> mx.array:
+    """`logits` with every token the bitmask (llguidance's: one bit a token, 32 a word) leaves out at -inf."""
+    words = mx.array(bitmask).view(mx.uint32)
+    allowed = ((words[..., None] >> SHIFTS) & 1).reshape(words.shape[0], -1)[:, : logits.shape[-1]]
+    if (short := logits.shape[-1] - allowed.shape[-1]) > 0:  # logits past the tokenizer's vocabulary: never allowed
+        allowed = mx.pad(allowed, [(0, 0), (0, short)])
+    return mx.where(allowed.astype(mx.bool_), logits, mx.array(-mx.inf, dtype=logits.dtype))
+
+
+class GrammarProcessor:
+    """An mlx-lm logits processor holding one request's matcher.
+
+    Called once a step with the tokens so far (the last one sampled at the step before) and
+    the step's logits, still lazy: it starts the model's step, feeds the matcher that last
+    token and computes the next mask while the step runs, then masks the logits.
+    """
+
+    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int, eos: list[int], description: str, begins: str):
+        self.matcher = matcher
+        self.eos = eos
+        self.description = description
+        self.begins = begins  # the markup after which the grammar binds ("": from the first token)
+        self.bitmask = llguidance.numpy.allocate_token_bitmask(1, vocab_size)
+        self.first = True
+        self.error = ""
+
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        mx.async_eval(logits)
+        if not self.first and not self.error and not self.matcher.consume_token(int(tokens[-1].item())):
+            self.error = self.matcher.get_error()
+        self.first = False
+        if not self.error:
+            llguidance.numpy.fill_next_token_bitmask(self.matcher, self.bitmask)
+            self.error = self.matcher.get_error()
+        if self.error:  # only an end is left: the reply stops here rather than leave the grammar
+            self.bitmask[:] = 0
+            for t in self.eos:
+                self.bitmask[0, t // 32] |= np.int32(np.uint32(1 << (t % 32)).view(np.int32))
+        return masked(logits, self.bitmask)
+
+
+class Grammars:
+    """Builds each request's grammar for one model's tokenizer and call format; caches compiled grammars.
+
+    `think` and `tool` are the template's (start, end) tags or None; `parser` the name of its
+    `mlx_lm.tool_parsers` module; `constrain_tools` binds every call the model starts on its own.
+    """
+
+    CACHE = 64
+
+    def __init__(self, tokenizer, vocab_size: int, think, tool, parser: str | None, constrain_tools: bool = False):
+        self.eos = sorted(tokenizer.eos_token_ids)
+        self.unavailable = ""  # why this tokenizer cannot be constrained ("" when it can)
+        try:
+            self.tokenizer = llguidance.hf.from_tokenizer(tokenizer._tokenizer, n_vocab=vocab_size, eos_token=self.eos)
+        except Exception as e:  # only Hugging Face fast tokenizers are supported
+            self.tokenizer, self.unavailable = None, f"{type(e).__name__}: {e}"
+        added = getattr(tokenizer._tokenizer, "added_tokens_decoder", {}) if self.tokenizer else {}
+        self.specials = {t.content: i for i, t in added.items() if self.tokenizer.is_special_token(i)}
+        pattern = "|".join(re.escape(t) for t in sorted(self.specials, key=len, reverse=True))
+        self.special_re = re.compile(f"({pattern})") if pattern else None
+        self.think = think
+        self.tool = tool
+        self.parser = parser
+        self.call = FORMATS.get(parser or "") if tool and self.tokenizer else None
+        self.constrain_tools = constrain_tools
+        self.limits = llguidance.LLParserLimits(**LIMITS)
+        self.compiled: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
+
+    @property
+    def forces_calls(self) -> bool:
+        """Whether a forced call is generated under a grammar (else the prompt starts its markup)."""
+        return self.call is not None
+
+    def markup(self, text: str) -> str:
+        """Fixed markup as Lark elements: the model's special tokens where the text holds one, the text elsewhere.
+
+        A special token is never written out as text, so markup made of them must name them.
+        """
+        parts = self.special_re.split(text) if self.special_re else [text]
+        elements = [f"<[{self.specials[p]}]>" if p in self.specials else literal(p) for p in parts if p]
+        return " ".join(elements) or '""'
+
+    def grammar(self, request: Request, reasoning: bool) -> tuple[str, str, str] | None:
+        """The request's Lark grammar, a line describing it and the markup after which it binds; None when nothing binds it."""
+        constraint = request.constraint
+        tools = request.tools if request.tool_choice != "none" else None
+        strict = set(constraint.strict_tools) if constraint and tools else set()
+        if self.unavailable and (strict or (constraint and constraint.format)):
+            raise GrammarError(f"structured output is not available for this model's tokenizer ({self.unavailable})")
+        if strict and self.call is None:
+            name = self.parser or "none"
+            raise GrammarError(f"strict tools need a grammar for this model's tool-call format ({name}), which has none here")
+        reply = constraint.schema if constraint and constraint.format else None
+        forced = bool(tools) and request.tool_choice != "auto" and self.call is not None
+        lazy = bool(tools) and not forced and self.call is not None and (self.constrain_tools or bool(strict))
+        if reply is None and not forced and not lazy:
+            return None
+        rules, what = [], []
+        head = begins = ""
+        # reasoning stays free: to the end of the block the prompt opened, or of one the model opens when asked to think
+        if self.think and (reasoning or request.enable_thinking):
+            rules.append(f"think: {FREE_TEXT} {self.markup(self.think[1])} /[ \\n]{{0,4}}/")
+            head = "think " if reasoning else f"({self.markup(self.think[0])} think)? "
+            begins = self.think[1]
+            what.append(f"free until {self.think[1]}" if reasoning else f"free inside {self.think[0]}{self.think[1]}")
+        calls = 'call ("\\n" call)*'
+        if forced:
+            chosen = [t for t in tools if request.tool_choice == "required" or tool_name(t) == request.tool_choice]
+            rules += self.call_rules(chosen, lambda t: True, strict)
+            body = calls
+            what.append(f"a call to {'/'.join(tool_name(t) for t in chosen)} ({self.parser})")
+        elif reply is not None:
+            rules.append(f"reply: {inline_json(reply)}")
+            body = "reply"
+            what.append(f"a {constraint.format} reply")
+            if tools and self.call is not None:  # or the model's calls instead of the reply
+                rules += self.call_rules(tools, lambda t: self.constrain_tools or tool_name(t) in strict, strict)
+                body = f"reply | {calls}"
+                what[-1] += f" or calls ({self.parser})"
+        else:
+            rules += self.call_rules(tools, lambda t: self.constrain_tools or tool_name(t) in strict, strict)
+            start = self.markup(self.tool[0])
+            lazy_mark = "" if "<[" in start else "[lazy]"  # a special token ends free text by itself
+            rules.append(f"text_then_call{lazy_mark}: {FREE_TEXT} {start}")
+            body = f"(text_then_call call_body)* {FREE_TEXT}"
+            begins = begins or self.tool[0]
+            bound = "every call" if self.constrain_tools else "calls to " + "/".join(sorted(strict))
+            what.append(f"free text; {bound} bound from {self.tool[0]} ({self.parser})")
+        return "\n".join([f"start: {head}{body}", *rules]), ", then ".join(what), begins
+
+    def call_rules(self, tools: list[dict], bound: Callable[[dict], bool], strict: set[str]) -> list[str]:
+        """`call` (a whole call, tags included) and `call_body` (after the start tag) for these tools.
+
+        A tool's arguments follow its schema where `bound`, any object elsewhere; keywords
+        llguidance lacks are refused only for the `strict` tools, and ignored for the rest.
+        """
+        names = [f"call_{i}" for i in range(len(tools))]
+        w = Writer(self.markup, [f"call_body: {' | '.join(names)}", f"call: {self.markup(self.tool[0])} call_body"])
+        for name, tool in zip(names, tools):
+            schema = tool_schema(tool) if bound(tool) else ANY_OBJECT
+            if tool_name(tool) not in strict:
+                schema = {**schema, "x-guidance": {"lenient": True, **(schema.get("x-guidance") or {})}}
+            w.rules.append(f"{name}: {self.call(tool_name(tool), schema, w)} {self.markup(self.tool[1])}")
+        return w.rules
+
+    def processor(self, request: Request, reasoning: bool) -> GrammarProcessor | None:
+        """The request's logits processor, or None when nothing binds it; GrammarError when its grammar fails."""
+        try:
+            found = self.grammar(request, reasoning)
+        except RecursionError:
+            raise GrammarError("the schema cannot be used: it is nested too deeply") from None
+        if found is None:
+            return None
+        lark, description, begins = found
+        return GrammarProcessor(self.compile(lark).deep_copy(), self.tokenizer.vocab_size, self.eos, description, begins)
+
+    def compile(self, lark: str) -> llguidance.LLMatcher:
+        if (matcher := self.compiled.get(lark)) is not None:
+            self.compiled.move_to_end(lark)
+            return matcher
+        grammar = llguidance.LLMatcher.grammar_from_lark(lark)
+        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer, limits=self.limits)
+        if failed:
+            raise GrammarError(f"the schema cannot be used: {first_line(messages[0])}")
+        matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0, limits=self.limits)
+        if matcher.is_error():
+            raise GrammarError(f"the schema cannot be used: {first_line(matcher.get_error())}")
+        self.compiled[lark] = matcher
+        if len(self.compiled) > self.CACHE:
+            self.compiled.popitem(last=False)
+        return matcher
+
