@@ -24,7 +24,7 @@ from mlx_tui.engine import events as ev
 from mlx_tui.engine.request import Request as EngineRequest
 from mlx_tui.engine.request import Sampling
 
-from . import serving
+from . import serving, structured
 from .anthropic import sign, signed
 from .errors import KIND_STATUS, ApiError, openai_error, openai_status
 from .responses_models import (
@@ -61,6 +61,7 @@ class Target:
     name: str
     namespace: str | None = None
     custom: bool = False
+    strict: bool = False
 
 
 # Request: Responses → the engine's chat-template shape.
@@ -79,8 +80,16 @@ def to_request(body: ResponsesRequest, client: str = "") -> tuple[EngineRequest,
         enable_thinking=enable_thinking(body),
         source="responses",
         client=client,
+        constraint=constraint(body, targets),
     )
     return request, targets
+
+
+def constraint(body: ResponsesRequest, targets: dict[str, Target]):
+    """`text.format` and function tools marked `strict` (absent means not strict here: binding costs, so it is asked for)."""
+    fmt = body.text and body.text.format
+    strict = [name for name, target in targets.items() if target.strict]
+    return structured.constraint(fmt and fmt.type, fmt and fmt.schema_, strict, "text.format.schema")
 
 
 def enable_thinking(body: ResponsesRequest) -> bool | None:
@@ -96,11 +105,6 @@ def refuse_unsupported(body: ResponsesRequest):
         "previous_response_id": body.previous_response_id is not None and kept,
         "conversation": body.conversation is not None and kept,
         "background": body.background and "background responses are not supported; stream instead",
-        # Structured output: where `text.format` json_schema / json_object will be honoured.
-        "text.format": body.text
-        and body.text.format
-        and body.text.format.type != "text"
-        and "structured output is not yet supported on this route; use text",
     }
     for name, problem in problems.items():
         if problem:
@@ -124,7 +128,7 @@ def offer(tools: list) -> tuple[list[dict], dict[str, Target]]:
         name = tool.name if namespace is None or tool.name not in taken else f"{namespace}__{tool.name}"
         taken.add(name)
         custom = isinstance(tool, CustomTool)
-        targets[name] = Target(tool.name, namespace, custom)
+        targets[name] = Target(tool.name, namespace, custom, not custom and bool(tool.strict))
         parameters = CUSTOM_SCHEMA if custom else tool.parameters or EMPTY_SCHEMA
         schema = {"name": name} | ({"description": tool.description} if tool.description else {}) | {"parameters": parameters}
         schemas.append({"type": "function", "function": schema})

@@ -129,6 +129,7 @@ class FunctionTool(Model):
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = None
+    strict: bool | None = None
 
 
 class CustomTool(Model):
@@ -186,6 +187,10 @@ class ReasoningSettings(Model):
 
 class TextFormat(Model):
     type: Literal["text", "json_schema", "json_object"]
+    name: str | None = None
+    description: str | None = None
+    schema_: Any = Field(None, alias="schema")
+    strict: bool | None = None
 
 
 class TextSettings(Model):

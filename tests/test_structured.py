@@ -143,6 +143,43 @@ def test_anthropic_output_format_replies_validate(anthropic_client, stream, sche
     check_batch(together(ask, schemas), schemas, "end_turn")
 
 
+def responses_reply(client, stream: bool, **body) -> tuple[str, str, list]:
+    """The reply's text, status and calls (name, arguments JSON), through the Responses API."""
+    body = {"model": "any", "input": USER, "max_output_tokens": MAX_TOKENS, "temperature": 0} | body
+    if stream:  # the SDK's get_final_response() takes only `response.completed`, and a reply may be cut
+        with client.responses.stream(**body) as events:
+            ends = [e.response for e in events if e.type in ("response.completed", "response.incomplete")]
+        [response] = ends
+    else:
+        response = client.responses.create(**body)
+    calls = [(item.name, item.arguments) for item in response.output if item.type == "function_call"]
+    return response.output_text, response.status, calls
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@SETTINGS
+@given(schemas=st.lists(objects(), min_size=BATCH, max_size=BATCH))
+def test_responses_text_format_replies_validate(openai_client, stream, schemas):
+    def ask(schema):
+        fmt = {"type": "json_schema", "name": "item", "schema": schema, "strict": True}
+        return responses_reply(openai_client, stream, text={"format": fmt})[:2]
+
+    check_batch(together(ask, schemas), schemas, "completed")
+
+
+def test_responses_strict_tools_bind_the_models_own_call(openai_client):
+    """A strict function tool binds the call the demo model makes by itself; absent `strict`, it does not."""
+    def tools(strict: bool) -> list[dict]:
+        return [{"type": "function", **t["function"]} for t in weather_tools(strict)]
+
+    ask = BY_NAME["weather_paris"]["messages"][:-1]
+    _, _, bound = responses_reply(openai_client, False, input=ask, tools=tools(True))
+    _, _, free = responses_reply(openai_client, False, input=ask, tools=tools(False))
+    jsonschema.validate(json.loads(bound[0][1]), ONLY_ROME)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(json.loads(free[0][1]), ONLY_ROME)
+
+
 def tool(schema: dict, strict: bool = False) -> dict:
     return {"type": "function", "function": {"name": "record", "parameters": schema} | ({"strict": True} if strict else {})}
 
@@ -239,6 +276,10 @@ def test_bad_schemas_get_a_400_in_each_protocol(server, schema, message):
     answer = httpx.post(f"{server.url}/v1/messages", json=anthropic_body, timeout=60)
     error = answer.json()["error"]
     assert answer.status_code == 400 and error["type"] == "invalid_request_error" and message in error["message"]
+    responses_body = {"model": "any", "input": "Describe the item.",
+                      "text": {"format": {"type": "json_schema", "name": "x", "schema": schema}}}
+    answer = httpx.post(f"{server.url}/v1/responses", json=responses_body, timeout=60)
+    assert answer.status_code == 400 and message in answer.json()["error"]["message"], answer.text
 
 
 def test_a_strict_tool_with_a_bad_schema_is_named_in_its_400(server):
