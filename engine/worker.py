@@ -3,13 +3,7 @@
 Started as `python -m mlx_tui.engine.worker HOST:PORT [BACKEND]` with the auth key in
 `MLX_TUI_AUTHKEY` (in a group: on the first line of stdin, which mlx.launch passes on);
 it connects back to the front process, receives its settings, loads the model and then
-serves requests until told to stop or disconnected.
-
-Front to worker: ("config", EngineConfig), ("submit", rid, Request), ("cancel", rid),
-("count", rid, Request), ("stats", rid), ("stop",).
-Worker to front: ("progress", phase, fraction), ("ready", info), ("fatal", message),
-("events", [(rid, event), ...]), ("reply", rid, value), ("failure", message) for a
-failed batched step (the breaker counts it).
+serves requests until told to stop or disconnected. The messages are in `protocol.py`.
 
 Started by `mlx.launch`, every rank runs this module: rank 0 connects back and serves,
 the others follow the steps it shares (see `group.py`).
@@ -21,16 +15,35 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
+from collections.abc import Callable
 from multiprocessing.connection import Client, Connection
+from pathlib import Path
+from typing import Any
 
 from . import group as ranks
 from .config import EngineConfig
 from .disk_cache import DiskCache
 from .events import Error
-from .loader import ModelError, load
+from .loader import Loaded, ModelError, load
 from .prefix_cache import PrefixCache
-from .scheduler import RequestError, Scheduler, kv_bytes_per_token
+from .protocol import (
+    STEP_MESSAGES,
+    Cancel,
+    Configure,
+    CountTokens,
+    Events,
+    Fatal,
+    GetStats,
+    LoadProgress,
+    Ready,
+    Reply,
+    Step,
+    StepFailed,
+    Stop,
+    Submit,
+    ToWorker,
+)
+from .scheduler import RequestError, Scheduler, Tagged, kv_bytes_per_token
 
 
 def read_inbox(conn: Connection, inbox: queue.Queue):
@@ -39,11 +52,7 @@ def read_inbox(conn: Connection, inbox: queue.Queue):
         while True:
             inbox.put(conn.recv())
     except (EOFError, OSError):
-        inbox.put(("stop",))
-
-
-# The messages that change what the batch does; in a group every rank applies them.
-STEP_MESSAGES = ("submit", "cancel", "stop")
+        inbox.put(Stop())
 
 
 def serve(conn: Connection, scheduler: Scheduler, group=None, clock: ranks.Clock | None = None):
@@ -55,33 +64,34 @@ def serve(conn: Connection, scheduler: Scheduler, group=None, clock: ranks.Clock
             messages.append(inbox.get_nowait())
         if group is not None:
             share_step(group, clock, messages, scheduler.busy)
-        events = []
+        events: list[Tagged] = []
         for message in messages:
-            if message[0] == "stop":
+            if isinstance(message, Stop):
                 return
             events += handle(message, scheduler, conn)
         if scheduler.busy:
             events += scheduler.step()
         while scheduler.failures:  # first, so the breaker has counted it before anyone sees the error
-            conn.send(("failure", scheduler.failures.pop(0)))
+            conn.send(StepFailed(scheduler.failures.pop(0)))
         if events:
-            conn.send(("events", events))
+            conn.send(Events(events))
 
 
-def share_step(group, clock: ranks.Clock, messages: list, busy: bool):
+def share_step(group, clock: ranks.Clock, messages: list[ToWorker], busy: bool):
     """Share the step's decisions and clock with the other ranks (queries are answered here alone)."""
-    decisions = [m for m in messages if m[0] in STEP_MESSAGES]
+    decisions = [m for m in messages if isinstance(m, STEP_MESSAGES)]
     if decisions or busy:
         clock.now = time.monotonic()
-        ranks.share(group, (clock.now, decisions))
+        ranks.share(group, Step(clock.now, decisions))
 
 
 def follow(scheduler: Scheduler, group, clock: ranks.Clock):
     """A rank other than 0: run the steps rank 0 shares, discarding the events (rank 0 sends them)."""
     while True:
-        clock.now, decisions = ranks.share(group)
-        for message in decisions:
-            if message[0] == "stop":
+        step: Step = ranks.share(group)
+        clock.now = step.now
+        for message in step.decisions:
+            if isinstance(message, Stop):
                 return
             handle(message, scheduler, None)
         if scheduler.busy:
@@ -89,97 +99,123 @@ def follow(scheduler: Scheduler, group, clock: ranks.Clock):
         scheduler.failures.clear()
 
 
-def handle(message: tuple, scheduler: Scheduler, conn: Connection | None) -> list:
-    kind, rid, *rest = message
-    if kind == "submit":
-        return scheduler.submit(rid, rest[0])
-    if kind == "cancel":
-        scheduler.cancel(rid)
-    elif kind == "count":
-        try:
-            conn.send(("reply", rid, scheduler.count_tokens(rest[0])))
-        except RequestError as e:
-            conn.send(("reply", rid, Error("invalid_request", str(e))))
-    elif kind == "stats":
-        conn.send(("reply", rid, scheduler.stats()))
+def handle(message: ToWorker, scheduler: Scheduler, conn: Connection | None) -> list[Tagged]:
+    """Apply one message; the events of a submission, replies to queries sent at once."""
+    match message:
+        case Submit(request_id, request):
+            return scheduler.submit(request_id, request)
+        case Cancel(request_id):
+            scheduler.cancel(request_id)
+        case CountTokens(call, request):
+            try:
+                reply = Reply(call, scheduler.count_tokens(request))
+            except RequestError as e:
+                reply = Reply(call, Error("invalid_request", str(e)))
+            conn.send(reply)
+        case GetStats(call):
+            conn.send(Reply(call, scheduler.stats()))
     return []
 
 
 def main(argv: list[str] = sys.argv[1:]) -> int:
-    # The front process decides when the worker stops ("stop", or its connection closing): a
-    # Ctrl-C or SIGTERM sent to the whole process group must not cut the requests it lets finish.
+    ignore_signals()
+    rank = ranks.launch_rank()
+    conn, config = connect(argv[0]) if not rank else (None, None)
+    group = join_group(rank, argv[1], conn, config) if rank is not None else None
+    if group is not None:
+        config = ranks.share(group, config if conn else None)
+    loaded = load_model(config, conn, group, rank)
+    if loaded is None:
+        return 1
+    disk = disk_tier(config, loaded, group)
+    clock = ranks.Clock() if group else time.monotonic
+    scheduler = Scheduler(loaded, config, prefix_cache(config, loaded, disk, group, clock))
+    members = group_members(group, loaded)
+    if conn is None:
+        follow(scheduler, group, clock)
+    else:
+        conn.send(Ready(ready_info(loaded, scheduler, members)))
+        serve(conn, scheduler, group, clock)
+    if disk:
+        disk.flush()
+    return 0
+
+
+def ignore_signals():
+    """The front process decides when the worker stops (Stop, or its connection closing): a Ctrl-C
+    or SIGTERM sent to the whole process group must not cut the requests it lets finish."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    rank = ranks.launch_rank()
-    conn = None
-    if not rank:
-        host, port = argv[0].rsplit(":", 1)
-        authkey = bytes.fromhex(os.environ.pop("MLX_TUI_AUTHKEY", None) or sys.stdin.readline().strip())
-        conn = Client((host, int(port)), authkey=authkey)
-        kind, config = conn.recv()
-        assert kind == "config" and isinstance(config, EngineConfig)
-    group = None
-    if rank is not None:
-        on_timeout = (lambda: conn.send(("fatal", unmet(config)))) if conn else (lambda: None)
-        group = ranks.init(argv[1], on_timeout)
-        ranks.heartbeat(rank)
-        config = ranks.share(group, config if conn else None)
 
-    def progress(phase: str, fraction: float):
-        if conn:
-            conn.send(("progress", phase, fraction))
 
+def connect(address: str) -> tuple[Connection, EngineConfig]:
+    """Connect back to the front process and receive the settings."""
+    host, port = address.rsplit(":", 1)
+    authkey = bytes.fromhex(os.environ.pop("MLX_TUI_AUTHKEY", None) or sys.stdin.readline().strip())
+    conn = Client((host, int(port)), authkey=authkey)
+    message = conn.recv()
+    assert isinstance(message, Configure)
+    return conn, message.config
+
+
+def join_group(rank: int, backend: str, conn: Connection | None, config: EngineConfig | None):
+    """Meet the other ranks (rank 0 tells the front process if they do not come) and start this rank's heartbeat."""
+    on_timeout = (lambda: conn.send(Fatal(unmet(config)))) if conn else (lambda: None)
+    group = ranks.init(backend, on_timeout)
+    ranks.heartbeat(rank)
+    return group
+
+
+def load_model(config: EngineConfig, conn: Connection | None, group, rank: int | None) -> Loaded | None:
+    """The model, its loading reported to the front process; None (and the reason sent or printed) if it failed."""
+    progress: Callable[[str, float], None] = (lambda phase, fraction: conn.send(LoadProgress(phase, fraction))) if conn \
+        else (lambda phase, fraction: None)
     try:
-        loaded = load(
+        return load(
             config.model, progress, config.tool_parser, config.chat_template,
             group=group, shard=config.shard, dtype=config.dtype,
         )
     except ModelError as e:
         if conn:
-            conn.send(("fatal", str(e)))
+            conn.send(Fatal(str(e)))
         else:
             print(f"rank {rank}: {e}", file=sys.stderr)
-        return 1
-    disk = None
-    if config.cache_dir:
-        where = (Path(config.cache_dir) / loaded.identity, int(config.cache_disk_gb * 2**30), loaded.identity)
-        disk = ranks.GroupDiskCache(group, *where) if group else DiskCache(*where)
-    clock = ranks.Clock() if group else time.monotonic
+        return None
+
+
+def disk_tier(config: EngineConfig, loaded: Loaded, group) -> DiskCache | None:
+    if not config.cache_dir:
+        return None
+    where = (Path(config.cache_dir) / loaded.identity, int(config.cache_disk_gb * 2**30), loaded.identity)
+    return ranks.GroupDiskCache(group, *where) if group else DiskCache(*where)
+
+
+def prefix_cache(config: EngineConfig, loaded: Loaded, disk: DiskCache | None, group, clock) -> PrefixCache:
     per_token = kv_bytes_per_token(loaded.model)  # the whole model's, the same on every rank (0: unknown)
     if group and per_token:
-        cache = PrefixCache(ranks.cache_budget(group, config.cache_ram_bytes, per_token), disk, clock, per_token)
-    else:
-        cache = PrefixCache(config.cache_ram_bytes, disk, clock)
-    scheduler = Scheduler(loaded, config, cache)
-    members = {}
-    if group is not None:
-        ranks.seed(group)
-        members = {"ranks": ranks.gather(group, ranks.describe(group)), "shard": loaded.shard}
-    if conn is None:
-        follow(scheduler, group, clock)
-        if disk:
-            disk.flush()
-        return 0
-    tokenizer = loaded.tokenizer
-    conn.send(
-        (
-            "ready",
-            {
-                "pid": os.getpid(),
-                "context_length": loaded.context_length,
-                "dtype": loaded.dtype,
-                "dtype_note": loaded.dtype_note,
-                "tool_parser": scheduler.parser_name,
-                "thinking": scheduler.think is not None,
-                "eos": sorted(tokenizer.eos_token_ids),
-                **members,
-            },
-        )
-    )
-    serve(conn, scheduler, group, clock)
-    if disk:
-        disk.flush()
-    return 0
+        return PrefixCache(ranks.cache_budget(group, config.cache_ram_bytes, per_token), disk, clock, per_token)
+    return PrefixCache(config.cache_ram_bytes, disk, clock)
+
+
+def group_members(group, loaded: Loaded) -> dict[str, Any]:
+    """Every rank's host and pid and how the model is split; seeds the ranks alike."""
+    if group is None:
+        return {}
+    ranks.seed(group)
+    return {"ranks": ranks.gather(group, ranks.describe(group)), "shard": loaded.shard}
+
+
+def ready_info(loaded: Loaded, scheduler: Scheduler, members: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "pid": os.getpid(),
+        "context_length": loaded.context_length,
+        "dtype": loaded.dtype,
+        "dtype_note": loaded.dtype_note,
+        "tool_parser": scheduler.parser_name,
+        "thinking": scheduler.think is not None,
+        "eos": sorted(loaded.tokenizer.eos_token_ids),
+        **members,
+    }
 
 
 def unmet(config: EngineConfig) -> str:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Client, Listener
 
 from .config import EngineConfig, hostfile_hosts
+from .protocol import Configure, FromWorker, ToWorker
 
 
 class WorkerProcess:
@@ -28,7 +29,7 @@ class WorkerProcess:
     def __init__(
         self,
         env: dict[str, str],
-        on_message: Callable[[tuple], None],
+        on_message: Callable[[FromWorker], None],
         on_output: Callable[[str], None],
         on_exit: Callable[[int], None],
     ):
@@ -82,11 +83,11 @@ class WorkerProcess:
             conn.close()
             return False
         self.conn = conn
-        self.send(("config", config))
+        self.send(Configure(config))
         threading.Thread(target=self._read, args=(loop, conn), daemon=True).start()
         return True
 
-    def send(self, message: tuple):
+    def send(self, message: ToWorker):
         try:
             if self.conn is not None:
                 self.conn.send(message)
