@@ -65,11 +65,13 @@ class Supervisor:
 
     def dispatch(self, message: FromWorker):
         """Act on one message from the worker."""
-        self._last_progress = time.monotonic()
         match message:
             case Events(events):
+                self._last_progress = time.monotonic()  # a request's progress: a token, a prefill step, an answer
                 self.inflight.deliver(events)
             case Reply(call, value):
+                if not self.inflight.streams:  # a query answered is progress only when no request waits
+                    self._last_progress = time.monotonic()
                 self.inflight.answer(call, value)
             case StepFailed(reason):
                 self.failure(reason)
@@ -151,7 +153,11 @@ class Supervisor:
             failures = 0 if await self.launch() else failures + 1
 
     async def watchdog(self):
-        """Kill a worker that has work but has sent nothing (no token, no prefill step) for too long."""
+        """Kill a worker that has work but whose requests have made no progress (no token, no prefill step) for too long.
+
+        The stats tick's replies do not count while requests run: a worker whose loop turns
+        while no request moves (a livelock) is stalled all the same.
+        """
         timeout = self.config.stall_timeout
         while True:
             await asyncio.sleep(min(timeout / 4, 1.0))

@@ -20,6 +20,7 @@ from multiprocessing.connection import Client, Connection
 from pathlib import Path
 from typing import Any
 
+from . import faults
 from . import group as ranks
 from .config import EngineConfig
 from .disk_cache import DiskCache
@@ -58,19 +59,26 @@ def read_inbox(conn: Connection, inbox: queue.Queue):
 def serve(conn: Connection, scheduler: Scheduler, group=None, clock: ranks.Clock | None = None):
     inbox: queue.Queue = queue.Queue()
     threading.Thread(target=read_inbox, args=(conn, inbox), daemon=True).start()
+    livelock = faults.Livelock()
     while True:
         messages = [inbox.get()] if not scheduler.busy else []
         while not inbox.empty():
             messages.append(inbox.get_nowait())
         if group is not None:
             share_step(group, clock, messages, scheduler.busy)
-        events: list[Tagged] = []
         for message in messages:
             if isinstance(message, Stop):
                 return
-            events += handle(message, scheduler, conn)
-        if scheduler.busy:
+            if isinstance(message, Submit):
+                message = Submit(message.request_id, livelock.take(message.request_id, message.request))
+            if started := handle(message, scheduler, conn):  # sent at once: a long cache load is progress as it ends
+                conn.send(Events(started))
+        events: list[Tagged] = []
+        if livelock.on:
+            time.sleep(0.01)  # the loop turns, no request moves
+        elif scheduler.busy:
             events += scheduler.step()
+            livelock.watch(events)
         while scheduler.failures:  # first, so the breaker has counted it before anyone sees the error
             conn.send(StepFailed(scheduler.failures.pop(0)))
         if events:

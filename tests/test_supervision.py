@@ -47,7 +47,7 @@ def test_sigkill_mid_stream_ends_the_stream_and_restarts(loop, broken):
         events = []
         async for event in engine.generate(endless()):
             events.append(event)
-            if sum(isinstance(e, RawText) for e in events) == 3:
+            if isinstance(event, RawText) and sum(isinstance(e, RawText) for e in events) == 3:
                 os.kill(pid, signal.SIGKILL)
         await asyncio.wait_for(until_restarted(engine, 1), 60)
         return events, await collect(engine, request())
@@ -74,7 +74,7 @@ def test_sigstop_is_caught_by_the_watchdog(loop, broken):
         events = []
         async for event in engine.generate(endless()):
             events.append(event)
-            if sum(isinstance(e, RawText) for e in events) == 3:
+            if isinstance(event, RawText) and sum(isinstance(e, RawText) for e in events) == 3:
                 os.kill(pid, signal.SIGSTOP)
         await asyncio.wait_for(until_restarted(engine, 1), 60)
         return events
@@ -155,3 +155,17 @@ def test_request_timeout_ends_the_request(loop, broken):
     events = loop.run(collect(engine, endless()))
     assert isinstance(events[-1], Error) and events[-1].kind == "timeout"
     assert loop.run(engine.stats())["running"] == 0
+
+
+def test_a_livelock_is_caught_by_the_watchdog(loop, broken):
+    """The worker keeps answering the stats tick while no request moves: that is a stall all the same."""
+    engine = broken(stall_timeout=1.5)
+
+    async def scenario():
+        events = await asyncio.wait_for(collect(engine, endless(fault="livelock@3")), 20)
+        await asyncio.wait_for(until_restarted(engine, 1), 60)
+        return events
+
+    events = loop.run(scenario())
+    assert isinstance(events[-1], Error) and "stalled" in events[-1].message
+    assert isinstance(loop.run(collect(engine, request()))[-1], Done)
