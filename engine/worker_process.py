@@ -1,6 +1,7 @@
 """One engine worker process seen from the front process: spawn it, accept its connection, talk to it."""
 
 import asyncio
+import logging
 import os
 import random
 import secrets
@@ -10,10 +11,13 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from multiprocessing.connection import Client, Listener
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Client, Connection, Listener
 
 from .config import EngineConfig, hostfile_hosts
 from .protocol import Configure, FromWorker, ToWorker
+
+log = logging.getLogger("mlx_tui.engine")
 
 
 class WorkerProcess:
@@ -40,6 +44,7 @@ class WorkerProcess:
         self.process: subprocess.Popen | None = None
         self.conn = None
         self.group = False
+        self.address: tuple[str, int] | None = None  # where the worker connects back to, while it starts
 
     @property
     def pid(self) -> int | None:
@@ -50,7 +55,7 @@ class WorkerProcess:
         loop = asyncio.get_running_loop()
         authkey = secrets.token_bytes(32)
         listener = Listener(("127.0.0.1", 0), authkey=authkey)
-        address = listener.address
+        address = self.address = listener.address
         env = {**os.environ, **self.env, "MLX_TUI_AUTHKEY": authkey.hex()}
         command = [sys.executable, "-m", "mlx_tui.engine.worker", "%s:%d" % address]
         self.group = is_group(config)
@@ -75,10 +80,11 @@ class WorkerProcess:
         accepted = threading.Event()
         threading.Thread(target=self._watch, args=(loop, address, authkey, accepted, relay), daemon=True).start()
         try:
-            conn = await asyncio.to_thread(listener.accept)
+            conn = await asyncio.to_thread(accept, listener)
         finally:
             accepted.set()
             listener.close()
+            self.address = None
         if self.process.poll() is not None:
             conn.close()
             return False
@@ -141,6 +147,15 @@ class WorkerProcess:
                 loop.call_soon_threadsafe(self.on_message, message)
         except (EOFError, OSError, RuntimeError):
             pass  # the worker or the event loop is gone
+
+
+def accept(listener: Listener) -> Connection:
+    """The worker's connection; a stranger (a local process with the wrong key, or none) is refused and the wait goes on."""
+    while True:
+        try:
+            return listener.accept()
+        except (AuthenticationError, EOFError, ConnectionError) as e:
+            log.warning("refused a connection to the worker's listener: %s", e or type(e).__name__)
 
 
 # `mlx.launch`, run by this interpreter (its module has no `python -m` entry point).

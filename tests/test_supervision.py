@@ -3,11 +3,14 @@
 import asyncio
 import os
 import signal
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Client
 
 import pytest
 from conftest import letter_token
 
-from mlx_tui.engine.client import EngineUnavailable
+from mlx_tui.engine.client import EngineClient, EngineUnavailable
+from mlx_tui.engine.config import EngineConfig
 from mlx_tui.engine.demo.conversations import CONVERSATIONS
 from mlx_tui.engine.events import Done, Error, PrefillProgress, RawText
 from mlx_tui.engine.request import Request, Sampling
@@ -169,3 +172,23 @@ def test_a_livelock_is_caught_by_the_watchdog(loop, broken):
     events = loop.run(scenario())
     assert isinstance(events[-1], Error) and "stalled" in events[-1].message
     assert isinstance(loop.run(collect(engine, request()))[-1], Done)
+
+
+def test_a_stranger_with_the_wrong_key_is_refused_while_the_worker_starts(loop):
+    """A local process that reaches the worker's listener first, with the wrong key, does not end the start."""
+    engine = EngineClient(EngineConfig(transcripts_dir=None, cache_dir=None))
+
+    async def scenario():
+        starting = asyncio.create_task(engine.start())
+        while engine.supervisor.worker.address is None:
+            await asyncio.sleep(0.01)
+        with pytest.raises(AuthenticationError):
+            await asyncio.wait_for(asyncio.to_thread(Client, engine.supervisor.worker.address, authkey=b"wrong"), 20)
+        await asyncio.wait_for(starting, 60)
+        return await collect(engine, request())
+
+    try:
+        events = loop.run(scenario())
+    finally:
+        loop.run(engine.stop())
+    assert engine.state == "stopped" and isinstance(events[-1], Done)
