@@ -5,7 +5,6 @@ import ipaddress
 import logging
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
@@ -17,7 +16,6 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mlx_tui.engine.client import EngineClient
-from mlx_tui.engine.demo import MODEL_DIR
 
 from . import anthropic, observe, openai
 from .errors import ApiError, error_response
@@ -27,14 +25,6 @@ HEALTH_STATUS = {"ready": "ok", "loading": "loading", "restarting": "restarting"
 STARTED = datetime.now(timezone.utc)
 
 
-def model_name(engine: EngineClient) -> str:
-    """The served model's name: a Hugging Face repo id as given, a local model by its folder."""
-    path = Path(engine.config.model).expanduser()
-    if not path.exists():
-        return engine.config.model
-    return "mlx-tui-demo" if path.resolve() == MODEL_DIR.resolve() else path.resolve().name
-
-
 async def health(request: Request) -> Response:
     engine: EngineClient = request.app.state.engine
     health, info = engine.health(), engine.info
@@ -42,7 +32,7 @@ async def health(request: Request) -> Response:
     return JSONResponse(
         {
             "status": "degraded" if health["breaker"]["state"] != "closed" else status,
-            "model": model_name(engine),
+            "model": engine.model_name,
             "breaker": health["breaker"],
             "worker": {"pid": health["pid"], "restarts": health["restarts"]},
             "ranks": len(health["rank_states"]),
@@ -58,7 +48,7 @@ async def health(request: Request) -> Response:
 
 async def models(request: Request) -> Response:
     """The one served model, in Anthropic's list shape when asked with `anthropic-version`."""
-    name = model_name(request.app.state.engine)
+    name = request.app.state.engine.model_name
     if "anthropic-version" in request.headers:
         created = STARTED.isoformat().replace("+00:00", "Z")
         model = {"type": "model", "id": name, "display_name": name, "created_at": created}
@@ -82,10 +72,13 @@ ROUTES = [
 
 
 def loopback_host(host: str) -> bool:
-    """Whether a Host header names this machine's loopback (a name a web page cannot rebind)."""
+    """Whether a Host header (or a --host) names this machine's loopback (a name a web page cannot rebind).
+
+    The one loopback rule: the Host check below, and serving without an API key.
+    """
     name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-    name = name.removeprefix("[").split("]")[0]
-    if name == "localhost" or name.endswith(".localhost"):
+    name = name.removeprefix("[").split("]")[0].lower()
+    if name in ("localhost", "localhost.localdomain") or name.endswith(".localhost"):
         return True
     try:
         return ipaddress.ip_address(name).is_loopback

@@ -15,7 +15,7 @@ from typing import Any
 from .blas import worker_blas
 from .breaker import CircuitBreaker
 from .bus import EventBus
-from .config import EngineConfig
+from .config import EngineConfig, served_name
 from .events import TERMINAL, Error, Event
 from .inflight import EngineUnavailable, InFlight
 from .metrics import Metrics
@@ -55,6 +55,10 @@ class EngineClient:
     @property
     def pid(self) -> int | None:
         return self.supervisor.pid
+
+    @property
+    def model_name(self) -> str:
+        return served_name(self.config.model)
 
     @property
     def state(self) -> str:

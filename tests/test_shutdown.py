@@ -282,3 +282,14 @@ def test_no_transcripts_leaves_nothing_on_disk_after_a_shutdown(serve, tmp_path)
     server.process.send_signal(signal.SIGTERM)
     assert server.exit_code(30) == 0, server.stderr()
     assert not [p for p in tmp_path.rglob("*") if p.is_file()], "nothing may be written to disk"
+
+
+def test_serve_never_imports_textual(serve, monkeypatch):
+    """`--serve` is the engine and the API alone: the dashboard's framework is not even imported."""
+    monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")  # each import on stderr: "import time: ... | module"
+    server = serve("--no-transcripts", "--cache-disk-gb", "0")
+    os.kill(server.process.pid, signal.SIGTERM)
+    assert server.exit_code(30) == 0, server.stderr()
+    imported = {line.rsplit("|", 1)[1].strip() for line in server.log if line.startswith("import time:")}
+    assert "mlx_tui.api.headless" in imported
+    assert not {m for m in imported if m.split(".")[0] == "textual"}

@@ -29,7 +29,7 @@ from mlx_tui.tui.cli import bind, url
 from mlx_tui.tui.local import LocalBackend
 from mlx_tui.tui.remote import RemoteBackend
 from mlx_tui.tui.requests import RequestsTable
-from mlx_tui.tui.server import ApiServer
+from mlx_tui.api.embedded import ApiServer
 
 pytestmark = pytest.mark.asyncio
 

@@ -10,13 +10,11 @@ from contextlib import aclosing
 from dataclasses import asdict
 from pathlib import Path
 
-from mlx_tui.api.server import model_name
-from mlx_tui.api.warm import warm
-from mlx_tui.engine.client import EngineClient, EngineUnavailable, ModelLoadError
+from mlx_tui.api.embedded import ApiServer
+from mlx_tui.api.startup import start_engine
+from mlx_tui.engine.client import EngineClient, EngineUnavailable
 from mlx_tui.engine.events import Error, Event, TextDelta, ToolCallEnd
 from mlx_tui.engine.request import Request
-
-from .server import ApiServer
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +48,7 @@ class LocalBackend:
         self._loading = asyncio.create_task(self._load())
 
     async def _load(self):
-        try:
-            await self.engine.start()
-        except ModelLoadError as e:
-            log.error("%s", e)
-            return
-        if self.engine.info.get("tool_parser") is None:
-            log.warning("no tool-call parser found for this model; pass --tool-parser NAME to enable tool calls")
-        if self.warm_file:
-            log.info("%s", await warm(self.engine, self.warm_file))
+        await start_engine(self.engine, self.warm_file, log.log)
 
     async def stop(self):
         if self._loading and not self._loading.done():
@@ -70,7 +60,7 @@ class LocalBackend:
     def _info(self) -> dict:
         engine = self.engine
         return {
-            "kind": "info", "time": time.time(), "model": model_name(engine), "address": self.address,
+            "kind": "info", "time": time.time(), "model": engine.model_name, "address": self.address,
             "api_problem": self.problem,
             "started_at": engine.started_at, "blas": engine.blas, **engine.info,
         }

@@ -85,7 +85,7 @@ async def main(out: Path):
     sock = bind("127.0.0.1", 0)
     address = url(*sock.getsockname()[:2])
     backend = LocalBackend(engine, ApiServer(create_app(engine), sock), address)
-    app = MlxTui(backend)
+    app = MlxTui(backend, example_tools=TOOLS)
     try:
         async with app.run_test(size=SIZE) as pilot:
             for second in range(8):  # a few seconds of varying traffic, so the charts have something to show
