@@ -77,10 +77,10 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
-    server.start()
+    serving = server.start()
     waiting = asyncio.create_task(signalled.wait())
     try:
-        await asyncio.wait([server.task, waiting], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([serving, waiting], return_when=asyncio.FIRST_COMPLETED)
         if signalled.is_set():
             say(f"stopping; running requests have {grace:g} s to finish (signal again to end them now)")
         await server.stop()

@@ -2,6 +2,7 @@
 
 import json
 import time
+from collections.abc import AsyncIterator
 from dataclasses import asdict
 
 from sse_starlette.sse import EventSourceResponse
@@ -38,7 +39,7 @@ async def stats(request: Request) -> Response:
 async def events(request: Request) -> Response:
     """The event bus as server-sent events, one JSON object per message, the recent ones first."""
 
-    async def stream():
+    async def stream() -> AsyncIterator[dict[str, str]]:
         async for event in engine_of(request).bus.subscribe(replay=True):
             yield {"data": json.dumps(event, default=str)}
 

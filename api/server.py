@@ -4,7 +4,9 @@ import hmac
 import ipaddress
 import logging
 import time
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
@@ -13,7 +15,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlx_tui.engine.client import EngineClient
 
@@ -22,7 +24,7 @@ from .errors import ApiError, error_response
 
 log = logging.getLogger("mlx_tui.api")
 HEALTH_STATUS = {"ready": "ok", "loading": "loading", "restarting": "restarting", "stopping": "stopping"}
-STARTED = datetime.now(timezone.utc)
+STARTED = datetime.now(UTC)
 
 
 async def health(request: Request) -> Response:
@@ -94,12 +96,12 @@ class Guard:
     page from posting to it (a form post needs no CORS preflight).
     """
 
-    def __init__(self, app: ASGIApp, api_key: str | None, allow_any_host: bool):
+    def __init__(self, app: ASGIApp, api_key: str | None, allow_any_host: bool) -> None:
         self.app = app
         self.api_key = api_key
         self.allow_any_host = allow_any_host
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             request = Request(scope)
             refusal = self.refusal(request)
@@ -141,13 +143,13 @@ class CatchAll:
     drops the connection, failing the client's next request on it.)
     """
 
-    def __init__(self, app: ASGIApp):
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False
 
-        async def watch(message):
+        async def watch(message: Message) -> None:
             nonlocal started
             started = started or message["type"] == "http.response.start"
             await send(message)
@@ -171,10 +173,11 @@ def create_app(
 ) -> Starlette:
     """The API app. `allow_any_host` lifts the Host check (for --insecure); `debug_faults` lets the
     X-MLX-TUI-Fault header inject a fault (see engine/faults.py)."""
+    handlers: dict[Any, Callable[..., Any]] = {ApiError: api_error, HTTPException: http_error}
     app = Starlette(
         routes=ROUTES,
         middleware=[Middleware(CatchAll), Middleware(Guard, api_key=api_key, allow_any_host=allow_any_host)],
-        exception_handlers={ApiError: api_error, HTTPException: http_error},
+        exception_handlers=handlers,
     )
     app.state.engine = engine
     app.state.max_body = int(max_body_mb * 2**20)

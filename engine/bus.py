@@ -13,7 +13,7 @@ class EventBus:
     (loading, ready, restarting, exited), "breaker" (state changes), "transcript".
     """
 
-    def __init__(self, history: int = 200, backlog: int = 1000):
+    def __init__(self, history: int = 200, backlog: int = 1000) -> None:
         self.recent: deque[dict] = deque(maxlen=history)
         self.backlog = backlog
         self._subscribers: set[asyncio.Queue] = set()

@@ -37,7 +37,7 @@ class EngineClient:
 
     RESTART_WAIT = 30.0
 
-    def __init__(self, config: EngineConfig, on_progress: Callable[[str, float], None] | None = None):
+    def __init__(self, config: EngineConfig, on_progress: Callable[[str, float], None] | None = None) -> None:
         self.config = config
         self.bus = EventBus()
         self.metrics = Metrics()
@@ -46,8 +46,15 @@ class EngineClient:
         self.observer = Observer(self.bus, self.metrics, self.transcripts, self.breaker)
         self.blas, blas_env = worker_blas(config.blas, config.blas_threads)
         self.inflight = InFlight()
-        self.supervisor = Supervisor(config, blas_env, self.bus, self.metrics, self.breaker, self.inflight,
-                                     on_progress or (lambda phase, fraction: None))
+        self.supervisor = Supervisor(
+            config,
+            blas_env,
+            self.bus,
+            self.metrics,
+            self.breaker,
+            self.inflight,
+            on_progress or (lambda phase, fraction: None),
+        )
         self.started_at = time.time()
         self._ids = count()
         self._tasks: list[asyncio.Task] = []
@@ -76,15 +83,20 @@ class EngineClient:
     def last_stats(self) -> dict[str, Any]:
         return self.observer.last_stats
 
-    async def start(self):
+    async def start(self) -> None:
         """Start the worker and wait until its model is loaded."""
         if not await self.supervisor.launch():
             raise ModelLoadError(self.supervisor.fatal)
-        self._tasks = [asyncio.create_task(t) for t in (
-            self.supervisor.supervise(), self.supervisor.watchdog(), self.observer.tick(self.stats, self._tick_state)
-        )]
+        self._tasks = [
+            asyncio.create_task(t)
+            for t in (
+                self.supervisor.supervise(),
+                self.supervisor.watchdog(),
+                self.observer.tick(self.stats, self._tick_state),
+            )
+        ]
 
-    async def drain(self, grace: float):
+    async def drain(self, grace: float) -> None:
         """Refuse new requests, give the running ones `grace` seconds to finish, then end the rest with an error.
 
         The first step of a shutdown: supervision stops (nothing is restarted), the state
@@ -104,7 +116,7 @@ class EngineClient:
             await asyncio.sleep(0.05)
         self.inflight.fail("the engine worker exited" if self.supervisor.exited else "the server is shutting down")
 
-    async def stop(self, grace: float = 10.0):
+    async def stop(self, grace: float = 10.0) -> None:
         """Stop the worker (it flushes its disk cache first); in-flight requests end with an error."""
         for task in self._tasks:
             task.cancel()
@@ -118,15 +130,25 @@ class EngineClient:
         self.inflight.fail("the engine stopped")
 
     def health(self) -> dict[str, Any]:
-        return {"state": self.state, "pid": self.pid, "restarts": self.restarts, "breaker": self.breaker.snapshot(),
-                "rank_states": self.rank_states()}
+        return {
+            "state": self.state,
+            "pid": self.pid,
+            "restarts": self.restarts,
+            "breaker": self.breaker.snapshot(),
+            "rank_states": self.rank_states(),
+        }
 
     def rank_states(self) -> list[dict[str, Any]]:
         return self.supervisor.ranks.states(self.state, self.pid, self.info)
 
     def _tick_state(self) -> dict[str, Any]:
-        return {"breaker": self.breaker.snapshot(), "state": self.state, "restarts": self.restarts, "pid": self.pid,
-                "rank_states": self.rank_states()}
+        return {
+            "breaker": self.breaker.snapshot(),
+            "state": self.state,
+            "restarts": self.restarts,
+            "pid": self.pid,
+            "rank_states": self.rank_states(),
+        }
 
     async def generate(
         self, request: Request, request_id: str | None = None, transcript: Transcript | None = None
@@ -161,7 +183,7 @@ class EngineClient:
                 self.breaker.release()
                 self.observer.cancelled(request_id)
 
-    async def _admit(self):
+    async def _admit(self) -> None:
         if self.state in ("loading", "restarting") and self.breaker.state != "open":
             try:
                 await asyncio.wait_for(self.supervisor.ready.wait(), self.RESTART_WAIT)
@@ -196,5 +218,5 @@ class EngineClient:
         finally:
             self.inflight.hang_up(call)
 
-    def _send(self, message: ToWorker):
+    def _send(self, message: ToWorker) -> None:
         self.supervisor.worker.send(message)

@@ -31,7 +31,7 @@ def parse(spec: str) -> tuple[str, int]:
     return kind, int(at)
 
 
-def act(kind: str):
+def act(kind: str) -> None:
     """Carry out a fault that takes the whole worker down."""
     if kind == "exit":
         os._exit(70)
@@ -44,7 +44,7 @@ def act(kind: str):
 class Livelock:
     """The worker's side of `livelock@N`: it takes the fault off the request and watches its raw text."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.at: dict[str, int] = {}  # request id: pieces of raw text left before the livelock
         self.on = False
 
@@ -59,7 +59,7 @@ class Livelock:
         self.at[request_id] = at
         return replace(request, fault=None)
 
-    def watch(self, events: list[tuple[str, Event]]):
+    def watch(self, events: list[tuple[str, Event]]) -> None:
         for request_id, event in events:
             if request_id in self.at and isinstance(event, RawText):
                 self.at[request_id] -= 1

@@ -14,7 +14,7 @@ class EngineUnavailable(Exception):
     (loading, restarting, failed or stopped).
     """
 
-    def __init__(self, message: str, reason: str, retry_after: float = 1.0):
+    def __init__(self, message: str, reason: str, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.reason = reason
         self.retry_after = retry_after
@@ -23,7 +23,7 @@ class EngineUnavailable(Exception):
 class InFlight:
     """Requests by id (a queue of their events) and queries by call number (a future of their reply)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.streams: dict[str, asyncio.Queue[Event]] = {}
         self.replies: dict[int, asyncio.Future[Any]] = {}
         self._calls = itertools.count()
@@ -35,7 +35,7 @@ class InFlight:
         queue = self.streams[request_id] = asyncio.Queue()
         return queue
 
-    def close(self, request_id: str):
+    def close(self, request_id: str) -> None:
         del self.streams[request_id]
 
     def call(self) -> tuple[int, asyncio.Future[Any]]:
@@ -44,19 +44,19 @@ class InFlight:
         reply = self.replies[call] = asyncio.get_running_loop().create_future()
         return call, reply
 
-    def hang_up(self, call: int):
+    def hang_up(self, call: int) -> None:
         del self.replies[call]
 
-    def deliver(self, events: list[tuple[str, Event]]):
+    def deliver(self, events: list[tuple[str, Event]]) -> None:
         for request_id, event in events:
             if stream := self.streams.get(request_id):
                 stream.put_nowait(event)
 
-    def answer(self, call: int, value: Any):
+    def answer(self, call: int, value: Any) -> None:
         if (reply := self.replies.get(call)) and not reply.done():
             reply.set_result(value)
 
-    def fail(self, message: str):
+    def fail(self, message: str) -> None:
         """End every stream with an engine Error and every query with EngineUnavailable."""
         for stream in self.streams.values():
             stream.put_nowait(Error("engine", message))

@@ -19,7 +19,7 @@ class Observer:
 
     STATS_INTERVAL = 1.0
 
-    def __init__(self, bus: EventBus, metrics: Metrics, transcripts: Transcripts, breaker: CircuitBreaker):
+    def __init__(self, bus: EventBus, metrics: Metrics, transcripts: Transcripts, breaker: CircuitBreaker) -> None:
         self.bus = bus
         self.metrics = metrics
         self.transcripts = transcripts
@@ -28,21 +28,26 @@ class Observer:
         self.last_stats: dict[str, Any] = {}
         self._generating: set[str] = set()
 
-    def queued(self, request_id: str, request: Request):
+    def queued(self, request_id: str, request: Request) -> None:
         self.bus.publish("request", id=request_id, phase="queued", source=request.source, client=request.client)
 
-    def cancelled(self, request_id: str):
+    def cancelled(self, request_id: str) -> None:
         self.bus.publish("request", id=request_id, phase="cancelled")
 
-    def observe(self, request_id: str, event: Event, transcript: Transcript | None):
+    def observe(self, request_id: str, event: Event, transcript: Transcript | None) -> None:
         """Count the event, settle the breaker, record the transcript, publish the lifecycle step."""
         self.metrics.observe(event)
         if transcript:
             self.transcripts.record(transcript, event)
         publish = self.bus.publish
         if isinstance(event, Started):
-            publish("request", id=request_id, phase="prefill", prompt_tokens=event.prompt_tokens,
-                    cached_tokens=event.cached_tokens)
+            publish(
+                "request",
+                id=request_id,
+                phase="prefill",
+                prompt_tokens=event.prompt_tokens,
+                cached_tokens=event.cached_tokens,
+            )
         elif isinstance(event, PrefillProgress):
             publish("request", id=request_id, phase="prefill", done=event.done, total=event.total)
         elif isinstance(event, (TextDelta, ToolCallEnd)) and request_id not in self._generating:
@@ -51,10 +56,18 @@ class Observer:
         elif isinstance(event, Done):
             self.breaker.success()
             self._generating.discard(request_id)
-            publish("request", id=request_id, phase="done", stop_reason=event.stop_reason, note=event.note,
-                    prompt_tokens=event.usage.prompt_tokens, cached_tokens=event.usage.cached_tokens,
-                    generated_tokens=event.usage.generated_tokens,
-                    ttft_s=event.timings.queued_s + event.timings.prefill_s, decode_s=event.timings.decode_s)
+            publish(
+                "request",
+                id=request_id,
+                phase="done",
+                stop_reason=event.stop_reason,
+                note=event.note,
+                prompt_tokens=event.usage.prompt_tokens,
+                cached_tokens=event.usage.cached_tokens,
+                generated_tokens=event.usage.generated_tokens,
+                ttft_s=event.timings.queued_s + event.timings.prefill_s,
+                decode_s=event.timings.decode_s,
+            )
         elif isinstance(event, Error):
             if event.kind != "engine":
                 self.breaker.release()
@@ -62,11 +75,13 @@ class Observer:
             self.metrics.failures.labels(event.kind).inc()
             publish("request", id=request_id, phase="error", error_kind=event.kind, message=event.message)
 
-    def breaker_changed(self, state: str):
+    def breaker_changed(self, state: str) -> None:
         self.metrics.breaker.set(BREAKER_STATES[state])
         self.bus.publish("breaker", **self.breaker.snapshot() | {"state": state})
 
-    async def tick(self, stats: Callable[[], Awaitable[dict[str, Any]]], engine_state: Callable[[], dict[str, Any]]):
+    async def tick(
+        self, stats: Callable[[], Awaitable[dict[str, Any]]], engine_state: Callable[[], dict[str, Any]]
+    ) -> None:
         """Publish the worker's `stats()` once a second, with throughput since the last tick and `engine_state()`."""
         previous: dict[str, Any] | None = None
         then = time.monotonic()
@@ -79,8 +94,8 @@ class Observer:
             now = time.monotonic()
             if previous:
                 elapsed = now - then
-                current["decode_tps"] = (current["generation_tokens_total"] - previous["generation_tokens_total"]) / elapsed
-                current["prefill_tps"] = (current["prefill_tokens_total"] - previous["prefill_tokens_total"]) / elapsed
+                for rate, total in (("decode_tps", "generation_tokens_total"), ("prefill_tps", "prefill_tokens_total")):
+                    current[rate] = (current[total] - previous[total]) / elapsed
             previous, then = current, now
             self.metrics.running.set(current["running"])
             self.metrics.waiting.set(current["waiting"])

@@ -16,13 +16,16 @@ class RankMonitor:
 
     STALE_S = 3 * HEARTBEAT_S  # a rank silent this long is shown as stalled
 
-    def __init__(self, config: EngineConfig):
-        self.hosts = (hostfile_hosts(config.hostfile, config.backend) if config.hostfile
-                      else [socket.gethostname()] * config.ranks)
+    def __init__(self, config: EngineConfig) -> None:
+        self.hosts = (
+            hostfile_hosts(config.hostfile, config.backend)
+            if config.hostfile
+            else [socket.gethostname()] * config.ranks
+        )
         self.lost: int | None = None
         self.beats: dict[int, tuple[float, float, float | None]] = {}  # rank: (when, CPU seconds, CPU share)
 
-    def reset(self):
+    def reset(self) -> None:
         """A new worker (group) is starting."""
         self.lost = None
         self.beats.clear()

@@ -36,7 +36,7 @@ class Supervisor:
         breaker: CircuitBreaker,
         inflight: InFlight,
         on_progress: Callable[[str, float], None],
-    ):
+    ) -> None:
         self.config = config
         self.bus = bus
         self.metrics = metrics
@@ -63,7 +63,7 @@ class Supervisor:
     def exited(self) -> bool:
         return self._exit.is_set()
 
-    def dispatch(self, message: FromWorker):
+    def dispatch(self, message: FromWorker) -> None:
         """Act on one message from the worker."""
         match message:
             case Events(events):
@@ -87,18 +87,18 @@ class Supervisor:
                 if self.worker.group:
                     self.worker.kill()  # mlx.launch would wait on the other ranks
 
-    def failure(self, reason: str):
+    def failure(self, reason: str) -> None:
         """An engine failure: the breaker counts it, the bus shows it."""
         self.breaker.failure()
         self.bus.publish("worker", state=self.state, failure=reason, pid=self.pid, restarts=self.restarts)
 
-    def set_state(self, state: str, **data: Any):
+    def set_state(self, state: str, **data: Any) -> None:
         self.state = state
         if state != "ready":
             self.ready.clear()
         self.bus.publish("worker", state=state, pid=self.pid, restarts=self.restarts, **data)
 
-    def _output(self, line: str):
+    def _output(self, line: str) -> None:
         """The worker's stderr, for the log: published on the bus and logged (stderr in --serve mode)."""
         if self.ranks.is_heartbeat(line):
             return
@@ -107,7 +107,7 @@ class Supervisor:
         if self.ranks.ended(line) and self.state == "ready":
             self.worker.kill()  # the other ranks would wait for it, idle or not: restart the group now
 
-    def _exited(self, code: int):
+    def _exited(self, code: int) -> None:
         self._exit_code = code
         self._exit.set()
 
@@ -133,7 +133,7 @@ class Supervisor:
         self.set_state("failed", message=self.fatal)
         return False
 
-    async def supervise(self):
+    async def supervise(self) -> None:
         """Restart the worker whenever it exits, failing what was in flight, with backoff."""
         failures = 0
         while True:
@@ -152,8 +152,8 @@ class Supervisor:
             self.restarts += 1
             failures = 0 if await self.launch() else failures + 1
 
-    async def watchdog(self):
-        """Kill a worker that has work but whose requests have made no progress (no token, no prefill step) for too long.
+    async def watchdog(self) -> None:
+        """Kill a worker that has work but whose requests made no progress (no token, no prefill step) for too long.
 
         The stats tick's replies do not count while requests run: a worker whose loop turns
         while no request moves (a livelock) is stalled all the same.

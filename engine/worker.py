@@ -20,6 +20,8 @@ from multiprocessing.connection import Client, Connection
 from pathlib import Path
 from typing import Any
 
+from mlx.core.distributed import Group
+
 from . import faults
 from . import group as ranks
 from .config import EngineConfig
@@ -47,7 +49,7 @@ from .protocol import (
 from .scheduler import RequestError, Scheduler, Tagged, kv_bytes_per_token
 
 
-def read_inbox(conn: Connection, inbox: queue.Queue):
+def read_inbox(conn: Connection, inbox: queue.Queue) -> None:
     """Move messages from the socket to the queue; a lost connection means stop."""
     try:
         while True:
@@ -56,7 +58,7 @@ def read_inbox(conn: Connection, inbox: queue.Queue):
         inbox.put(Stop())
 
 
-def serve(conn: Connection, scheduler: Scheduler, group=None, clock: ranks.Clock | None = None):
+def serve(conn: Connection, scheduler: Scheduler, group: Group | None = None, clock: ranks.Clock | None = None) -> None:
     inbox: queue.Queue = queue.Queue()
     threading.Thread(target=read_inbox, args=(conn, inbox), daemon=True).start()
     livelock = faults.Livelock()
@@ -64,7 +66,7 @@ def serve(conn: Connection, scheduler: Scheduler, group=None, clock: ranks.Clock
         messages = [inbox.get()] if not scheduler.busy else []
         while not inbox.empty():
             messages.append(inbox.get_nowait())
-        if group is not None:
+        if group is not None and clock is not None:
             share_step(group, clock, messages, scheduler.busy)
         for message in messages:
             if isinstance(message, Stop):
@@ -85,7 +87,7 @@ def serve(conn: Connection, scheduler: Scheduler, group=None, clock: ranks.Clock
             conn.send(Events(events))
 
 
-def share_step(group, clock: ranks.Clock, messages: list[ToWorker], busy: bool):
+def share_step(group: Group, clock: ranks.Clock, messages: list[ToWorker], busy: bool) -> None:
     """Share the step's decisions and clock with the other ranks (queries are answered here alone)."""
     decisions = [m for m in messages if isinstance(m, STEP_MESSAGES)]
     if decisions or busy:
@@ -93,7 +95,7 @@ def share_step(group, clock: ranks.Clock, messages: list[ToWorker], busy: bool):
         ranks.share(group, Step(clock.now, decisions))
 
 
-def follow(scheduler: Scheduler, group, clock: ranks.Clock):
+def follow(scheduler: Scheduler, group: Group, clock: ranks.Clock) -> None:
     """A rank other than 0: run the steps rank 0 shares, discarding the events (rank 0 sends them)."""
     while True:
         step: Step = ranks.share(group)
@@ -108,7 +110,7 @@ def follow(scheduler: Scheduler, group, clock: ranks.Clock):
 
 
 def handle(message: ToWorker, scheduler: Scheduler, conn: Connection | None) -> list[Tagged]:
-    """Apply one message; the events of a submission, replies to queries sent at once."""
+    """Apply one message; the events of a submission, replies to queries sent at once (on rank 0, with `conn`)."""
     match message:
         case Submit(request_id, request):
             return scheduler.submit(request_id, request)
@@ -119,8 +121,10 @@ def handle(message: ToWorker, scheduler: Scheduler, conn: Connection | None) -> 
                 reply = Reply(call, scheduler.count_tokens(request))
             except RequestError as e:
                 reply = Reply(call, Error("invalid_request", str(e)))
+            assert conn is not None
             conn.send(reply)
         case GetStats(call):
+            assert conn is not None
             conn.send(Reply(call, scheduler.stats()))
     return []
 
@@ -132,14 +136,16 @@ def main(argv: list[str] = sys.argv[1:]) -> int:
     group = join_group(rank, argv[1], conn, config) if rank is not None else None
     if group is not None:
         config = ranks.share(group, config if conn else None)
+    assert config is not None
     loaded = load_model(config, conn, group, rank)
     if loaded is None:
         return 1
     disk = disk_tier(config, loaded, group)
-    clock = ranks.Clock() if group else time.monotonic
-    scheduler = Scheduler(loaded, config, prefix_cache(config, loaded, disk, group, clock))
+    clock = ranks.Clock() if group else None  # a group orders its caches by rank 0's clock
+    scheduler = Scheduler(loaded, config, prefix_cache(config, loaded, disk, group, clock or time.monotonic))
     members = group_members(group, loaded)
     if conn is None:
+        assert group is not None and clock is not None
         follow(scheduler, group, clock)
     else:
         conn.send(Ready(ready_info(loaded, scheduler, members)))
@@ -149,7 +155,7 @@ def main(argv: list[str] = sys.argv[1:]) -> int:
     return 0
 
 
-def ignore_signals():
+def ignore_signals() -> None:
     """The front process decides when the worker stops (Stop, or its connection closing): a Ctrl-C
     or SIGTERM sent to the whole process group must not cut the requests it lets finish."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -159,29 +165,37 @@ def ignore_signals():
 def connect(address: str) -> tuple[Connection, EngineConfig]:
     """Connect back to the front process and receive the settings."""
     host, port = address.rsplit(":", 1)
-    authkey = bytes.fromhex(os.environ.pop("MLX_TUI_AUTHKEY", None) or sys.stdin.readline().strip())
+    authkey = bytes.fromhex(os.environ.pop("MLX_TUI_AUTHKEY", "") or sys.stdin.readline().strip())
     conn = Client((host, int(port)), authkey=authkey)
     message = conn.recv()
     assert isinstance(message, Configure)
     return conn, message.config
 
 
-def join_group(rank: int, backend: str, conn: Connection | None, config: EngineConfig | None):
+def join_group(rank: int, backend: str, conn: Connection | None, config: EngineConfig | None) -> Group:
     """Meet the other ranks (rank 0 tells the front process if they do not come) and start this rank's heartbeat."""
-    on_timeout = (lambda: conn.send(Fatal(unmet(config)))) if conn else (lambda: None)
+    on_timeout = (lambda: conn.send(Fatal(unmet(config)))) if conn and config else (lambda: None)
     group = ranks.init(backend, on_timeout)
     ranks.heartbeat(rank)
     return group
 
 
-def load_model(config: EngineConfig, conn: Connection | None, group, rank: int | None) -> Loaded | None:
+def load_model(config: EngineConfig, conn: Connection | None, group: Group | None, rank: int | None) -> Loaded | None:
     """The model, its loading reported to the front process; None (and the reason sent or printed) if it failed."""
-    progress: Callable[[str, float], None] = (lambda phase, fraction: conn.send(LoadProgress(phase, fraction))) if conn \
-        else (lambda phase, fraction: None)
+
+    def progress(phase: str, fraction: float) -> None:
+        if conn:
+            conn.send(LoadProgress(phase, fraction))
+
     try:
         return load(
-            config.model, progress, config.tool_parser, config.chat_template,
-            group=group, shard=config.shard, dtype=config.dtype,
+            config.model,
+            progress,
+            config.tool_parser,
+            config.chat_template,
+            group=group,
+            shard=config.shard,
+            dtype=config.dtype,
         )
     except ModelError as e:
         if conn:
@@ -191,21 +205,23 @@ def load_model(config: EngineConfig, conn: Connection | None, group, rank: int |
         return None
 
 
-def disk_tier(config: EngineConfig, loaded: Loaded, group) -> DiskCache | None:
+def disk_tier(config: EngineConfig, loaded: Loaded, group: Group | None) -> DiskCache | None:
     if not config.cache_dir:
         return None
     where = (Path(config.cache_dir) / loaded.identity, int(config.cache_disk_gb * 2**30), loaded.identity)
     return ranks.GroupDiskCache(group, *where) if group else DiskCache(*where)
 
 
-def prefix_cache(config: EngineConfig, loaded: Loaded, disk: DiskCache | None, group, clock) -> PrefixCache:
+def prefix_cache(
+    config: EngineConfig, loaded: Loaded, disk: DiskCache | None, group: Group | None, clock: Callable[[], float]
+) -> PrefixCache:
     per_token = kv_bytes_per_token(loaded.model)  # the whole model's, the same on every rank (0: unknown)
     if group and per_token:
         return PrefixCache(ranks.cache_budget(group, config.cache_ram_bytes, per_token), disk, clock, per_token)
     return PrefixCache(config.cache_ram_bytes, disk, clock)
 
 
-def group_members(group, loaded: Loaded) -> dict[str, Any]:
+def group_members(group: Group | None, loaded: Loaded) -> dict[str, Any]:
     """Every rank's host and pid and how the model is split; seeds the ranks alike."""
     if group is None:
         return {}
@@ -214,6 +230,7 @@ def group_members(group, loaded: Loaded) -> dict[str, Any]:
 
 
 def ready_info(loaded: Loaded, scheduler: Scheduler, members: dict[str, Any]) -> dict[str, Any]:
+    tokenizer: Any = loaded.tokenizer
     return {
         "pid": os.getpid(),
         "context_length": loaded.context_length,
@@ -221,7 +238,7 @@ def ready_info(loaded: Loaded, scheduler: Scheduler, members: dict[str, Any]) ->
         "dtype_note": loaded.dtype_note,
         "tool_parser": scheduler.parser_name,
         "thinking": scheduler.think is not None,
-        "eos": sorted(loaded.tokenizer.eos_token_ids),
+        "eos": sorted(tokenizer.eos_token_ids),
         **members,
     }
 
