@@ -9,6 +9,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from mlx_tui.engine.bus import RequestStep, encode
 from mlx_tui.engine.client import EngineClient
 
 from .errors import ApiError
@@ -31,7 +32,7 @@ async def stats(request: Request) -> Response:
             "info": engine.info,
             "uptime_s": time.time() - engine.started_at,
             "stats": engine.last_stats,
-            "recent_requests": [e for e in engine.bus.recent if e["kind"] == "request"],
+            "recent_requests": [encode(e) for e in engine.bus.recent if isinstance(e, RequestStep)],
         }
     )
 
@@ -41,7 +42,7 @@ async def events(request: Request) -> Response:
 
     async def stream() -> AsyncIterator[dict[str, str]]:
         async for event in engine_of(request).bus.subscribe(replay=True):
-            yield {"data": json.dumps(event, default=str)}
+            yield {"data": json.dumps(encode(event), default=str)}
 
     return EventSourceResponse(stream(), ping=15)
 

@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .breaker import CircuitBreaker
-from .bus import EventBus
+from .bus import BreakerChange, EventBus, RequestStep, StatsTick
 from .events import Done, Error, Event, PrefillProgress, Started, TextDelta, ToolCallEnd
 from .inflight import EngineUnavailable
 from .metrics import BREAKER_STATES, Metrics
@@ -29,35 +29,30 @@ class Observer:
         self._generating: set[str] = set()
 
     def queued(self, request_id: str, request: Request) -> None:
-        self.bus.publish("request", id=request_id, phase="queued", source=request.source, client=request.client)
+        self.bus.publish(RequestStep(id=request_id, phase="queued", source=request.source, client=request.client))
 
     def cancelled(self, request_id: str) -> None:
-        self.bus.publish("request", id=request_id, phase="cancelled")
+        self.bus.publish(RequestStep(id=request_id, phase="cancelled"))
 
     def observe(self, request_id: str, event: Event, transcript: Transcript | None) -> None:
         """Count the event, settle the breaker, record the transcript, publish the lifecycle step."""
         self.metrics.observe(event)
         if transcript:
             self.transcripts.record(transcript, event)
-        publish = self.bus.publish
+        step = None
         if isinstance(event, Started):
-            publish(
-                "request",
-                id=request_id,
-                phase="prefill",
-                prompt_tokens=event.prompt_tokens,
-                cached_tokens=event.cached_tokens,
+            step = RequestStep(
+                id=request_id, phase="prefill", prompt_tokens=event.prompt_tokens, cached_tokens=event.cached_tokens
             )
         elif isinstance(event, PrefillProgress):
-            publish("request", id=request_id, phase="prefill", done=event.done, total=event.total)
+            step = RequestStep(id=request_id, phase="prefill", done=event.done, total=event.total)
         elif isinstance(event, (TextDelta, ToolCallEnd)) and request_id not in self._generating:
             self._generating.add(request_id)
-            publish("request", id=request_id, phase="generating")
+            step = RequestStep(id=request_id, phase="generating")
         elif isinstance(event, Done):
             self.breaker.success()
             self._generating.discard(request_id)
-            publish(
-                "request",
+            step = RequestStep(
                 id=request_id,
                 phase="done",
                 stop_reason=event.stop_reason,
@@ -73,11 +68,16 @@ class Observer:
                 self.breaker.release()
             self._generating.discard(request_id)
             self.metrics.failures.labels(event.kind).inc()
-            publish("request", id=request_id, phase="error", error_kind=event.kind, message=event.message)
+            step = RequestStep(id=request_id, phase="error", error_kind=event.kind, message=event.message)
+        if step:
+            self.bus.publish(step)
 
     def breaker_changed(self, state: str) -> None:
         self.metrics.breaker.set(BREAKER_STATES[state])
-        self.bus.publish("breaker", **self.breaker.snapshot() | {"state": state})
+        snapshot = self.breaker.snapshot()
+        self.bus.publish(
+            BreakerChange(state=state, failures=snapshot["failures"], next_probe_s=snapshot["next_probe_s"])
+        )
 
     async def tick(
         self, stats: Callable[[], Awaitable[dict[str, Any]]], engine_state: Callable[[], dict[str, Any]]
@@ -102,4 +102,4 @@ class Observer:
             self.metrics.cache_bytes.labels("ram").set(current["cache"]["ram_bytes"])
             self.metrics.cache_bytes.labels("disk").set(current["cache"]["disk_bytes"])
             self.last_stats = current
-            self.bus.publish("stats", **current, **engine_state())
+            self.bus.publish(StatsTick(values=current, **engine_state()))

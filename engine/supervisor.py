@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .breaker import CircuitBreaker
-from .bus import EventBus
+from .bus import EventBus, LogLine, WorkerChange
 from .config import EngineConfig
 from .inflight import InFlight
 from .metrics import Metrics
@@ -77,7 +77,7 @@ class Supervisor:
                 self.failure(reason)
             case LoadProgress(phase, fraction):
                 self.on_progress(phase, fraction)
-                self.bus.publish("worker", state="loading", phase=phase, fraction=fraction)
+                self.bus.publish(WorkerChange(state="loading", phase=phase, fraction=fraction))
             case Ready(info):
                 self.info = info
                 self.set_state("ready")
@@ -90,20 +90,21 @@ class Supervisor:
     def failure(self, reason: str) -> None:
         """An engine failure: the breaker counts it, the bus shows it."""
         self.breaker.failure()
-        self.bus.publish("worker", state=self.state, failure=reason, pid=self.pid, restarts=self.restarts)
+        self.bus.publish(WorkerChange(state=self.state, failure=reason, pid=self.pid, restarts=self.restarts))
 
-    def set_state(self, state: str, **data: Any) -> None:
+    def set_state(self, state: str, message: str | None = None, exit_code: int | None = None) -> None:
         self.state = state
         if state != "ready":
             self.ready.clear()
-        self.bus.publish("worker", state=state, pid=self.pid, restarts=self.restarts, **data)
+        change = WorkerChange(state=state, pid=self.pid, restarts=self.restarts, message=message, exit_code=exit_code)
+        self.bus.publish(change)
 
     def _output(self, line: str) -> None:
         """The worker's stderr, for the log: published on the bus and logged (stderr in --serve mode)."""
         if self.ranks.is_heartbeat(line):
             return
         log.warning("worker: %s", line)
-        self.bus.publish("log", source="worker", line=line)
+        self.bus.publish(LogLine(source="worker", line=line))
         if self.ranks.ended(line) and self.state == "ready":
             self.worker.kill()  # the other ranks would wait for it, idle or not: restart the group now
 

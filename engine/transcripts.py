@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .bus import EventBus
+from .bus import EventBus, TranscriptStep, TranscriptStepName
 from .events import Done, Error, ParseError, RawText, Started, ToolCallEnd
 
 
@@ -76,7 +76,7 @@ class Transcripts:
         self.items[id] = t
         while len(self.items) > self.keep:
             self.items.popitem(last=False)
-        self.bus.publish("transcript", id=id, step="open", summary=t.summary(), received=received)
+        self.bus.publish(TranscriptStep(id=id, step="open", summary=t.summary(), received=received))
         return t
 
     def record(self, t: Transcript, event):
@@ -140,17 +140,17 @@ class Transcripts:
         if not (pending.raw or pending.sent):
             return
         if pending.raw:
-            self.bus.publish("transcript", id=t.id, step="raw", text=pending.raw)
+            self.bus.publish(TranscriptStep(id=t.id, step="raw", text=pending.raw))
             pending.raw = ""
         if pending.sent:
-            self.bus.publish("transcript", id=t.id, step="sent", texts=pending.sent)
+            self.bus.publish(TranscriptStep(id=t.id, step="sent", texts=pending.sent))
             pending.sent = []
         pending.due = time.monotonic() + self.INTERVAL
 
-    def _publish(self, t: Transcript, **step):
+    def _publish(self, t: Transcript, step: TranscriptStepName, **data: Any) -> None:
         """Publish one step, after the growth before it, so the bus keeps the transcript's order."""
         self._publish_growth(t)
-        self.bus.publish("transcript", id=t.id, **step)
+        self.bus.publish(TranscriptStep(id=t.id, step=step, **data))
 
     def _append(self, line: str):
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

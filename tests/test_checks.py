@@ -9,6 +9,7 @@ BIN = Path(sys.executable).parent
 
 # The files ruff and mypy hold to the project's settings today; widen it as files are brought in line.
 CLEAN = [
+    "engine/bus.py",
     "engine/client.py",
     "engine/events.py",
     "engine/faults.py",
@@ -24,6 +25,10 @@ CLEAN = [
     "api/observe.py",
     "api/server.py",
     "api/startup.py",
+    "tui/changes.py",
+    "tui/local.py",
+    "tui/remote.py",
+    "tui/state.py",
 ]
 
 

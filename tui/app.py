@@ -24,7 +24,7 @@ from .chat import ChatView
 from .dashboard import DashboardView
 from .help import HelpScreen
 from .logview import LoggerRoute, LogRecordPosted, LogView
-from .state import State
+from .state import DashboardEvent, State
 from .transcripts import TranscriptsView
 
 
@@ -35,7 +35,7 @@ class Backend(Protocol):
 
     async def stop(self) -> None: ...
 
-    def events(self) -> AsyncIterator[dict]: ...
+    def events(self) -> AsyncIterator[DashboardEvent]: ...
 
     def chat(self, request: Request) -> AsyncIterator[Event]: ...
 
@@ -91,7 +91,7 @@ class MlxTui(App):
         async for event in self.backend.events():
             self.ingest(event)
 
-    def ingest(self, event: dict):
+    def ingest(self, event: DashboardEvent):
         area = self.state.apply(event)
         for changes in self.unseen.values():
             changes.note(area, event)

@@ -4,7 +4,6 @@ import asyncio
 import json
 import logging
 import secrets
-import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import asdict
@@ -12,9 +11,12 @@ from pathlib import Path
 
 from mlx_tui.api.embedded import ApiServer
 from mlx_tui.api.startup import start_engine
+from mlx_tui.engine.bus import WorkerChange
 from mlx_tui.engine.client import EngineClient, EngineUnavailable
 from mlx_tui.engine.events import Error, Event, TextDelta, ToolCallEnd
 from mlx_tui.engine.request import Request
+
+from .state import DashboardEvent, Info
 
 log = logging.getLogger(__name__)
 
@@ -57,19 +59,24 @@ class LocalBackend:
             await self.server.stop()
         await self.engine.stop()
 
-    def _info(self) -> dict:
+    def _info(self) -> Info:
         engine = self.engine
-        return {
-            "kind": "info", "time": time.time(), "model": engine.model_name, "address": self.address,
-            "api_problem": self.problem,
-            "started_at": engine.started_at, "blas": engine.blas, **engine.info,
-        }
+        return Info(
+            values={
+                "model": engine.model_name,
+                "address": self.address,
+                "api_problem": self.problem,
+                "started_at": engine.started_at,
+                "blas": engine.blas,
+                **engine.info,
+            }
+        )
 
-    async def events(self) -> AsyncIterator[dict]:
+    async def events(self) -> AsyncIterator[DashboardEvent]:
         yield self._info()
         async for event in self.engine.bus.subscribe(replay=True):
             yield event
-            if event["kind"] == "worker" and event["state"] == "ready":
+            if isinstance(event, WorkerChange) and event.state == "ready":
                 yield self._info()
 
     async def chat(self, request: Request) -> AsyncIterator[Event]:
