@@ -8,6 +8,7 @@ import httpx
 import pytest
 from rich.console import Console
 
+from mlx_tui.api.embedded import ApiServer
 from mlx_tui.api.server import create_app
 from mlx_tui.engine.bus import TranscriptStep
 from mlx_tui.engine.client import EngineClient
@@ -30,7 +31,6 @@ from mlx_tui.tui.cli import bind, url
 from mlx_tui.tui.local import LocalBackend
 from mlx_tui.tui.remote import RemoteBackend
 from mlx_tui.tui.requests import RequestsTable
-from mlx_tui.api.embedded import ApiServer
 
 pytestmark = pytest.mark.asyncio
 
@@ -122,7 +122,8 @@ async def test_in_process_dashboard_transcripts_and_chat():
             await until(pilot, lambda: not chat.busy and len(chat.history) == 2)
             assert chat.history[-1]["content"] == "The capital of France is Paris."
             chat_id = next(id for id, t in app.state.transcripts.items() if t.source == "chat")
-            pieces = [e for e in engine.bus.recent if isinstance(e, TranscriptStep) and e.id == chat_id and e.step == "raw"]
+            recent = engine.bus.recent
+            pieces = [e for e in recent if isinstance(e, TranscriptStep) and e.id == chat_id and e.step == "raw"]
             assert len(pieces) > 1, "the reply came in one piece, not streamed"
             table = app.query_one(RequestsTable)
             assert chat_id not in table.rows, "the hidden dashboard drew"

@@ -42,7 +42,8 @@ def test_percentiles_and_hit_rates():
     assert percentile([float(i) for i in range(1, 101)], 0.95) == 95.0
     state = State()
     assert state.token_hit_rate is None and state.request_hit_rate is None
-    state.apply(decode({"kind": "stats", "time": 1.0, "decode_tps": 12.5, "cache": {"prompt_tokens": 1000, "reused_tokens": 750, "lookups": 4, "hits": 1}}))
+    cache = {"prompt_tokens": 1000, "reused_tokens": 750, "lookups": 4, "hits": 1}
+    state.apply(decode({"kind": "stats", "time": 1.0, "decode_tps": 12.5, "cache": cache}))
     assert (state.token_hit_rate, state.request_hit_rate, list(state.decode_tps)) == (0.75, 0.25, [12.5])
 
 
@@ -117,7 +118,8 @@ def test_a_running_transcript_shows_the_last_pieces_sent_and_all_once_it_ends():
 
 def test_a_breaker_from_stats_counts_down_to_its_probe():
     state = State(clock=lambda: 110.0)
-    state.apply(decode({"kind": "stats", "time": 100.0, "breaker": {"state": "open", "failures": 3, "next_probe_s": 30.0}}))
+    breaker = {"state": "open", "failures": 3, "next_probe_s": 30.0}
+    state.apply(decode({"kind": "stats", "time": 100.0, "breaker": breaker}))
     assert state.breaker.state == "open" and state.breaker.probe_in(state.clock()) == 20.0
 
 
@@ -126,7 +128,7 @@ def test_chart_scale_starts_at_zero_and_ends_round():
 
 
 def test_bus_events_go_through_json_and_back_unchanged():
-    """The codec `/v1/events` and `--attach` share: what the dashboard applies attached is what it applies in process."""
+    """The codec `/v1/events` and `--attach` share: the dashboard applies the same events attached and in process."""
     bus = EventBus()
     recorder = Transcripts(bus, None)
     t = recorder.open("r1", "openai", "curl/8", received={"messages": []})
@@ -136,4 +138,5 @@ def test_bus_events_go_through_json_and_back_unchanged():
     stats = decode({"kind": "stats", "time": 1.0, "running": 1, "cache": {"hits": 2}, "state": "ready", "pid": 7})
     events = [*bus.recent, request("r1", "done", stop_reason="end", prompt_tokens=12, ttft_s=0.5), stats]
     assert [decode(json.loads(json.dumps(encode(e)))) for e in events] == events
-    assert encode(stats) == {"kind": "stats", "time": 1.0, "running": 1, "cache": {"hits": 2}, "state": "ready", "pid": 7}
+    wire = {"kind": "stats", "time": 1.0, "running": 1, "cache": {"hits": 2}, "state": "ready", "pid": 7}
+    assert encode(stats) == wire
