@@ -18,6 +18,7 @@ CLEAN = [
     "engine/protocol.py",
     "engine/rank_monitor.py",
     "engine/supervisor.py",
+    "engine/transcripts.py",
     "engine/worker.py",
     "engine/worker_process.py",
     "api/embedded.py",
