@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 
+from mlx_tui.api.embedded import ApiServer
 from mlx_tui.api.server import create_app
 from mlx_tui.engine.client import EngineClient
 from mlx_tui.engine.config import EngineConfig
@@ -21,7 +22,6 @@ from .app import MlxTui
 from .chat import ChatView
 from .cli import bind, url
 from .local import LocalBackend
-from .server import ApiServer
 
 SIZE = (140, 42)
 ANTHROPIC_TOOLS = [
