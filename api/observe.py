@@ -2,12 +2,14 @@
 
 import json
 import time
+from collections.abc import AsyncIterator
 from dataclasses import asdict
 
 from sse_starlette.sse import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from mlx_tui.engine.bus import RequestStep, encode
 from mlx_tui.engine.client import EngineClient
 
 from .errors import ApiError
@@ -30,7 +32,7 @@ async def stats(request: Request) -> Response:
             "info": engine.info,
             "uptime_s": time.time() - engine.started_at,
             "stats": engine.last_stats,
-            "recent_requests": [e for e in engine.bus.recent if e["kind"] == "request"],
+            "recent_requests": [encode(e) for e in engine.bus.recent if isinstance(e, RequestStep)],
         }
     )
 
@@ -38,9 +40,9 @@ async def stats(request: Request) -> Response:
 async def events(request: Request) -> Response:
     """The event bus as server-sent events, one JSON object per message, the recent ones first."""
 
-    async def stream():
+    async def stream() -> AsyncIterator[dict[str, str]]:
         async for event in engine_of(request).bus.subscribe(replay=True):
-            yield {"data": json.dumps(event, default=str)}
+            yield {"data": json.dumps(encode(event), default=str)}
 
     return EventSourceResponse(stream(), ping=15)
 

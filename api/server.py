@@ -4,8 +4,9 @@ import hmac
 import ipaddress
 import logging
 import time
-from datetime import datetime, timezone
-from pathlib import Path
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
@@ -14,25 +15,16 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlx_tui.engine.client import EngineClient
-from mlx_tui.engine.demo import MODEL_DIR
 
 from . import anthropic, observe, openai, responses
 from .errors import ApiError, error_response
 
 log = logging.getLogger("mlx_tui.api")
 HEALTH_STATUS = {"ready": "ok", "loading": "loading", "restarting": "restarting", "stopping": "stopping"}
-STARTED = datetime.now(timezone.utc)
-
-
-def model_name(engine: EngineClient) -> str:
-    """The served model's name: a Hugging Face repo id as given, a local model by its folder."""
-    path = Path(engine.config.model).expanduser()
-    if not path.exists():
-        return engine.config.model
-    return "mlx-tui-demo" if path.resolve() == MODEL_DIR.resolve() else path.resolve().name
+STARTED = datetime.now(UTC)
 
 
 async def health(request: Request) -> Response:
@@ -42,7 +34,7 @@ async def health(request: Request) -> Response:
     return JSONResponse(
         {
             "status": "degraded" if health["breaker"]["state"] != "closed" else status,
-            "model": model_name(engine),
+            "model": engine.model_name,
             "breaker": health["breaker"],
             "worker": {"pid": health["pid"], "restarts": health["restarts"]},
             "ranks": len(health["rank_states"]),
@@ -59,7 +51,7 @@ async def health(request: Request) -> Response:
 
 async def models(request: Request) -> Response:
     """The one served model, in Anthropic's list shape when asked with `anthropic-version`."""
-    name = model_name(request.app.state.engine)
+    name = request.app.state.engine.model_name
     if "anthropic-version" in request.headers:
         created = STARTED.isoformat().replace("+00:00", "Z")
         model = {"type": "model", "id": name, "display_name": name, "created_at": created}
@@ -84,10 +76,13 @@ ROUTES = [
 
 
 def loopback_host(host: str) -> bool:
-    """Whether a Host header names this machine's loopback (a name a web page cannot rebind)."""
+    """Whether a Host header (or a --host) names this machine's loopback (a name a web page cannot rebind).
+
+    The one loopback rule: the Host check below, and serving without an API key.
+    """
     name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-    name = name.removeprefix("[").split("]")[0]
-    if name == "localhost" or name.endswith(".localhost"):
+    name = name.removeprefix("[").split("]")[0].lower()
+    if name in ("localhost", "localhost.localdomain") or name.endswith(".localhost"):
         return True
     try:
         return ipaddress.ip_address(name).is_loopback
@@ -103,12 +98,12 @@ class Guard:
     page from posting to it (a form post needs no CORS preflight).
     """
 
-    def __init__(self, app: ASGIApp, api_key: str | None, allow_any_host: bool):
+    def __init__(self, app: ASGIApp, api_key: str | None, allow_any_host: bool) -> None:
         self.app = app
         self.api_key = api_key
         self.allow_any_host = allow_any_host
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             request = Request(scope)
             refusal = self.refusal(request)
@@ -150,13 +145,13 @@ class CatchAll:
     drops the connection, failing the client's next request on it.)
     """
 
-    def __init__(self, app: ASGIApp):
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False
 
-        async def watch(message):
+        async def watch(message: Message) -> None:
             nonlocal started
             started = started or message["type"] == "http.response.start"
             await send(message)
@@ -180,10 +175,11 @@ def create_app(
 ) -> Starlette:
     """The API app. `allow_any_host` lifts the Host check (for --insecure); `debug_faults` lets the
     X-MLX-TUI-Fault header inject a fault (see engine/faults.py)."""
+    handlers: dict[Any, Callable[..., Any]] = {ApiError: api_error, HTTPException: http_error}
     app = Starlette(
         routes=ROUTES,
         middleware=[Middleware(CatchAll), Middleware(Guard, api_key=api_key, allow_any_host=allow_any_host)],
-        exception_handlers={ApiError: api_error, HTTPException: http_error},
+        exception_handlers=handlers,
     )
     app.state.engine = engine
     app.state.max_body = int(max_body_mb * 2**20)

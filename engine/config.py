@@ -67,6 +67,14 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def served_name(ref: str) -> str:
+    """The served model's name: a Hugging Face repo id as given, a local model by its folder."""
+    path = Path(ref).expanduser()
+    if not path.exists():
+        return ref
+    return "mlx-tui-demo" if path.resolve() == MODEL_DIR.resolve() else path.resolve().name
+
+
 def model_problem(ref: str) -> str | None:
     """Why `ref` names neither a local model directory nor a Hugging Face repo id, or None."""
     path = Path(ref).expanduser()

@@ -1,7 +1,10 @@
 """The events one request's stream carries back from the worker, in order of appearance."""
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
+
+StopReason = Literal["end", "length", "stop_sequence", "tool_calls"]
+ErrorKind = Literal["invalid_request", "overloaded", "engine", "internal", "timeout"]
 
 
 @dataclass(slots=True, frozen=True)
@@ -121,7 +124,7 @@ class Done:
     "tool_calls" (the turn ended after tool calls).
     """
 
-    stop_reason: str
+    stop_reason: StopReason
     usage: Usage
     timings: Timings
     stop_sequence: str | None = None
@@ -130,9 +133,14 @@ class Done:
 
 @dataclass(slots=True, frozen=True)
 class Error:
-    """The request failed; `kind` is "invalid_request", "overloaded", "engine" or "cancelled"."""
+    """The request failed.
 
-    kind: str
+    `kind` is "invalid_request" (the request cannot run as asked), "overloaded" (refused for
+    now), "engine" (the worker died or its batched step failed; a retry can succeed),
+    "internal" (this request's own processing failed) or "timeout" (`--request-timeout`).
+    """
+
+    kind: ErrorKind
     message: str
 
 

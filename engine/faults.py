@@ -5,13 +5,19 @@ Off unless the server is started with `--debug-faults`, which lets the header
 - `request_error`: this request's own output processing raises (it alone fails);
 - `batch_error`: the batched step raises (every request in the step fails; the breaker counts it);
 - `stall`: the worker stops making progress (the watchdog must kill and restart it);
-- `exit`: the worker process exits at once.
+- `exit`: the worker process exits at once;
+- `livelock`: the worker's loop keeps turning and answering queries, but no request makes
+  progress again (at the request's Nth piece of raw text; see `Livelock`).
 """
 
 import os
 import time
+from dataclasses import replace
 
-KINDS = ("request_error", "batch_error", "stall", "exit")
+from .events import Event, RawText
+from .request import Request
+
+KINDS = ("request_error", "batch_error", "stall", "exit", "livelock")
 
 
 class InjectedFault(Exception):
@@ -25,7 +31,7 @@ def parse(spec: str) -> tuple[str, int]:
     return kind, int(at)
 
 
-def act(kind: str):
+def act(kind: str) -> None:
     """Carry out a fault that takes the whole worker down."""
     if kind == "exit":
         os._exit(70)
@@ -33,3 +39,28 @@ def act(kind: str):
         while True:
             time.sleep(3600)
     raise InjectedFault(f"injected {kind}")
+
+
+class Livelock:
+    """The worker's side of `livelock@N`: it takes the fault off the request and watches its raw text."""
+
+    def __init__(self) -> None:
+        self.at: dict[str, int] = {}  # request id: pieces of raw text left before the livelock
+        self.on = False
+
+    def take(self, request_id: str, request: Request) -> Request:
+        """The request to run: as given, or without its livelock fault (which is then watched here)."""
+        try:
+            kind, at = parse(request.fault or "")
+        except ValueError:
+            return request  # no fault, or one the scheduler refuses
+        if kind != "livelock":
+            return request
+        self.at[request_id] = at
+        return replace(request, fault=None)
+
+    def watch(self, events: list[tuple[str, Event]]) -> None:
+        for request_id, event in events:
+            if request_id in self.at and isinstance(event, RawText):
+                self.at[request_id] -= 1
+                self.on = self.on or self.at[request_id] <= 0

@@ -17,7 +17,7 @@ from .output import MarkupParser, OutputStream
 from .prefix_cache import PrefixCache, TurnMemory
 from .request import Request
 
-Tagged = tuple[int, Event]
+Tagged = tuple[str, Event]
 
 
 class RequestError(Exception):
@@ -43,7 +43,7 @@ class Prompt:
 
 @dataclass(slots=True)
 class Active:
-    rid: int
+    rid: str
     uid: int
     output: OutputStream
     guard: sampling.LoopGuard
@@ -84,7 +84,7 @@ class Scheduler:
             else None
         )
         self.active: dict[int, Active] = {}
-        self.uid_of: dict[int, int] = {}
+        self.uid_of: dict[str, int] = {}
         self.batch_sizes: Counter[int] = Counter()
         self.prompt_tokens_total = 0
         self.prefill_tokens_total = 0
@@ -163,7 +163,7 @@ class Scheduler:
     def count_tokens(self, request: Request) -> int:
         return len(self.render(request).tokens)
 
-    def submit(self, rid: int, request: Request) -> list[Tagged]:
+    def submit(self, rid: str, request: Request) -> list[Tagged]:
         try:
             prompt = self.render(request)
             max_tokens = self._max_tokens(request, len(prompt.tokens))
@@ -225,7 +225,7 @@ class Scheduler:
             )
         return max_tokens
 
-    def cancel(self, rid: int):
+    def cancel(self, rid: str):
         if (uid := self.uid_of.get(rid)) is not None:
             self._retire(self.active[uid], still_batched=True)
 

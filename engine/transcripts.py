@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .bus import EventBus
-from .events import Done, Error, ParseError, RawText, Started, ToolCallEnd
+from .bus import EventBus, TranscriptStep, TranscriptStepName
+from .events import Done, Error, Event, ParseError, RawText, Started, ToolCallEnd
 
 
 @dataclass(slots=True)
@@ -51,10 +51,18 @@ class Transcript:
     def summary(self) -> dict:
         """The fields a list view needs, without the large ones."""
         return {
-            "id": self.id, "source": self.source, "client": self.client, "started": self.started,
-            "prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens, "constraint": self.constraint,
-            "tool_calls": len(self.tool_calls), "parse_errors": len(self.parse_errors),
-            "stop_reason": self.stop_reason, "error": self.error, "finished": self.finished,
+            "id": self.id,
+            "source": self.source,
+            "client": self.client,
+            "started": self.started,
+            "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
+            "constraint": self.constraint,
+            "tool_calls": len(self.tool_calls),
+            "parse_errors": len(self.parse_errors),
+            "stop_reason": self.stop_reason,
+            "error": self.error,
+            "finished": self.finished,
         }
 
 
@@ -73,7 +81,7 @@ class Transcripts:
 
     INTERVAL = 0.1
 
-    def __init__(self, bus: EventBus, directory: Path | None, keep: int = 200, file_bytes: int = 64 * 2**20):
+    def __init__(self, bus: EventBus, directory: Path | None, keep: int = 200, file_bytes: int = 64 * 2**20) -> None:
         self.bus = bus
         self.keep = keep
         self.file_bytes = file_bytes
@@ -86,10 +94,10 @@ class Transcripts:
         self.items[id] = t
         while len(self.items) > self.keep:
             self.items.popitem(last=False)
-        self.bus.publish("transcript", id=id, step="open", summary=t.summary(), received=received)
+        self.bus.publish(TranscriptStep(id=id, step="open", summary=t.summary(), received=received))
         return t
 
-    def record(self, t: Transcript, event):
+    def record(self, t: Transcript, event: Event) -> None:
         """Note one engine event in the transcript and publish what changed."""
         if isinstance(event, Started):
             t.prompt, t.prompt_tokens = event.prompt_text, event.prompt_tokens
@@ -114,26 +122,26 @@ class Transcripts:
         elif isinstance(event, Error):
             t.error = f"{event.kind}: {event.message}"
 
-    def sent(self, t: Transcript, text: str):
+    def sent(self, t: Transcript, text: str) -> None:
         t.sent.append(text)
         self._unpublished(t).sent.append(text)
         self._publish_soon(t)
 
-    def finish(self, t: Transcript):
+    def finish(self, t: Transcript) -> None:
         t.finished = time.time()
         self._publish(t, step="finish", summary=t.summary())
         if pending := self.unpublished.pop(t.id, None):
             if pending.timer:
                 pending.timer.cancel()
         if self.path:
-            self._append(json.dumps(asdict(t), ensure_ascii=False) + "\n")
+            self._append(self.path, json.dumps(asdict(t), ensure_ascii=False) + "\n")
 
     def _unpublished(self, t: Transcript) -> Unpublished:
         if (pending := self.unpublished.get(t.id)) is None:
             pending = self.unpublished[t.id] = Unpublished()
         return pending
 
-    def _publish_soon(self, t: Transcript):
+    def _publish_soon(self, t: Transcript) -> None:
         """Publish the growing parts now if the last time was long enough ago, else once it is."""
         pending = self.unpublished[t.id]
         wait = pending.due - time.monotonic()
@@ -142,7 +150,7 @@ class Transcripts:
         elif pending.timer is None:
             pending.timer = asyncio.get_running_loop().call_later(wait, self._publish_growth, t)
 
-    def _publish_growth(self, t: Transcript):
+    def _publish_growth(self, t: Transcript) -> None:
         pending = self.unpublished.get(t.id)
         if pending is None:
             return
@@ -152,22 +160,22 @@ class Transcripts:
         if not (pending.raw or pending.sent):
             return
         if pending.raw:
-            self.bus.publish("transcript", id=t.id, step="raw", text=pending.raw)
+            self.bus.publish(TranscriptStep(id=t.id, step="raw", text=pending.raw))
             pending.raw = ""
         if pending.sent:
-            self.bus.publish("transcript", id=t.id, step="sent", texts=pending.sent)
+            self.bus.publish(TranscriptStep(id=t.id, step="sent", texts=pending.sent))
             pending.sent = []
         pending.due = time.monotonic() + self.INTERVAL
 
-    def _publish(self, t: Transcript, **step):
+    def _publish(self, t: Transcript, step: TranscriptStepName, **data: Any) -> None:
         """Publish one step, after the growth before it, so the bus keeps the transcript's order."""
         self._publish_growth(t)
-        self.bus.publish("transcript", id=t.id, **step)
+        self.bus.publish(TranscriptStep(id=t.id, step=step, **data))
 
-    def _append(self, line: str):
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if self.path.exists() and self.path.stat().st_size + len(line) > self.file_bytes:
-            os.replace(self.path, self.path.with_suffix(".jsonl.1"))
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    def _append(self, path: Path, line: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if path.exists() and path.stat().st_size + len(line) > self.file_bytes:
+            os.replace(path, path.with_suffix(".jsonl.1"))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         with os.fdopen(fd, "a", encoding="utf-8") as f:
             f.write(line)

@@ -3,13 +3,7 @@
 Started as `python -m mlx_tui.engine.worker HOST:PORT [BACKEND]` with the auth key in
 `MLX_TUI_AUTHKEY` (in a group: on the first line of stdin, which mlx.launch passes on);
 it connects back to the front process, receives its settings, loads the model and then
-serves requests until told to stop or disconnected.
-
-Front to worker: ("config", EngineConfig), ("submit", rid, Request), ("cancel", rid),
-("count", rid, Request), ("stats", rid), ("stop",).
-Worker to front: ("progress", phase, fraction), ("ready", info), ("fatal", message),
-("events", [(rid, event), ...]), ("reply", rid, value), ("failure", message) for a
-failed batched step (the breaker counts it).
+serves requests until told to stop or disconnected. The messages are in `protocol.py`.
 
 Started by `mlx.launch`, every rank runs this module: rank 0 connects back and serves,
 the others follow the steps it shares (see `group.py`).
@@ -21,68 +15,93 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
+from collections.abc import Callable
 from multiprocessing.connection import Client, Connection
+from pathlib import Path
+from typing import Any
 
-from . import cache_kinds
+from mlx.core.distributed import Group
+
+from . import cache_kinds, faults
 from . import group as ranks
 from .config import EngineConfig
 from .disk_cache import DiskCache
 from .events import Error
-from .loader import ModelError, load
+from .loader import Loaded, ModelError, load
 from .prefix_cache import PrefixCache
-from .scheduler import RequestError, Scheduler
+from .protocol import (
+    STEP_MESSAGES,
+    Cancel,
+    Configure,
+    CountTokens,
+    Events,
+    Fatal,
+    GetStats,
+    LoadProgress,
+    Ready,
+    Reply,
+    Step,
+    StepFailed,
+    Stop,
+    Submit,
+    ToWorker,
+)
+from .scheduler import RequestError, Scheduler, Tagged
 
 
-def read_inbox(conn: Connection, inbox: queue.Queue):
+def read_inbox(conn: Connection, inbox: queue.Queue) -> None:
     """Move messages from the socket to the queue; a lost connection means stop."""
     try:
         while True:
             inbox.put(conn.recv())
     except (EOFError, OSError):
-        inbox.put(("stop",))
+        inbox.put(Stop())
 
 
-# The messages that change what the batch does; in a group every rank applies them.
-STEP_MESSAGES = ("submit", "cancel", "stop")
-
-
-def serve(conn: Connection, scheduler: Scheduler, group=None, clock: ranks.Clock | None = None):
+def serve(conn: Connection, scheduler: Scheduler, group: Group | None = None, clock: ranks.Clock | None = None) -> None:
     inbox: queue.Queue = queue.Queue()
     threading.Thread(target=read_inbox, args=(conn, inbox), daemon=True).start()
+    livelock = faults.Livelock()
     while True:
         messages = [inbox.get()] if not scheduler.busy else []
         while not inbox.empty():
             messages.append(inbox.get_nowait())
-        if group is not None:
+        if group is not None and clock is not None:
             share_step(group, clock, messages, scheduler.busy)
-        events = []
         for message in messages:
-            if message[0] == "stop":
+            if isinstance(message, Stop):
                 return
-            events += handle(message, scheduler, conn)
-        if scheduler.busy:
+            if isinstance(message, Submit):
+                message = Submit(message.request_id, livelock.take(message.request_id, message.request))
+            if started := handle(message, scheduler, conn):  # sent at once: a long cache load is progress as it ends
+                conn.send(Events(started))
+        events: list[Tagged] = []
+        if livelock.on:
+            time.sleep(0.01)  # the loop turns, no request moves
+        elif scheduler.busy:
             events += scheduler.step()
+            livelock.watch(events)
         while scheduler.failures:  # first, so the breaker has counted it before anyone sees the error
-            conn.send(("failure", scheduler.failures.pop(0)))
+            conn.send(StepFailed(scheduler.failures.pop(0)))
         if events:
-            conn.send(("events", events))
+            conn.send(Events(events))
 
 
-def share_step(group, clock: ranks.Clock, messages: list, busy: bool):
+def share_step(group: Group, clock: ranks.Clock, messages: list[ToWorker], busy: bool) -> None:
     """Share the step's decisions and clock with the other ranks (queries are answered here alone)."""
-    decisions = [m for m in messages if m[0] in STEP_MESSAGES]
+    decisions = [m for m in messages if isinstance(m, STEP_MESSAGES)]
     if decisions or busy:
         clock.now = time.monotonic()
-        ranks.share(group, (clock.now, decisions))
+        ranks.share(group, Step(clock.now, decisions))
 
 
-def follow(scheduler: Scheduler, group, clock: ranks.Clock):
+def follow(scheduler: Scheduler, group: Group, clock: ranks.Clock) -> None:
     """A rank other than 0: run the steps rank 0 shares, discarding the events (rank 0 sends them)."""
     while True:
-        clock.now, decisions = ranks.share(group)
-        for message in decisions:
-            if message[0] == "stop":
+        step: Step = ranks.share(group)
+        clock.now = step.now
+        for message in step.decisions:
+            if isinstance(message, Stop):
                 return
             handle(message, scheduler, None)
         if scheduler.busy:
@@ -90,101 +109,149 @@ def follow(scheduler: Scheduler, group, clock: ranks.Clock):
         scheduler.failures.clear()
 
 
-def handle(message: tuple, scheduler: Scheduler, conn: Connection | None) -> list:
-    kind, rid, *rest = message
-    if kind == "submit":
-        return scheduler.submit(rid, rest[0])
-    if kind == "cancel":
-        scheduler.cancel(rid)
-    elif kind == "count":
-        try:
-            conn.send(("reply", rid, scheduler.count_tokens(rest[0])))
-        except RequestError as e:
-            conn.send(("reply", rid, Error("invalid_request", str(e))))
-    elif kind == "stats":
-        conn.send(("reply", rid, scheduler.stats()))
+def handle(message: ToWorker, scheduler: Scheduler, conn: Connection | None) -> list[Tagged]:
+    """Apply one message; the events of a submission, replies to queries sent at once (on rank 0, with `conn`)."""
+    match message:
+        case Submit(request_id, request):
+            return scheduler.submit(request_id, request)
+        case Cancel(request_id):
+            scheduler.cancel(request_id)
+        case CountTokens(call, request):
+            try:
+                reply = Reply(call, scheduler.count_tokens(request))
+            except RequestError as e:
+                reply = Reply(call, Error("invalid_request", str(e)))
+            assert conn is not None
+            conn.send(reply)
+        case GetStats(call):
+            assert conn is not None
+            conn.send(Reply(call, scheduler.stats()))
     return []
 
 
 def main(argv: list[str] = sys.argv[1:]) -> int:
-    # The front process decides when the worker stops ("stop", or its connection closing): a
-    # Ctrl-C or SIGTERM sent to the whole process group must not cut the requests it lets finish.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    ignore_signals()
     rank = ranks.launch_rank()
-    conn = None
-    if not rank:
-        host, port = argv[0].rsplit(":", 1)
-        authkey = bytes.fromhex(os.environ.pop("MLX_TUI_AUTHKEY", None) or sys.stdin.readline().strip())
-        conn = Client((host, int(port)), authkey=authkey)
-        kind, config = conn.recv()
-        assert kind == "config" and isinstance(config, EngineConfig)
-    group = None
-    if rank is not None:
-        on_timeout = (lambda: conn.send(("fatal", unmet(config)))) if conn else (lambda: None)
-        group = ranks.init(argv[1], on_timeout)
-        ranks.heartbeat(rank)
-        config = ranks.share(group, config if conn else None)
-
-    def progress(phase: str, fraction: float):
-        if conn:
-            conn.send(("progress", phase, fraction))
-
-    try:
-        loaded = load(
-            config.model, progress, config.tool_parser, config.chat_template,
-            group=group, shard=config.shard, dtype=config.dtype,
-        )
-        if why := cache_kinds.unbatchable(loaded.model):
-            raise ModelError(f"{config.model}: {why}, so mlx-tui cannot serve it")
-    except ModelError as e:
-        if conn:
-            conn.send(("fatal", str(e)))
-        else:
-            print(f"rank {rank}: {e}", file=sys.stderr)
-        return 1
-    disk = None
-    if config.cache_dir:
-        where = (Path(config.cache_dir) / loaded.identity, int(config.cache_disk_gb * 2**30), loaded.identity)
-        disk = ranks.GroupDiskCache(group, *where) if group else DiskCache(*where)
-    clock = ranks.Clock() if group else time.monotonic
-    per_token = cache_kinds.kv_bytes_per_token(loaded.model)
-    if group:
-        per_token = ranks.whole(group, per_token)  # the whole model's, the same on every rank
-        cache = PrefixCache(ranks.cache_budget(group, config.cache_ram_bytes, per_token), disk, clock, per_token)
-    else:
-        cache = PrefixCache(config.cache_ram_bytes, disk, clock)
-    scheduler = Scheduler(loaded, config, cache, per_token)
-    members = {}
+    conn, config = connect(argv[0]) if not rank else (None, None)
+    group = join_group(rank, argv[1], conn, config) if rank is not None else None
     if group is not None:
-        ranks.seed(group)
-        members = {"ranks": ranks.gather(group, ranks.describe(group)), "shard": loaded.shard}
+        config = ranks.share(group, config if conn else None)
+    assert config is not None
+    loaded = load_model(config, conn, group, rank)
+    if loaded is None:
+        return 1
+    disk = disk_tier(config, loaded, group)
+    clock = ranks.Clock() if group else None  # a group orders its caches by rank 0's clock
+    per_token = kv_bytes_per_token(loaded.model, group)
+    cache = prefix_cache(config, per_token, disk, group, clock or time.monotonic)
+    scheduler = Scheduler(loaded, config, cache, per_token)
+    members = group_members(group, loaded)
     if conn is None:
+        assert group is not None and clock is not None
         follow(scheduler, group, clock)
-        if disk:
-            disk.flush()
-        return 0
-    tokenizer = loaded.tokenizer
-    conn.send(
-        (
-            "ready",
-            {
-                "pid": os.getpid(),
-                "context_length": loaded.context_length,
-                "dtype": loaded.dtype,
-                "dtype_note": loaded.dtype_note,
-                "tool_parser": scheduler.parser_name,
-                "cache_mode": scheduler.cache_mode,
-                "thinking": scheduler.think is not None,
-                "eos": sorted(tokenizer.eos_token_ids),
-                **members,
-            },
-        )
-    )
-    serve(conn, scheduler, group, clock)
+    else:
+        conn.send(Ready(ready_info(loaded, scheduler, members)))
+        serve(conn, scheduler, group, clock)
     if disk:
         disk.flush()
     return 0
+
+
+def ignore_signals() -> None:
+    """The front process decides when the worker stops (Stop, or its connection closing): a Ctrl-C
+    or SIGTERM sent to the whole process group must not cut the requests it lets finish."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def connect(address: str) -> tuple[Connection, EngineConfig]:
+    """Connect back to the front process and receive the settings."""
+    host, port = address.rsplit(":", 1)
+    authkey = bytes.fromhex(os.environ.pop("MLX_TUI_AUTHKEY", "") or sys.stdin.readline().strip())
+    conn = Client((host, int(port)), authkey=authkey)
+    message = conn.recv()
+    assert isinstance(message, Configure)
+    return conn, message.config
+
+
+def join_group(rank: int, backend: str, conn: Connection | None, config: EngineConfig | None) -> Group:
+    """Meet the other ranks (rank 0 tells the front process if they do not come) and start this rank's heartbeat."""
+    on_timeout = (lambda: conn.send(Fatal(unmet(config)))) if conn and config else (lambda: None)
+    group = ranks.init(backend, on_timeout)
+    ranks.heartbeat(rank)
+    return group
+
+
+def load_model(config: EngineConfig, conn: Connection | None, group: Group | None, rank: int | None) -> Loaded | None:
+    """The model, its loading reported to the front process; None (and the reason sent or printed) if it failed."""
+
+    def progress(phase: str, fraction: float) -> None:
+        if conn:
+            conn.send(LoadProgress(phase, fraction))
+
+    try:
+        loaded = load(
+            config.model,
+            progress,
+            config.tool_parser,
+            config.chat_template,
+            group=group,
+            shard=config.shard,
+            dtype=config.dtype,
+        )
+        if why := cache_kinds.unbatchable(loaded.model):
+            raise ModelError(f"{config.model}: {why}, so mlx-tui cannot serve it")
+        return loaded
+    except ModelError as e:
+        if conn:
+            conn.send(Fatal(str(e)))
+        else:
+            print(f"rank {rank}: {e}", file=sys.stderr)
+        return None
+
+
+def disk_tier(config: EngineConfig, loaded: Loaded, group: Group | None) -> DiskCache | None:
+    if not config.cache_dir:
+        return None
+    where = (Path(config.cache_dir) / loaded.identity, int(config.cache_disk_gb * 2**30), loaded.identity)
+    return ranks.GroupDiskCache(group, *where) if group else DiskCache(*where)
+
+
+def kv_bytes_per_token(model: Any, group: Group | None) -> int:
+    """What one more token adds to the cache; in a group, the whole model's, the same on every rank."""
+    per_token = cache_kinds.kv_bytes_per_token(model)
+    return ranks.whole(group, per_token) if group else per_token
+
+
+def prefix_cache(
+    config: EngineConfig, per_token: int, disk: DiskCache | None, group: Group | None, clock: Callable[[], float]
+) -> PrefixCache:
+    if group:
+        return PrefixCache(ranks.cache_budget(group, config.cache_ram_bytes, per_token), disk, clock, per_token)
+    return PrefixCache(config.cache_ram_bytes, disk, clock)
+
+
+def group_members(group: Group | None, loaded: Loaded) -> dict[str, Any]:
+    """Every rank's host and pid and how the model is split; seeds the ranks alike."""
+    if group is None:
+        return {}
+    ranks.seed(group)
+    return {"ranks": ranks.gather(group, ranks.describe(group)), "shard": loaded.shard}
+
+
+def ready_info(loaded: Loaded, scheduler: Scheduler, members: dict[str, Any]) -> dict[str, Any]:
+    tokenizer: Any = loaded.tokenizer
+    return {
+        "pid": os.getpid(),
+        "context_length": loaded.context_length,
+        "dtype": loaded.dtype,
+        "dtype_note": loaded.dtype_note,
+        "tool_parser": scheduler.parser_name,
+        "cache_mode": scheduler.cache_mode,
+        "thinking": scheduler.think is not None,
+        "eos": sorted(tokenizer.eos_token_ids),
+        **members,
+    }
 
 
 def unmet(config: EngineConfig) -> str:

@@ -1,18 +1,24 @@
 """One engine worker process seen from the front process: spawn it, accept its connection, talk to it."""
 
 import asyncio
+import logging
 import os
 import random
 import secrets
-import socket
 import signal
+import socket
 import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from multiprocessing.connection import Client, Listener
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Client, Connection, Listener
+from typing import IO
 
 from .config import EngineConfig, hostfile_hosts
+from .protocol import Configure, FromWorker, ToWorker
+
+log = logging.getLogger("mlx_tui.engine")
 
 
 class WorkerProcess:
@@ -28,17 +34,18 @@ class WorkerProcess:
     def __init__(
         self,
         env: dict[str, str],
-        on_message: Callable[[tuple], None],
+        on_message: Callable[[FromWorker], None],
         on_output: Callable[[str], None],
         on_exit: Callable[[int], None],
-    ):
+    ) -> None:
         self.env = env
         self.on_message = on_message
         self.on_output = on_output
         self.on_exit = on_exit
-        self.process: subprocess.Popen | None = None
-        self.conn = None
+        self.process: subprocess.Popen[str] | None = None
+        self.conn: Connection | None = None
         self.group = False
+        self.address: tuple[str, int] | None = None  # where the worker connects back to, while it starts
 
     @property
     def pid(self) -> int | None:
@@ -49,14 +56,14 @@ class WorkerProcess:
         loop = asyncio.get_running_loop()
         authkey = secrets.token_bytes(32)
         listener = Listener(("127.0.0.1", 0), authkey=authkey)
-        address = listener.address
+        address = self.address = listener.address
         env = {**os.environ, **self.env, "MLX_TUI_AUTHKEY": authkey.hex()}
-        command = [sys.executable, "-m", "mlx_tui.engine.worker", "%s:%d" % address]
+        command = [sys.executable, "-m", "mlx_tui.engine.worker", "{}:{}".format(*address)]
         self.group = is_group(config)
         if self.group:  # the key goes to rank 0 through mlx.launch's stdin, not on any command line
             del env["MLX_TUI_AUTHKEY"]
             command = launch_command(config, command + [config.backend], env)
-        self.process = subprocess.Popen(
+        process = self.process = subprocess.Popen(
             command,
             env=env,
             stdin=subprocess.PIPE if self.group else subprocess.DEVNULL,
@@ -66,55 +73,68 @@ class WorkerProcess:
             errors="replace",
             start_new_session=self.group,
         )
-        if self.group:
-            self.process.stdin.write(authkey.hex() + "\n")
-            self.process.stdin.flush()
-        relay = threading.Thread(target=self._relay_output, args=(loop, self.process.stderr), daemon=True)
+        if process.stdin:
+            process.stdin.write(authkey.hex() + "\n")
+            process.stdin.flush()
+        relay = threading.Thread(target=self._relay_output, args=(loop, process.stderr), daemon=True)
         relay.start()
         accepted = threading.Event()
-        threading.Thread(target=self._watch, args=(loop, address, authkey, accepted, relay), daemon=True).start()
+        watch = (loop, process, address, authkey, accepted, relay)
+        threading.Thread(target=self._watch, args=watch, daemon=True).start()
         try:
-            conn = await asyncio.to_thread(listener.accept)
+            conn = await asyncio.to_thread(accept, listener)
         finally:
             accepted.set()
             listener.close()
-        if self.process.poll() is not None:
+            self.address = None
+        if process.poll() is not None:
             conn.close()
             return False
         self.conn = conn
-        self.send(("config", config))
+        self.send(Configure(config))
         threading.Thread(target=self._read, args=(loop, conn), daemon=True).start()
         return True
 
-    def send(self, message: tuple):
+    def send(self, message: ToWorker) -> None:
         try:
             if self.conn is not None:
                 self.conn.send(message)
         except OSError:
             pass  # the worker is gone; its exit is reported through on_exit
 
-    def kill(self, sig: int = signal.SIGKILL):
+    def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.group and self.process:
             kill_group(self.process.pid, sig)
         elif self.process and self.process.poll() is None:
             self.process.send_signal(sig)
 
     async def wait(self, timeout: float) -> int | None:
+        if self.process is None:
+            return None
         try:
             return await asyncio.to_thread(self.process.wait, timeout)
         except subprocess.TimeoutExpired:
             return None
 
-    def _watch(self, loop, address, authkey: bytes, accepted: threading.Event, relay: threading.Thread):
+    def _watch(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        process: subprocess.Popen[str],
+        address: tuple[str, int],
+        authkey: bytes,
+        accepted: threading.Event,
+        relay: threading.Thread,
+    ) -> None:
         """Wait for the exit; wake the pending accept if the worker never connected.
 
         `on_exit` comes after the worker's last lines of output (such as mlx.launch's
         word on which rank ended), unless a stray process holds its stderr open.
         """
-        code = self.process.wait()
+        code = process.wait()
         if self.group:
-            kill_group(self.process.pid, signal.SIGKILL)  # no rank outlives mlx.launch
-            self.process.stdin.close()
+            kill_group(process.pid, signal.SIGKILL)  # no rank outlives mlx.launch
+        if process.stdin:
+            process.stdin.close()
         relay.join(self.OUTPUT_GRACE_S)
         if not accepted.is_set():
             try:
@@ -126,20 +146,29 @@ class WorkerProcess:
         except RuntimeError:
             pass  # the event loop has already closed
 
-    def _relay_output(self, loop, stream):
+    def _relay_output(self, loop: asyncio.AbstractEventLoop, stream: IO[str]) -> None:
         try:
             for line in stream:
                 loop.call_soon_threadsafe(self.on_output, line.rstrip("\n"))
         except RuntimeError:
             pass  # the event loop has already closed
 
-    def _read(self, loop, conn):
+    def _read(self, loop: asyncio.AbstractEventLoop, conn: Connection) -> None:
         try:
             while True:
                 message = conn.recv()
                 loop.call_soon_threadsafe(self.on_message, message)
         except (EOFError, OSError, RuntimeError):
             pass  # the worker or the event loop is gone
+
+
+def accept(listener: Listener) -> Connection:
+    """The worker's connection; a stranger (a local process with the wrong key, or none) is refused."""
+    while True:
+        try:
+            return listener.accept()
+        except (AuthenticationError, EOFError, ConnectionError) as e:
+            log.warning("refused a connection to the worker's listener: %s", e or type(e).__name__)
 
 
 # `mlx.launch`, run by this interpreter (its module has no `python -m` entry point).
@@ -178,7 +207,7 @@ def free_ports(n: int) -> int:
             continue
 
 
-def kill_group(pgid: int, sig: int):
+def kill_group(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)
     except ProcessLookupError:

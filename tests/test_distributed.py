@@ -19,6 +19,7 @@ from mlx_tui.api.server import create_app
 from mlx_tui.engine.demo import MODEL_DIR
 from mlx_tui.engine.disk_cache import read_metadata
 from mlx_tui.engine.demo.conversations import CONVERSATIONS
+from mlx_tui.engine.bus import WorkerChange
 from mlx_tui.engine.group import CONNECT_TIMEOUT
 from mlx_tui.engine.events import Done, Error, RawText, Started, TextDelta, ToolCallEnd
 from mlx_tui.engine.request import Constraint, Request, Sampling
@@ -176,7 +177,7 @@ async def signal_mid_stream(engine, pid: int, sig: int) -> list:
 async def restarted(engine):
     """Until `engine` is ready again after a restart."""
     async for event in engine.bus.subscribe(replay=True):
-        if event["kind"] == "worker" and event["state"] == "ready" and event["restarts"] >= 1:
+        if isinstance(event, WorkerChange) and event.state == "ready" and (event.restarts or 0) >= 1:
             return
 
 
@@ -188,7 +189,7 @@ def test_killing_rank_1_mid_stream_restarts_the_whole_group(loop, make_engine):
     async def scenario():
         events = await signal_mid_stream(engine, rank1, signal.SIGKILL)
         await asyncio.wait_for(restarted(engine), 120)
-        failures.extend(e["failure"] for e in engine.bus.recent if e["kind"] == "worker" and "failure" in e)
+        failures.extend(e.failure for e in engine.bus.recent if isinstance(e, WorkerChange) and e.failure)
         return events, await collect(engine, request_for("capital"))
 
     events, after = loop.run(scenario())

@@ -190,7 +190,7 @@ def test_200_disconnects_leave_nothing_running(serve, loop):
     grown = last["memory"]["active"] - first["memory"]["active"]
     assert last["memory"]["active"] < 2 * first["memory"]["active"] + 16 * 2**20, f"memory grew by {grown} bytes"
     assert engine.restarts == 0 and health(server)["breaker"]["failures"] == 0
-    assert not engine._streams, "the front process still holds streams"
+    assert not engine.inflight.streams, "the front process still holds streams"
 
 
 # 3. A burst over a bounded queue.

@@ -311,3 +311,14 @@ def test_a_cache_folder_removed_while_serving_costs_the_disk_tier_not_the_exit(s
     assert time.monotonic() - began < 5, "the worker's flush must not wait out the grace"
     assert "Traceback" not in server.stderr()
     assert server.stderr().count("disk cache: cannot write to") == 1, server.stderr()
+
+
+def test_serve_never_imports_textual(serve, monkeypatch):
+    """`--serve` is the engine and the API alone: the dashboard's framework is not even imported."""
+    monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")  # each import on stderr: "import time: ... | module"
+    server = serve("--no-transcripts", "--cache-disk-gb", "0")
+    os.kill(server.process.pid, signal.SIGTERM)
+    assert server.exit_code(30) == 0, server.stderr()
+    imported = {line.rsplit("|", 1)[1].strip() for line in server.log if line.startswith("import time:")}
+    assert "mlx_tui.api.headless" in imported
+    assert not {m for m in imported if m.split(".")[0] == "textual"}

@@ -3,11 +3,14 @@
 import asyncio
 import os
 import signal
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Client
 
 import pytest
 from conftest import letter_token
 
-from mlx_tui.engine.client import EngineUnavailable
+from mlx_tui.engine.client import EngineClient, EngineUnavailable
+from mlx_tui.engine.config import EngineConfig
 from mlx_tui.engine.demo.conversations import CONVERSATIONS
 from mlx_tui.engine.events import Done, Error, PrefillProgress, RawText
 from mlx_tui.engine.request import Request, Sampling
@@ -47,7 +50,7 @@ def test_sigkill_mid_stream_ends_the_stream_and_restarts(loop, broken):
         events = []
         async for event in engine.generate(endless()):
             events.append(event)
-            if sum(isinstance(e, RawText) for e in events) == 3:
+            if isinstance(event, RawText) and sum(isinstance(e, RawText) for e in events) == 3:
                 os.kill(pid, signal.SIGKILL)
         await asyncio.wait_for(until_restarted(engine, 1), 60)
         return events, await collect(engine, request())
@@ -74,7 +77,7 @@ def test_sigstop_is_caught_by_the_watchdog(loop, broken):
         events = []
         async for event in engine.generate(endless()):
             events.append(event)
-            if sum(isinstance(e, RawText) for e in events) == 3:
+            if isinstance(event, RawText) and sum(isinstance(e, RawText) for e in events) == 3:
                 os.kill(pid, signal.SIGSTOP)
         await asyncio.wait_for(until_restarted(engine, 1), 60)
         return events
@@ -155,3 +158,37 @@ def test_request_timeout_ends_the_request(loop, broken):
     events = loop.run(collect(engine, endless()))
     assert isinstance(events[-1], Error) and events[-1].kind == "timeout"
     assert loop.run(engine.stats())["running"] == 0
+
+
+def test_a_livelock_is_caught_by_the_watchdog(loop, broken):
+    """The worker keeps answering the stats tick while no request moves: that is a stall all the same."""
+    engine = broken(stall_timeout=1.5)
+
+    async def scenario():
+        events = await asyncio.wait_for(collect(engine, endless(fault="livelock@3")), 20)
+        await asyncio.wait_for(until_restarted(engine, 1), 60)
+        return events
+
+    events = loop.run(scenario())
+    assert isinstance(events[-1], Error) and "stalled" in events[-1].message
+    assert isinstance(loop.run(collect(engine, request()))[-1], Done)
+
+
+def test_a_stranger_with_the_wrong_key_is_refused_while_the_worker_starts(loop):
+    """A local process that reaches the worker's listener first, with the wrong key, does not end the start."""
+    engine = EngineClient(EngineConfig(transcripts_dir=None, cache_dir=None))
+
+    async def scenario():
+        starting = asyncio.create_task(engine.start())
+        while engine.supervisor.worker.address is None:
+            await asyncio.sleep(0.01)
+        with pytest.raises(AuthenticationError):
+            await asyncio.wait_for(asyncio.to_thread(Client, engine.supervisor.worker.address, authkey=b"wrong"), 20)
+        await asyncio.wait_for(starting, 60)
+        return await collect(engine, request())
+
+    try:
+        events = loop.run(scenario())
+    finally:
+        loop.run(engine.stop())
+    assert engine.state == "stopped" and isinstance(events[-1], Done)

@@ -8,7 +8,9 @@ import httpx
 import pytest
 from rich.console import Console
 
+from mlx_tui.api.embedded import ApiServer
 from mlx_tui.api.server import create_app
+from mlx_tui.engine.bus import TranscriptStep
 from mlx_tui.engine.client import EngineClient
 from mlx_tui.engine.config import EngineConfig
 from mlx_tui.engine.demo.conversations import CONVERSATIONS
@@ -29,7 +31,6 @@ from mlx_tui.tui.cli import bind, url
 from mlx_tui.tui.local import LocalBackend
 from mlx_tui.tui.remote import RemoteBackend
 from mlx_tui.tui.requests import RequestsTable
-from mlx_tui.tui.server import ApiServer
 
 pytestmark = pytest.mark.asyncio
 
@@ -121,7 +122,8 @@ async def test_in_process_dashboard_transcripts_and_chat():
             await until(pilot, lambda: not chat.busy and len(chat.history) == 2)
             assert chat.history[-1]["content"] == "The capital of France is Paris."
             chat_id = next(id for id, t in app.state.transcripts.items() if t.source == "chat")
-            pieces = [e for e in engine.bus.recent if e["kind"] == "transcript" and e["id"] == chat_id and e["step"] == "raw"]
+            recent = engine.bus.recent
+            pieces = [e for e in recent if isinstance(e, TranscriptStep) and e.id == chat_id and e.step == "raw"]
             assert len(pieces) > 1, "the reply came in one piece, not streamed"
             table = app.query_one(RequestsTable)
             assert chat_id not in table.rows, "the hidden dashboard drew"
@@ -143,7 +145,7 @@ async def test_attached_to_a_server_shows_its_requests(server):
     app = MlxTui(backend)
     try:
         async with app.run_test(size=SIZE) as pilot:
-            await until(pilot, lambda: app.state.connection.get("state") == "connected")
+            await until(pilot, lambda: app.state.connection is not None and app.state.connection.state == "connected")
             await ready(pilot)
             await a_tool_call_through_the_api(pilot, server.url)
 
@@ -161,7 +163,7 @@ async def test_attach_shows_an_unreachable_server():
     app = MlxTui(backend)
     try:
         async with app.run_test(size=SIZE) as pilot:
-            await until(pilot, lambda: app.state.connection.get("state") == "unreachable")
+            await until(pilot, lambda: app.state.connection is not None and app.state.connection.state == "unreachable")
             await until(pilot, lambda: "unreachable" in shown(app, "#engine-info"))
     finally:
         await backend.stop()

@@ -18,9 +18,10 @@ from mlx_tui.engine.events import (
     ToolCallStart,
     Usage,
 )
+from mlx_tui.engine.bus import decode
 from mlx_tui.tui.app import MlxTui
 from mlx_tui.tui.logview import LogView
-from mlx_tui.tui.state import State
+from mlx_tui.tui.state import ConnectionChange, DashboardEvent, Info, State
 
 T0 = 1_750_000_000.0  # all times are offsets from here, shown in UTC
 SIZE = (140, 42)
@@ -28,6 +29,19 @@ SIZE = (140, 42)
 
 def at(offset: float, kind: str, **data) -> dict:
     return {"kind": kind, "time": T0 + offset, **data}
+
+
+def dashboard_event(data: dict) -> DashboardEvent:
+    """The event as the dashboard's source gives it: a bus event through the codec, or the source's own."""
+    data = dict(data)
+    if data["kind"] == "info":
+        time = data.pop("time")
+        del data["kind"]
+        return Info(values=data, time=time)
+    if data["kind"] == "connection":
+        del data["kind"]
+        return ConnectionChange(**data)
+    return decode(data)
 
 
 def stats(offset: float, decode: float, prefill: float, running: int = 0, waiting: int = 0) -> dict:
@@ -138,7 +152,7 @@ class Replay:
 
     async def events(self):
         for event in EVENTS:
-            yield event
+            yield dashboard_event(event)
         await asyncio.Event().wait()
 
     async def chat(self, request):

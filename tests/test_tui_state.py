@@ -1,12 +1,13 @@
 """The dashboard's state model: bus events in, what the views show out."""
 
 import asyncio
+import json
 from contextlib import aclosing
 from dataclasses import asdict
 
 import pytest
 
-from mlx_tui.engine.bus import EventBus
+from mlx_tui.engine.bus import EventBus, RequestStep, decode, encode
 from mlx_tui.engine.events import Done, RawText, Started, Timings, ToolCallEnd, Usage
 from mlx_tui.engine.transcripts import Transcripts
 from mlx_tui.tui.changes import Changes
@@ -16,8 +17,8 @@ from mlx_tui.tui.requests import cells
 from mlx_tui.tui.transcripts import SENT_TAIL, raw, sent
 
 
-def request(id: str, phase: str, **data) -> dict:
-    return {"kind": "request", "time": 100.0, "id": id, "phase": phase, **data}
+def request(id: str, phase: str, **data) -> RequestStep:
+    return RequestStep(id=id, phase=phase, time=100.0, **data)
 
 
 def test_a_request_row_follows_its_lifecycle():
@@ -42,7 +43,8 @@ def test_percentiles_and_hit_rates():
     assert percentile([float(i) for i in range(1, 101)], 0.95) == 95.0
     state = State()
     assert state.token_hit_rate is None and state.request_hit_rate is None
-    state.apply({"kind": "stats", "time": 1.0, "decode_tps": 12.5, "cache": {"prompt_tokens": 1000, "reused_tokens": 750, "lookups": 4, "hits": 1}})
+    cache = {"prompt_tokens": 1000, "reused_tokens": 750, "lookups": 4, "hits": 1}
+    state.apply(decode({"kind": "stats", "time": 1.0, "decode_tps": 12.5, "cache": cache}))
     assert (state.token_hit_rate, state.request_hit_rate, list(state.decode_tps)) == (0.75, 0.25, [12.5])
 
 
@@ -100,20 +102,20 @@ async def test_a_streaming_transcript_is_published_a_few_times_a_second_and_whol
     for i in range(50):
         recorder.record(t, RawText(f"a{i} "))
         recorder.sent(t, f"chunk a{i}")
-    steps = [e["step"] for e in bus.recent]
+    steps = [e.step for e in bus.recent]
     assert steps == ["open", "prompt", "raw"], "only the first token goes out at once"
     async with aclosing(bus.subscribe(replay=True)) as events:
         for _ in steps:
             await anext(events)
         raw, sent = [await asyncio.wait_for(anext(events), Transcripts.INTERVAL + 5) for _ in range(2)]
-    assert raw["step"] == "raw" and raw["text"] == "".join(f"a{i} " for i in range(1, 50))
-    assert sent["step"] == "sent" and sent["texts"] == [f"chunk a{i}" for i in range(50)]
+    assert raw.step == "raw" and raw.text == "".join(f"a{i} " for i in range(1, 50))
+    assert sent.step == "sent" and sent.texts == [f"chunk a{i}" for i in range(50)]
     for i in range(50):
         recorder.record(t, RawText(f"b{i} "))
         recorder.sent(t, f"chunk b{i}")
     recorder.record(t, ToolCallEnd(0, "call_1", "f", {}, "{}"))
     recorder.finish(t)
-    steps = [e["step"] for e in bus.recent]
+    steps = [e.step for e in bus.recent]
     assert len(steps) < 12 and steps[-2:] == ["tool_call", "finish"]
     state = State()
     for event in bus.recent:
@@ -141,9 +143,25 @@ def test_a_running_transcript_shows_the_last_pieces_sent_and_all_once_it_ends():
 
 def test_a_breaker_from_stats_counts_down_to_its_probe():
     state = State(clock=lambda: 110.0)
-    state.apply({"kind": "stats", "time": 100.0, "breaker": {"state": "open", "failures": 3, "next_probe_s": 30.0}})
+    breaker = {"state": "open", "failures": 3, "next_probe_s": 30.0}
+    state.apply(decode({"kind": "stats", "time": 100.0, "breaker": breaker}))
     assert state.breaker.state == "open" and state.breaker.probe_in(state.clock()) == 20.0
 
 
 def test_chart_scale_starts_at_zero_and_ends_round():
     assert [nice_ceiling(v) for v in (0, 0.4, 7, 120, 180, 2100)] == [1, 1, 10, 200, 200, 5000]
+
+
+def test_bus_events_go_through_json_and_back_unchanged():
+    """The codec `/v1/events` and `--attach` share: the dashboard applies the same events attached and in process."""
+    bus = EventBus()
+    recorder = Transcripts(bus, None)
+    t = recorder.open("r1", "openai", "curl/8", received={"messages": []})
+    recorder.record(t, Started(12, 4, "<|im_start|>user\nhi<|im_end|>\n", 10))
+    recorder.record(t, ToolCallEnd(0, "call_1", "f", {"x": 1}, '{"x": 1}'))
+    recorder.finish(t)
+    stats = decode({"kind": "stats", "time": 1.0, "running": 1, "cache": {"hits": 2}, "state": "ready", "pid": 7})
+    events = [*bus.recent, request("r1", "done", stop_reason="end", prompt_tokens=12, ttft_s=0.5), stats]
+    assert [decode(json.loads(json.dumps(encode(e)))) for e in events] == events
+    wire = {"kind": "stats", "time": 1.0, "running": 1, "cache": {"hits": 2}, "state": "ready", "pid": 7}
+    assert encode(stats) == wire

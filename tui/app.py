@@ -24,7 +24,7 @@ from .chat import ChatView
 from .dashboard import DashboardView
 from .help import HelpScreen
 from .logview import LoggerRoute, LogRecordPosted, LogView
-from .state import State
+from .state import DashboardEvent, State
 from .transcripts import TranscriptsView
 
 
@@ -35,7 +35,7 @@ class Backend(Protocol):
 
     async def stop(self) -> None: ...
 
-    def events(self) -> AsyncIterator[dict]: ...
+    def events(self) -> AsyncIterator[DashboardEvent]: ...
 
     def chat(self, request: Request) -> AsyncIterator[Event]: ...
 
@@ -56,9 +56,10 @@ class MlxTui(App):
     ]
     FLUSH_S = 0.25
 
-    def __init__(self, backend: Backend, state: State | None = None):
+    def __init__(self, backend: Backend, state: State | None = None, example_tools: list[dict] | None = None):
         super().__init__()
         self.backend = backend
+        self.example_tools = example_tools
         self.state = state or State()
         self.unseen = {tab: Changes() for tab in VIEWS}  # what each view has not drawn yet
         self.logs = LoggerRoute(self)
@@ -68,7 +69,7 @@ class MlxTui(App):
             with TabPane("1 Dashboard", id="dashboard"):
                 yield DashboardView(self.state)
             with TabPane("2 Chat", id="chat"):
-                yield ChatView(self.backend)
+                yield ChatView(self.backend, self.example_tools)
             with TabPane("3 Transcripts", id="transcripts"):
                 yield TranscriptsView(self.state, self.backend)
             with TabPane("4 Log", id="log"):
@@ -90,7 +91,7 @@ class MlxTui(App):
         async for event in self.backend.events():
             self.ingest(event)
 
-    def ingest(self, event: dict):
+    def ingest(self, event: DashboardEvent):
         area = self.state.apply(event)
         for changes in self.unseen.values():
             changes.note(area, event)

@@ -4,6 +4,10 @@ from dataclasses import dataclass, field
 
 from textual.message import Message
 
+from mlx_tui.engine.bus import RequestStep, TranscriptStep
+
+from .state import DashboardEvent, State
+
 
 @dataclass(slots=True)
 class Changes:
@@ -11,17 +15,17 @@ class Changes:
     requests: set[str] = field(default_factory=set)
     transcripts: set[str] = field(default_factory=set)
 
-    def note(self, area: str, event: dict):
+    def note(self, area: str, event: DashboardEvent) -> None:
         self.areas.add(area)
-        if area == "requests":
-            self.requests.add(event["id"])
-        elif area == "transcripts":
-            self.transcripts.add(event["id"])
-            if event["step"] == "tool_call":  # counted on the request's row too
+        if isinstance(event, RequestStep):
+            self.requests.add(event.id)
+        elif isinstance(event, TranscriptStep):
+            self.transcripts.add(event.id)
+            if event.step == "tool_call":  # counted on the request's row too
                 self.areas.add("requests")
-                self.requests.add(event["id"])
+                self.requests.add(event.id)
 
-    def forget_gone(self, state):
+    def forget_gone(self, state: State) -> None:
         """Drop the ids `state` no longer keeps, so that a view hidden for long holds no more than it."""
         if len(self.requests) > len(state.requests):
             self.requests &= state.requests.keys()
@@ -33,8 +37,8 @@ class Changes:
 
 
 class EventArrived(Message):
-    """A bus-shaped event a view fetched itself (a full transcript), for the app to apply."""
+    """An event a view fetched itself (a full transcript), for the app to apply."""
 
-    def __init__(self, event: dict):
+    def __init__(self, event: DashboardEvent):
         super().__init__()
         self.event = event

@@ -9,7 +9,6 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Checkbox, Input, Label
 
-from mlx_tui.engine.demo.conversations import TOOLS
 from mlx_tui.engine.request import Request, Sampling
 
 from .turns import AssistantTurn, UserTurn
@@ -23,9 +22,11 @@ class ChatView(Vertical):
         Binding("ctrl+l", "clear", "Clear chat"),
     ]
 
-    def __init__(self, backend, **kwargs):
+    def __init__(self, backend, example_tools: list[dict] | None = None, **kwargs):
+        """`example_tools` (OpenAI function schemas) are offered to the model when the box is ticked."""
         super().__init__(**kwargs)
         self.backend = backend
+        self.example_tools = example_tools or None
         self.history: list[dict] = []
 
     def compose(self) -> ComposeResult:
@@ -34,7 +35,8 @@ class ChatView(Vertical):
             yield Input(placeholder="none", id="system")
             yield Label("temperature")
             yield Input("0.0", type="number", id="temperature")
-            yield Checkbox("example tools", id="tools", tooltip="offer get_weather and get_time to the model")
+            names = " and ".join(t["function"]["name"] for t in self.example_tools or ())
+            yield Checkbox("example tools", id="tools", tooltip=f"offer {names or 'no tools'} to the model")
         yield VerticalScroll(id="conversation")
         yield Input(placeholder="Message the model: enter sends, esc stops, ctrl+l clears", id="prompt")
 
@@ -60,7 +62,7 @@ class ChatView(Vertical):
         system = self.query_one("#system", Input).value.strip()
         request = Request(
             messages=([{"role": "system", "content": system}] if system else []) + self.history,
-            tools=TOOLS if self.query_one("#tools", Checkbox).value else None,
+            tools=self.example_tools if self.query_one("#tools", Checkbox).value else None,
             sampling=Sampling(temperature=temperature),
             source="chat",
             client=CLIENT,

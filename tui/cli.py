@@ -2,7 +2,6 @@
 
 import argparse
 import asyncio
-import ipaddress
 import os
 import signal
 import socket
@@ -11,9 +10,6 @@ from pathlib import Path
 
 from mlx_tui.engine.blas import missing_openblas, worker_blas
 from mlx_tui.engine.config import DTYPES, EngineConfig, cache_dir, hostfile_hosts, model_problem
-
-LOOPBACK_NAMES = {"localhost", "localhost.localdomain"}
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="mlx-tui", description=__doc__)
@@ -126,15 +122,6 @@ def app_settings(args: argparse.Namespace) -> dict:
     }
 
 
-def is_loopback(host: str) -> bool:
-    if host.lower() in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
@@ -148,80 +135,6 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-class ProgressBar:
-    """Prints model loading as a one-line progress bar on stderr."""
-
-    def __init__(self):
-        self.open = False
-
-    def __call__(self, phase: str, fraction: float):
-        filled = int(fraction * 30)
-        sys.stderr.write(f"\rloading model: {phase:<8} [{'#' * filled}{'.' * (30 - filled)}] {fraction:4.0%}")
-        self.open = not (phase == "weights" and fraction >= 1)
-        if not self.open:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-    def close(self):
-        """End the bar's line, so that what follows starts on a line of its own."""
-        if self.open:
-            sys.stderr.write("\n")
-            self.open = False
-
-
-async def serve(args: argparse.Namespace, sock: socket.socket) -> int:
-    import uvicorn
-
-    from mlx_tui.api.server import create_app
-    from mlx_tui.api.warm import warm
-    from mlx_tui.engine.client import EngineClient, ModelLoadError
-
-    from .server import ApiServer
-
-    progress = ProgressBar()
-    engine = EngineClient(engine_config(args), on_progress=progress)
-    try:
-        await engine.start()
-    except ModelLoadError as e:
-        progress.close()
-        print(f"mlx-tui: {e}", file=sys.stderr)
-        return 1
-    if engine.info["tool_parser"] is None:
-        print("mlx-tui: no tool-call parser found for this model; pass --tool-parser NAME to enable tool calls", file=sys.stderr)
-    if args.warm:
-        print(f"mlx-tui: {await warm(engine, args.warm)}", file=sys.stderr)
-    app = create_app(engine, **app_settings(args))
-    server = ApiServer(app, sock, args.shutdown_grace, log_config=uvicorn.config.LOGGING_CONFIG, log_level="info")
-    dtype = ", ".join(filter(None, (engine.info["dtype"], engine.info["dtype_note"])))
-    print(
-        f"mlx-tui: serving {engine.config.model} at http://{args.host}:{args.port} "
-        f"(BLAS: {engine.blas}; dtype: {dtype}; prefix cache: {engine.info['cache_mode']})",
-        file=sys.stderr,
-    )
-    signalled = asyncio.Event()
-
-    def on_signal():
-        if signalled.is_set():  # a second one: end what still runs now
-            asyncio.ensure_future(engine.drain(0))
-        signalled.set()
-
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
-    server.start()
-    waiting = asyncio.create_task(signalled.wait())
-    try:
-        await asyncio.wait([server.task, waiting], return_when=asyncio.FIRST_COMPLETED)
-        if signalled.is_set():
-            grace = f"running requests have {args.shutdown_grace:g} s to finish (signal again to end them now)"
-            print(f"mlx-tui: stopping; {grace}", file=sys.stderr)
-        await server.stop()
-    finally:
-        waiting.cancel()
-        await engine.stop()
-    return 0 if signalled.is_set() else 1
-
-
 def listen(args: argparse.Namespace) -> tuple[socket.socket | None, str | None]:
     """The API's bound socket, or why there is none."""
     try:
@@ -232,11 +145,11 @@ def listen(args: argparse.Namespace) -> tuple[socket.socket | None, str | None]:
 
 def local_backend(args: argparse.Namespace, sock: socket.socket | None, problem: str | None):
     """The engine, and the API served from the app's event loop when `sock` is bound."""
+    from mlx_tui.api.embedded import ApiServer
     from mlx_tui.api.server import create_app
     from mlx_tui.engine.client import EngineClient
 
     from .local import LocalBackend
-    from .server import ApiServer
 
     engine = EngineClient(engine_config(args))
     if sock is None:
@@ -246,16 +159,20 @@ def local_backend(args: argparse.Namespace, sock: socket.socket | None, problem:
 
 
 async def dashboard(args: argparse.Namespace, sock: socket.socket | None, problem: str | None) -> int:
+    from mlx_tui.engine.demo.conversations import TOOLS
+
     from .app import MlxTui
 
-    return await run(MlxTui(local_backend(args, sock, problem)))
+    return await run(MlxTui(local_backend(args, sock, problem), example_tools=TOOLS))
 
 
 async def attach(args: argparse.Namespace) -> int:
     from .app import MlxTui
     from .remote import RemoteBackend
 
-    return await run(MlxTui(RemoteBackend(args.attach, args.api_key)))
+    from mlx_tui.engine.demo.conversations import TOOLS
+
+    return await run(MlxTui(RemoteBackend(args.attach, args.api_key), example_tools=TOOLS))
 
 
 async def run(app) -> int:
@@ -284,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             print(f"mlx-tui: {e}", file=sys.stderr)
             return 2
-    if not is_loopback(args.host) and not args.api_key and not args.insecure:
+    from mlx_tui.api.server import loopback_host
+
+    if not loopback_host(args.host) and not args.api_key and not args.insecure:
         print(f"mlx-tui: refusing to serve on {args.host} without --api-key (or --insecure)", file=sys.stderr)
         return 2
     if warning := missing_openblas(args.blas, worker_blas(args.blas)[0]):
@@ -294,7 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         if problem:
             print(f"mlx-tui: {problem}", file=sys.stderr)
             return 1
-        return asyncio.run(serve(args, sock))
+        from mlx_tui.api.headless import serve
+
+        return asyncio.run(serve(engine_config(args), sock, url(args.host, args.port), app_settings(args),
+                                 args.shutdown_grace, args.warm))
     return asyncio.run(dashboard(args, sock, problem))
 
 

@@ -73,10 +73,10 @@ class EnginePanel(Panel):
             t.add_row("API", info.get("address") or fmt.DASH)
         if state.connection:
             c = state.connection
-            if c["state"] == "connected":
+            if c.state == "connected":
                 t.add_row("server", dot("connected", "green"))
             else:
-                t.add_row("server", dot(f"unreachable: {c['error']} (retrying in {c['retry_s']}s)", "bold red"))
+                t.add_row("server", dot(f"unreachable: {c.error} (retrying in {c.retry_s}s)", "bold red"))
         t.add_row("uptime", fmt.duration(state.uptime_s))
         worker = dot(w.state, WORKER_STYLES.get(w.state, "bold red"))
         if w.state == "loading" and w.phase:

@@ -4,19 +4,19 @@ import asyncio
 import json
 import logging
 import secrets
-import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import asdict
 from pathlib import Path
 
-from mlx_tui.api.server import model_name
-from mlx_tui.api.warm import warm
-from mlx_tui.engine.client import EngineClient, EngineUnavailable, ModelLoadError
+from mlx_tui.api.embedded import ApiServer
+from mlx_tui.api.startup import start_engine
+from mlx_tui.engine.bus import WorkerChange
+from mlx_tui.engine.client import EngineClient, EngineUnavailable
 from mlx_tui.engine.events import Error, Event, TextDelta, ToolCallEnd
 from mlx_tui.engine.request import Request
 
-from .server import ApiServer
+from .state import DashboardEvent, Info
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +50,7 @@ class LocalBackend:
         self._loading = asyncio.create_task(self._load())
 
     async def _load(self):
-        try:
-            await self.engine.start()
-        except ModelLoadError as e:
-            log.error("%s", e)
-            return
-        if self.engine.info.get("tool_parser") is None:
-            log.warning("no tool-call parser found for this model; pass --tool-parser NAME to enable tool calls")
-        if self.warm_file:
-            log.info("%s", await warm(self.engine, self.warm_file))
+        await start_engine(self.engine, self.warm_file, log.log)
 
     async def stop(self):
         if self._loading and not self._loading.done():
@@ -67,19 +59,24 @@ class LocalBackend:
             await self.server.stop()
         await self.engine.stop()
 
-    def _info(self) -> dict:
+    def _info(self) -> Info:
         engine = self.engine
-        return {
-            "kind": "info", "time": time.time(), "model": model_name(engine), "address": self.address,
-            "api_problem": self.problem,
-            "started_at": engine.started_at, "blas": engine.blas, **engine.info,
-        }
+        return Info(
+            values={
+                "model": engine.model_name,
+                "address": self.address,
+                "api_problem": self.problem,
+                "started_at": engine.started_at,
+                "blas": engine.blas,
+                **engine.info,
+            }
+        )
 
-    async def events(self) -> AsyncIterator[dict]:
+    async def events(self) -> AsyncIterator[DashboardEvent]:
         yield self._info()
         async for event in self.engine.bus.subscribe(replay=True):
             yield event
-            if event["kind"] == "worker" and event["state"] == "ready":
+            if isinstance(event, WorkerChange) and event.state == "ready":
                 yield self._info()
 
     async def chat(self, request: Request) -> AsyncIterator[Event]:

@@ -11,11 +11,14 @@ from collections.abc import AsyncIterator
 
 import httpx
 
+from mlx_tui.engine.bus import BreakerChange, TranscriptStep, WorkerChange, decode
 from mlx_tui.engine.events import (
     Done,
     Error,
+    ErrorKind,
     Event,
     ReasoningDelta,
+    StopReason,
     TextDelta,
     Timings,
     ToolCallDelta,
@@ -25,10 +28,31 @@ from mlx_tui.engine.events import (
 )
 from mlx_tui.engine.request import Request
 
+from .state import ConnectionChange, DashboardEvent, Info
+
 RETRY_S = (1, 2, 5)
-WORKER_STATES = {"ok": "ready", "loading": "loading", "restarting": "restarting", "stopping": "stopping"}  # "degraded" says too little
-STOP_REASONS = {"stop": "end", "length": "length", "tool_calls": "tool_calls"}
-ERROR_KINDS = {400: "invalid_request", 413: "invalid_request", 429: "overloaded", 529: "overloaded"}
+WORKER_STATES = {
+    "ok": "ready",
+    "loading": "loading",
+    "restarting": "restarting",
+    "stopping": "stopping",
+}  # "degraded" says too little
+STOP_REASONS: dict[str, StopReason] = {"stop": "end", "length": "length", "tool_calls": "tool_calls"}
+ERROR_KINDS: dict[int, ErrorKind] = {
+    400: "invalid_request",
+    413: "invalid_request",
+    429: "overloaded",
+    529: "overloaded",
+}
+# an error event's OpenAI type, back to the engine's kind
+ERROR_TYPES: dict[str, ErrorKind] = {
+    "invalid_request_error": "invalid_request",
+    "request_too_large": "invalid_request",
+    "rate_limit_error": "overloaded",
+    "service_unavailable": "engine",
+    "server_error": "internal",
+    "timeout": "timeout",
+}
 
 
 class Refused(Exception):
@@ -77,8 +101,8 @@ class RemoteBackend:
     async def stop(self):
         await self.client.aclose()
 
-    async def events(self) -> AsyncIterator[dict]:
-        yield {"kind": "info", "time": time.time(), "address": self.address}
+    async def events(self) -> AsyncIterator[DashboardEvent]:
+        yield Info(values={"address": self.address})
         failures = 0
         while True:
             try:
@@ -86,14 +110,14 @@ class RemoteBackend:
                     failures = 0
                     yield event
                 reason = "the server closed the event stream"
-            except (httpx.HTTPError, Refused, ValueError) as e:
+            except (httpx.HTTPError, Refused, ValueError, KeyError, TypeError) as e:
                 reason = describe(e)
             delay = RETRY_S[min(failures, len(RETRY_S) - 1)]
             failures += 1
-            yield {"kind": "connection", "time": time.time(), "state": "unreachable", "error": reason, "retry_s": delay}
+            yield ConnectionChange(state="unreachable", error=reason, retry_s=delay)
             await asyncio.sleep(delay)
 
-    async def _follow(self) -> AsyncIterator[dict]:
+    async def _follow(self) -> AsyncIterator[DashboardEvent]:
         """One connection: the server's state, its known transcripts, then its events as they come."""
         health = await self._get("/health")
         summaries = (await self._get("/v1/transcripts"))["data"]
@@ -101,20 +125,28 @@ class RemoteBackend:
             if response.status_code != 200:
                 raise Refused(refusal(response, await response.aread()))
             now = time.time()
-            yield {"kind": "connection", "time": now, "state": "connected"}
-            yield {"kind": "info", "time": now, "model": health.get("model"), "blas": health.get("blas"),
-                   "dtype": health.get("dtype"), "tool_parser": health.get("tool_parser"),
-                   **({"started_at": now - health["uptime_s"]} if "uptime_s" in health else {})}
+            yield ConnectionChange(state="connected", time=now)
+            info = {name: health.get(name) for name in ("model", "blas", "dtype", "tool_parser")}
+            if "uptime_s" in health:
+                info["started_at"] = now - health["uptime_s"]
+            yield Info(values=info, time=now)
             if state := WORKER_STATES.get(health.get("status")):
-                yield {"kind": "worker", "time": now, "state": state, **(health.get("worker") or {})}
-            yield {"kind": "breaker", "time": now, **(health.get("breaker") or {})}
+                worker = health.get("worker") or {}
+                yield WorkerChange(state=state, time=now, pid=worker.get("pid"), restarts=worker.get("restarts"))
+            if breaker := health.get("breaker"):
+                yield BreakerChange(
+                    state=breaker["state"],
+                    time=now,
+                    failures=breaker.get("failures"),
+                    next_probe_s=breaker.get("next_probe_s"),
+                )
             for summary in summaries:
-                yield {"kind": "transcript", "time": now, "id": summary["id"], "step": "finish", "summary": summary}
+                yield TranscriptStep(id=summary["id"], step="finish", summary=summary, time=now)
             async for data in sse_data(response):
-                event = json.loads(data)
-                if event["time"] <= self._last_seen:
+                event = decode(json.loads(data))
+                if event.time <= self._last_seen:
                     continue  # replayed after a reconnect: already applied
-                self._last_seen = event["time"]
+                self._last_seen = event.time
                 yield event
 
     async def _get(self, path: str) -> dict:
@@ -135,7 +167,9 @@ class RemoteBackend:
         first = None
         try:
             headers = {"user-agent": request.client}
-            async with self.client.stream("POST", "/v1/chat/completions", json=chat_body(request), headers=headers) as response:
+            async with self.client.stream(
+                "POST", "/v1/chat/completions", json=chat_body(request), headers=headers
+            ) as response:
                 if response.status_code != 200:
                     message = refusal(response, await response.aread())
                     yield Error(ERROR_KINDS.get(response.status_code, "engine"), message)
@@ -163,12 +197,17 @@ def chat_body(request: Request) -> dict:
     messages = []
     for message in request.messages:
         if "tool_calls" in message:
-            calls = [{**c, "function": {**c["function"], "arguments": json.dumps(c["function"]["arguments"])}}
-                     for c in message["tool_calls"]]
+            calls = [
+                {**c, "function": {**c["function"], "arguments": json.dumps(c["function"]["arguments"])}}
+                for c in message["tool_calls"]
+            ]
             message = {**message, "tool_calls": calls}
         messages.append(message)
     body = {
-        "model": "mlx-tui", "messages": messages, "stream": True, "stream_options": {"include_usage": True},
+        "model": "mlx-tui",
+        "messages": messages,
+        "stream": True,
+        "stream_options": {"include_usage": True},
         "temperature": request.sampling.temperature,
     }
     if request.tools:
@@ -181,13 +220,14 @@ class ChunkReader:
 
     def __init__(self):
         self.calls: dict[int, dict] = {}
-        self.stop_reason = "end"
+        self.stop_reason: StopReason = "end"
         self.usage = Usage(0, 0, 0)
         self.error: Error | None = None
 
     def read(self, chunk: dict) -> list[Event]:
         if "error" in chunk:
-            self.error = Error(chunk["error"].get("type", "engine"), chunk["error"].get("message", ""))
+            error = chunk["error"]
+            self.error = Error(ERROR_TYPES.get(error.get("type"), "engine"), error.get("message", ""))
             return []
         if used := chunk.get("usage"):
             cached = (used.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
@@ -202,7 +242,7 @@ class ChunkReader:
             for call in delta.get("tool_calls") or []:
                 events.extend(self._call(call))
             if reason := choice.get("finish_reason"):
-                self.stop_reason = STOP_REASONS.get(reason, reason)
+                self.stop_reason = STOP_REASONS.get(reason, "end")
         return events
 
     def _call(self, piece: dict) -> list[Event]:

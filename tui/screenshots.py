@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 
+from mlx_tui.api.embedded import ApiServer
 from mlx_tui.api.server import create_app
 from mlx_tui.engine.client import EngineClient
 from mlx_tui.engine.config import EngineConfig
@@ -21,7 +22,6 @@ from .app import MlxTui
 from .chat import ChatView
 from .cli import bind, url
 from .local import LocalBackend
-from .server import ApiServer
 
 SIZE = (140, 42)
 ANTHROPIC_TOOLS = [
@@ -85,7 +85,7 @@ async def main(out: Path):
     sock = bind("127.0.0.1", 0)
     address = url(*sock.getsockname()[:2])
     backend = LocalBackend(engine, ApiServer(create_app(engine), sock), address)
-    app = MlxTui(backend)
+    app = MlxTui(backend, example_tools=TOOLS)
     try:
         async with app.run_test(size=SIZE) as pilot:
             for second in range(8):  # a few seconds of varying traffic, so the charts have something to show

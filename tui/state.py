@@ -1,19 +1,51 @@
 """The dashboard's state model: bus events (in-process or from `/v1/events`) folded into what the views show.
 
-`State.apply(event)` takes one bus dict and returns the area it changed ("info", "stats",
-"worker", "breaker", "requests", "transcripts", "connection"), so views redraw only what moved.
+`State.apply(event)` takes one event (a bus event, or the source's own `Info` and
+`ConnectionChange`) and returns the area it changed ("info", "stats", "worker", "breaker",
+"requests", "transcripts", "connection"), so views redraw only what moved.
 """
 
 import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
+from mlx_tui.engine.bus import (
+    BreakerChange,
+    BusEvent,
+    LogLine,
+    RequestStep,
+    StatsTick,
+    TranscriptStep,
+    WorkerChange,
+)
 from mlx_tui.engine.transcripts import Transcript
 
 HISTORY = 600  # one-second samples kept for the charts
 KEEP = 200  # requests and transcripts kept
+
+
+@dataclass(slots=True, frozen=True, kw_only=True)
+class Info:
+    """What the dashboard's source knows of the server: model, address, BLAS, dtype, the worker's info..."""
+
+    values: dict[str, Any]
+    time: float = field(default_factory=time.time)
+
+
+@dataclass(slots=True, frozen=True, kw_only=True)
+class ConnectionChange:
+    """Attached: the server is reachable, or not (why, and when the next try is)."""
+
+    state: str  # "connected" or "unreachable"
+    time: float = field(default_factory=time.time)
+    error: str | None = None
+    retry_s: float | None = None
+
+
+DashboardEvent = BusEvent | Info | ConnectionChange
 
 
 @dataclass(slots=True)
@@ -50,7 +82,17 @@ class TranscriptRecord(Transcript):
     complete: bool = True  # False when only its summary is known (attached after it began)
 
     def summarize(self, summary: dict):
-        for name in ("source", "client", "started", "prompt_tokens", "cached_tokens", "constraint", "stop_reason", "error", "finished"):
+        for name in (
+            "source",
+            "client",
+            "started",
+            "prompt_tokens",
+            "cached_tokens",
+            "constraint",
+            "stop_reason",
+            "error",
+            "finished",
+        ):
             if name in summary:
                 setattr(self, name, summary[name])
 
@@ -105,8 +147,8 @@ class State:
 
     def __init__(self, clock: Callable[[], float] = time.time):
         self.clock = clock
-        self.info: dict = {}
-        self.stats: dict = {}
+        self.info: dict[str, Any] = {}
+        self.stats: dict[str, Any] = {}
         self.decode_tps: deque[float] = deque(maxlen=HISTORY)
         self.prefill_tps: deque[float] = deque(maxlen=HISTORY)
         self.ttfts: deque[float] = deque(maxlen=KEEP)
@@ -114,101 +156,116 @@ class State:
         self.transcripts: OrderedDict[str, TranscriptRecord] = OrderedDict()
         self.worker = Worker()
         self.breaker = Breaker()
-        self.connection: dict = {}
+        self.connection: ConnectionChange | None = None
 
-    def apply(self, event: dict) -> str:
-        kind = event["kind"]
-        if kind == "request":
-            self._request(event)
-            return "requests"
-        if kind == "transcript":
-            self._transcript(event)
-            return "transcripts"
-        if kind == "stats":
-            self.stats = event
-            self.decode_tps.append(event.get("decode_tps", 0.0))
-            self.prefill_tps.append(event.get("prefill_tps", 0.0))
-            if "breaker" in event:
-                self._breaker(event["breaker"], event["time"])
-            if "state" in event:
-                self._worker({k: event[k] for k in ("state", "pid", "restarts") if k in event})
-        elif kind == "worker":
-            self._worker(event)
-        elif kind == "breaker":
-            self._breaker(event, event["time"])
-        elif kind == "info":
-            self.info.update({k: v for k, v in event.items() if k not in ("kind", "time")})
-        elif kind == "connection":
-            self.connection = event
-        return kind
+    def apply(self, event: DashboardEvent) -> str:
+        match event:
+            case RequestStep():
+                self._request(event)
+                return "requests"
+            case TranscriptStep():
+                self._transcript(event)
+                return "transcripts"
+            case StatsTick():
+                self.stats = {**event.values, "rank_states": event.rank_states or []}
+                self.decode_tps.append(event.values.get("decode_tps", 0.0))
+                self.prefill_tps.append(event.values.get("prefill_tps", 0.0))
+                if event.breaker is not None:
+                    self._breaker(event.breaker, event.time)
+                if event.state is not None:
+                    self._worker(WorkerChange(state=event.state, pid=event.pid, restarts=event.restarts))
+                return "stats"
+            case WorkerChange():
+                self._worker(event)
+                return "worker"
+            case BreakerChange():
+                snapshot = {"state": event.state, "failures": event.failures, "next_probe_s": event.next_probe_s}
+                self._breaker(snapshot, event.time)
+                return "breaker"
+            case Info():
+                self.info.update(event.values)
+                return "info"
+            case ConnectionChange():
+                self.connection = event
+                return "connection"
+            case LogLine():
+                return "log"
+        raise TypeError(f"not a dashboard event: {event!r}")
 
-    def _breaker(self, snapshot: dict, at: float):
+    def _breaker(self, snapshot: dict[str, Any], at: float) -> None:
         b = self.breaker
-        b.state, b.failures = snapshot.get("state", b.state), snapshot.get("failures", b.failures)
+        b.state = snapshot.get("state") or b.state
+        b.failures = snapshot["failures"] if snapshot.get("failures") is not None else b.failures
         b.next_probe_s, b.at = snapshot.get("next_probe_s"), at
 
-    def _worker(self, event: dict):
+    def _worker(self, event: WorkerChange) -> None:
         w = self.worker
-        if event["state"] != w.state:
+        if event.state != w.state:
             w.phase, w.fraction, w.message = "", 0.0, ""
-        w.state = event["state"]
-        w.pid = event.get("pid", w.pid)
-        w.restarts = event.get("restarts", w.restarts)
-        w.phase = event.get("phase", w.phase)
-        w.fraction = event.get("fraction", w.fraction)
-        w.message = event.get("message") or event.get("failure") or w.message
+        w.state = event.state
+        w.pid = event.pid if event.pid is not None else w.pid
+        w.restarts = event.restarts if event.restarts is not None else w.restarts
+        w.phase = event.phase if event.phase is not None else w.phase
+        w.fraction = event.fraction if event.fraction is not None else w.fraction
+        w.message = event.message or event.failure or w.message
 
-    def _request(self, event: dict):
-        id, phase = event["id"], event["phase"]
+    def _request(self, event: RequestStep) -> None:
+        id, phase = event.id, event.phase
         row = self.requests.get(id)
         if row is None:
-            row = self.requests[id] = RequestRow(id, received=event["time"])
+            row = self.requests[id] = RequestRow(id, received=event.time)
             while len(self.requests) > KEEP:
                 self.requests.popitem(last=False)
         if phase == "queued":
-            row.source, row.client = event.get("source", ""), event.get("client", "")
+            row.source, row.client = event.source or "", event.client or ""
         elif phase == "prefill":
-            row.prompt_tokens = event.get("prompt_tokens", row.prompt_tokens)
-            row.cached_tokens = event.get("cached_tokens", row.cached_tokens)
-            row.prefill_done = event.get("done", row.prefill_done)
-            row.prefill_total = event.get("total", row.prefill_total)
-            row.constraint = event.get("constraint", row.constraint)
+            row.prompt_tokens = row.prompt_tokens if event.prompt_tokens is None else event.prompt_tokens
+            row.cached_tokens = row.cached_tokens if event.cached_tokens is None else event.cached_tokens
+            row.prefill_done = row.prefill_done if event.done is None else event.done
+            row.prefill_total = row.prefill_total if event.total is None else event.total
+            row.constraint = row.constraint if event.constraint is None else event.constraint
         elif phase == "done":
-            for name in ("stop_reason", "note", "prompt_tokens", "cached_tokens", "generated_tokens", "ttft_s", "decode_s"):
-                setattr(row, name, event.get(name))
+            row.stop_reason, row.note, row.ttft_s, row.decode_s = (
+                event.stop_reason,
+                event.note,
+                event.ttft_s,
+                event.decode_s,
+            )
+            row.prompt_tokens = event.prompt_tokens or 0
+            row.cached_tokens = event.cached_tokens or 0
+            row.generated_tokens = event.generated_tokens or 0
             if row.ttft_s is not None:
                 self.ttfts.append(row.ttft_s)
         elif phase == "error":
-            row.error = f"{event.get('error_kind')}: {event.get('message')}"
+            row.error = f"{event.error_kind}: {event.message}"
         row.phase = phase
 
-    def _transcript(self, event: dict):
-        id, step = event["id"], event["step"]
+    def _transcript(self, event: TranscriptStep) -> None:
+        id, step = event.id, event.step
         record = self.transcripts.get(id)
         if record is None:
-            record = self.transcripts[id] = TranscriptRecord(id, started=event["time"], complete=step == "open")
+            record = self.transcripts[id] = TranscriptRecord(id, started=event.time, complete=step == "open")
             while len(self.transcripts) > KEEP:
                 self.transcripts.popitem(last=False)
+        if step in ("open", "finish") and event.summary is not None:
+            record.summarize(event.summary)
         if step == "open":
-            record.summarize(event["summary"])
-            record.received = event.get("received")
+            record.received = event.received
         elif step == "prompt":
-            record.prompt, record.cached_chars = event["prompt"], event["cached_chars"]
-            record.constraint, record.constraint_from = event.get("constraint", ""), event.get("constraint_from", "")
+            record.prompt, record.cached_chars = event.prompt or "", event.cached_chars or 0
+            record.constraint, record.constraint_from = event.constraint or "", event.constraint_from or ""
         elif step == "raw":
-            record.add_raw(event["text"])
-        elif step == "tool_call":
-            record.tool_calls.append(event["call"])
+            record.add_raw(event.text or "")
+        elif step == "tool_call" and event.call is not None:
+            record.tool_calls.append(event.call)
             if row := self.requests.get(id):
                 row.tool_calls += 1
-        elif step == "parse_error":
-            record.parse_errors.append(event["error"])
+        elif step == "parse_error" and event.error is not None:
+            record.parse_errors.append(event.error)
         elif step == "sent":
-            record.sent.extend(event["texts"])
-        elif step == "finish":
-            record.summarize(event["summary"])
-        elif step == "full":
-            record.load(event["transcript"])
+            record.sent.extend(event.texts or ())
+        elif step == "full" and event.transcript is not None:
+            record.load(event.transcript)
 
     @property
     def ttft_p50(self) -> float | None:

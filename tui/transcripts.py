@@ -15,6 +15,8 @@ from textual.message import Message
 from textual.reactive import reactive
 from textual.widgets import Checkbox, Collapsible, DataTable, Input, Static
 
+from mlx_tui.engine.bus import TranscriptStep
+
 from . import format as fmt
 from .changes import Changes, EventArrived
 from .requests import update_row
@@ -300,7 +302,7 @@ class TranscriptsView(Horizontal):
     @work(exclusive=True, group="fetch")
     async def fetch(self, id: str):
         if data := await self.backend.transcript(id):
-            self.post_message(EventArrived({"kind": "transcript", "time": 0.0, "id": id, "step": "full", "transcript": data}))
+            self.post_message(EventArrived(TranscriptStep(id=id, step="full", transcript=data, time=0.0)))
 
     def on_show(self):
         if self.follow:

@@ -4,8 +4,11 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections.abc import Iterator
+from typing import Any
 
 import uvicorn
+from starlette.applications import Starlette
 
 log = logging.getLogger(__name__)
 
@@ -14,7 +17,7 @@ class EmbeddedServer(uvicorn.Server):
     """A uvicorn server that leaves SIGINT and SIGTERM to the app it runs in."""
 
     @contextlib.contextmanager
-    def capture_signals(self):
+    def capture_signals(self) -> Iterator[None]:
         yield
 
 
@@ -25,9 +28,9 @@ class ApiServer:
     `settings` go to uvicorn (by default its logging is left to the app: the log pane).
     """
 
-    GRACE_S = 2.0  # how long open streams (such as /v1/events) may take to finish once uvicorn stops
+    GRACE_S = 2  # how long open streams (such as /v1/events) may take to finish once uvicorn stops
 
-    def __init__(self, app, sock: socket.socket, grace: float = 10.0, **settings):
+    def __init__(self, app: Starlette, sock: socket.socket, grace: float = 10.0, **settings: Any) -> None:
         settings = {"log_config": None, **settings}
         config = uvicorn.Config(app, timeout_graceful_shutdown=self.GRACE_S, **settings)
         self.server = EmbeddedServer(config)
@@ -36,16 +39,17 @@ class ApiServer:
         self.grace = grace
         self.task: asyncio.Task | None = None
 
-    def start(self):
+    def start(self) -> asyncio.Task[None]:
         self.task = asyncio.create_task(self._serve())
+        return self.task
 
-    async def _serve(self):
+    async def _serve(self) -> None:
         try:
             await self.server.serve(sockets=[self.sock])
         except (Exception, SystemExit) as e:  # SystemExit: uvicorn's way to say it could not start
             log.error("the API server stopped: %r", e)
 
-    async def stop(self):
+    async def stop(self) -> None:
         """Shut down gracefully: the engine refuses new requests and gives running ones `grace`
         seconds before it ends them with an error event; then uvicorn closes the socket and,
         after GRACE_S, cancels what is still open (an event stream).
