@@ -43,7 +43,10 @@ class Observer:
         step = None
         if isinstance(event, Started):
             step = RequestStep(
-                id=request_id, phase="prefill", prompt_tokens=event.prompt_tokens, cached_tokens=event.cached_tokens,
+                id=request_id,
+                phase="prefill",
+                prompt_tokens=event.prompt_tokens,
+                cached_tokens=event.cached_tokens,
                 constraint=event.constraint,
             )
         elif isinstance(event, PrefillProgress):

@@ -41,7 +41,7 @@ class Transcript:
     error: str | None = None
     finished: float | None = None
 
-    def add_raw(self, text: str):
+    def add_raw(self, text: str) -> None:
         """Add generated text, noting where the grammar began to bind once its marker has appeared."""
         self.raw += text
         if self.constraint and self.constrained_at is None:
@@ -103,8 +103,14 @@ class Transcripts:
             t.prompt, t.prompt_tokens = event.prompt_text, event.prompt_tokens
             t.cached_tokens, t.cached_chars = event.cached_tokens, event.cached_chars
             t.constraint, t.constraint_from = event.constraint, event.constraint_from
-            self._publish(t, step="prompt", prompt=t.prompt, cached_chars=t.cached_chars,
-                          constraint=t.constraint, constraint_from=t.constraint_from)
+            self._publish(
+                t,
+                step="prompt",
+                prompt=t.prompt,
+                cached_chars=t.cached_chars,
+                constraint=t.constraint,
+                constraint_from=t.constraint_from,
+            )
         elif isinstance(event, RawText):
             t.add_raw(event.text)
             self._unpublished(t).raw += event.text
