@@ -4,8 +4,8 @@ A request's constraint becomes one Lark grammar (llguidance's dialect, with JSON
 inlined as `%json`): free reasoning up to the end of `<think>` when the prompt opened it,
 then the reply (a JSON value, forced tool calls, or free text whose tool calls are bound
 once their markup begins). Compiled grammars are kept per grammar text; each request gets
-a copy of the compiled matcher and applies its mask as an mlx-lm logits processor with
-plain MLX operations, so it runs on the CPU backend and on Metal alike.
+a copy of the compiled matcher, and its mask is applied by an mlx-lm logits processor as an
+additive bias (one MLX add), so it runs on the CPU backend and on Metal alike.
 """
 
 import json
