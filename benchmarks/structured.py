@@ -3,9 +3,9 @@
 The benchmark model (8k tokens) and the same llama with a real-size vocabulary (about 150k
 tokens, like Qwen's: the token trie llguidance walks and the mask MLX applies grow with it)
 run through the engine's client API. Each round runs free and constrained, one stream and
-four, in a rotating order; each ratio is taken within a round. The schema asks for sixteen
-strings of 20-40 characters, so the constrained reply runs to max_tokens like the free one
-(the random model never ends by itself), with a mask computed for every token. A second
+four, in a rotating order; each ratio is taken within a round. The schema asks for at least
+32 objects of a string, an integer and an enum, so the constrained reply runs to max_tokens
+like the free one (the random model never ends by itself), with a mask for every token. A second
 pair measures what `--constrain-tools` costs a reply that calls no tool: the same request
 with a tool, free and with the tool strict (the lazy grammar's free-text mask). Beside
 tokens/s, each case reports the worker's CPU milliseconds per generated token: the mask's
@@ -18,18 +18,23 @@ import random
 from pathlib import Path
 
 from .decode import PROMPT, EngineApi, cpu_seconds
-from .model import MODEL_ARGS, SEED, chat_template
+from .model import MODEL_ARGS, SEED, chat_template, never_emitted
 from .stats import median, progress, ratio, spread
 
 BIG_VOCAB = 151_552
+ITEM = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "count": {"type": "integer"}, "kind": {"enum": ["file", "dir", "link"]}},
+    "required": ["name", "count", "kind"],
+    "additionalProperties": False,
+}
 SCHEMA = {
     "type": "object",
-    "properties": {
-        "items": {"type": "array", "items": {"type": "string", "minLength": 20, "maxLength": 40}, "minItems": 16, "maxItems": 16}
-    },
+    "properties": {"items": {"type": "array", "items": ITEM, "minItems": 32}},
     "required": ["items"],
     "additionalProperties": False,
 }
+BIG_VERSION = 2
 STREAMS = (1, 4)
 
 
@@ -81,9 +86,9 @@ def build_big_vocab(path: Path) -> Path:
     args = dict(MODEL_ARGS, vocab_size=len(tokenizer))
     mx.random.seed(SEED)
     model = Model(ModelArgs.from_dict(args))
-    head = model.lm_head.weight * 4.0  # as the benchmark model: logits that vary, and no end token
+    head = model.lm_head.weight * 4.0  # as the benchmark model: logits that vary, no end, markup or broken UTF-8
     mask = mx.ones((len(tokenizer), 1))
-    mask[mx.array(sorted(tokenizer.all_special_ids))] = 0.0
+    mask[mx.array(never_emitted(tokenizer))] = 0.0
     model.lm_head.weight = head * mask
     weights = dict(tree_flatten(model.parameters()))
     mx.eval(weights)
@@ -159,7 +164,7 @@ async def one_model(model_dir: Path, rounds: int, max_tokens: int) -> dict:
 
 
 async def run(model_dir: Path, rounds: int, max_tokens: int) -> dict:
-    big = build_big_vocab(model_dir.parent / f"{model_dir.name}-vocab{BIG_VOCAB // 1000}k")
+    big = build_big_vocab(model_dir.parent / f"{model_dir.name}-vocab{BIG_VOCAB // 1000}k-v{BIG_VERSION}")
     results = {"rounds": rounds, "max_tokens": max_tokens, "schema": SCHEMA, "models": {}}
     for path in (model_dir, big):
         vocab = json.loads((path / "config.json").read_text())["vocab_size"]

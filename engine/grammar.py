@@ -4,8 +4,8 @@ A request's constraint becomes one Lark grammar (llguidance's dialect, with JSON
 inlined as `%json`): free reasoning up to the end of `<think>` when the prompt opened it,
 then the reply (a JSON value, forced tool calls, or free text whose tool calls are bound
 once their markup begins). Compiled grammars are kept per grammar text; each request gets
-a copy of the compiled matcher and applies its mask as an mlx-lm logits processor with
-plain MLX operations, so it runs on the CPU backend and on Metal alike.
+a copy of the compiled matcher, and its mask is applied by an mlx-lm logits processor as an
+additive bias (one MLX add), so it runs on the CPU backend and on Metal alike.
 """
 
 import json
@@ -25,7 +25,10 @@ from .schemas import LIMITS, first_line, inline_json, tool_name, tool_schema
 
 FREE_TEXT = r"/(.|\n)*/"
 ANY_OBJECT = {"type": "object"}
-SHIFTS = mx.arange(32, dtype=mx.uint32)
+# A byte of a bitmask as the bias of its 8 tokens: 0 where the bit is set, -inf where not.
+BYTE_BIAS = np.where(
+    np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little"), np.float32(0), np.float32(-np.inf)
+)
 
 
 class GrammarError(ValueError):
@@ -130,13 +133,17 @@ FORMATS: dict[str, Callable[[str, dict, Writer], str]] = {
 }
 
 
-def masked(logits: mx.array, bitmask: np.ndarray) -> mx.array:
-    """`logits` with every token the bitmask (llguidance's: one bit a token, 32 a word) leaves out at -inf."""
-    words = mx.array(bitmask).view(mx.uint32)
-    allowed = ((words[..., None] >> SHIFTS) & 1).reshape(words.shape[0], -1)[:, : logits.shape[-1]]
-    if (short := logits.shape[-1] - allowed.shape[-1]) > 0:  # logits past the tokenizer's vocabulary: never allowed
-        allowed = mx.pad(allowed, [(0, 0), (0, short)])
-    return mx.where(allowed.astype(mx.bool_), logits, mx.array(-mx.inf, dtype=logits.dtype))
+def masked(logits: mx.array, bitmask: np.ndarray, out: np.ndarray | None = None) -> mx.array:
+    """`logits` with every token the bitmask (llguidance's: one bit a token, 32 a word) leaves out at -inf.
+
+    The bitmask becomes an additive bias on the host (a table lookup per byte, into `out` when
+    given); adding it is one MLX operation on any backend. (`mx.where` over a 150k vocabulary
+    costs about 1 ms a step on the CPU backend; the bias, a third of that.)
+    """
+    bias = np.take(BYTE_BIAS, bitmask.view(np.uint8), axis=0, out=out).reshape(bitmask.shape[0], -1)
+    if (short := logits.shape[-1] - bias.shape[-1]) > 0:  # logits past the tokenizer's vocabulary: never allowed
+        bias = np.pad(bias, [(0, 0), (0, short)], constant_values=-np.inf)
+    return logits + mx.array(bias[:, : logits.shape[-1]], dtype=logits.dtype)
 
 
 class GrammarProcessor:
@@ -153,6 +160,7 @@ class GrammarProcessor:
         self.description = description
         self.begins = begins  # the markup after which the grammar binds ("": from the first token)
         self.bitmask = llguidance.numpy.allocate_token_bitmask(1, vocab_size)
+        self.bias = np.empty((1, self.bitmask.shape[1] * 4, 8), np.float32)
         self.first = True
         self.error = ""
 
@@ -168,7 +176,7 @@ class GrammarProcessor:
             self.bitmask[:] = 0
             for t in self.eos:
                 self.bitmask[0, t // 32] |= np.int32(np.uint32(1 << (t % 32)).view(np.int32))
-        return masked(logits, self.bitmask)
+        return masked(logits, self.bitmask, self.bias)
 
 
 class Grammars:
