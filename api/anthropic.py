@@ -70,6 +70,7 @@ def to_request(body: MessagesRequest, client: str = "") -> EngineRequest:
         source="anthropic",
         client=client,
         constraint=constraint(body),
+        parallel_tool_calls=not (body.tool_choice and body.tool_choice.disable_parallel_tool_use),
     )
 
 

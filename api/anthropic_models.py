@@ -100,6 +100,7 @@ class Tool(Model):
 class ToolChoice(Model):
     type: Literal["auto", "any", "tool", "none"]
     name: str | None = None
+    disable_parallel_tool_use: bool | None = None
 
 
 class OutputFormat(Model):

@@ -41,6 +41,7 @@ def to_request(body: ChatRequest, client: str = "") -> EngineRequest:
         source="openai",
         client=client,
         constraint=constraint(body),
+        parallel_tool_calls=body.parallel_tool_calls is not False,
     )
 
 

@@ -81,6 +81,7 @@ def to_request(body: ResponsesRequest, client: str = "") -> tuple[EngineRequest,
         source="responses",
         client=client,
         constraint=constraint(body, targets),
+        parallel_tool_calls=body.parallel_tool_calls is not False,
     )
     return request, targets
 

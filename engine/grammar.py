@@ -244,7 +244,7 @@ class Grammars:
             head = "think " if reasoning else f"({self.markup(self.think[0])} think)? "
             begins = self.think[1]
             what.append(f"free until {self.think[1]}" if reasoning else f"free inside {self.think[0]}{self.think[1]}")
-        calls = 'call ("\\n" call)*'
+        calls = 'call ("\\n" call)*' if request.parallel_tool_calls else "call"
         if forced:
             chosen = [t for t in tools if request.tool_choice == "required" or tool_name(t) == request.tool_choice]
             rules += self.call_rules(chosen, lambda t: True, strict)

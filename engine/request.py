@@ -42,7 +42,8 @@ class Request:
     template's default. `source` ("anthropic", "openai", "chat") and `client` (the
     user agent) only label the request on the dashboard. `fault` is the fault-injection
     debug setting, see `engine/faults.py`. `constraint` binds the reply to a schema
-    (`engine/grammar.py`); a forced call is bound to its tool's schema without one.
+    (`engine/grammar.py`); a forced call is bound to its tool's schema without one, and to a
+    single call when `parallel_tool_calls` is false.
     """
 
     messages: list[dict[str, Any]]
@@ -56,3 +57,4 @@ class Request:
     client: str = ""
     fault: str | None = None
     constraint: Constraint | None = None
+    parallel_tool_calls: bool = True

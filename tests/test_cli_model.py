@@ -80,7 +80,7 @@ def test_a_repo_id_that_is_a_typo_of_a_local_folder_names_both_readings(tmp_path
 @pytest.mark.parametrize("content, says", [
     ('{"model": "m", "messages": [', "not valid JSON: Expecting value: line 1 column 29"),
     ('["a list"]', "a JSON file must hold a request body (an object)"),
-    ('{"model": "m", "messages": "hello"}', "not an Anthropic or OpenAI request body: messages: "),
+    ('{"model": "m", "messages": "hello"}', "not an Anthropic, OpenAI or Responses request body: messages: "),
 ])
 def test_an_invalid_warm_json_file(tmp_path, content, says):
     (tmp_path / "warm.json").write_text(content)

@@ -10,7 +10,7 @@ from rich.console import Console
 
 from mlx_tui.api.embedded import ApiServer
 from mlx_tui.api.server import create_app
-from mlx_tui.engine.bus import TranscriptStep
+from mlx_tui.engine.bus import StatsTick, TranscriptStep
 from mlx_tui.engine.client import EngineClient
 from mlx_tui.engine.config import EngineConfig
 from mlx_tui.engine.demo.conversations import CONVERSATIONS
@@ -244,7 +244,7 @@ class DiskFailing(Gated):
 
     async def events(self):
         cache = {"disk_budget": 2**30, "disk_bytes": 0, "disk_write_errors": 2, "disk_dropped": 1, "disk_rejected": 0}
-        yield {"kind": "stats", "time": time.time(), "cache": cache}
+        yield StatsTick(values={"cache": cache})
         await asyncio.Event().wait()
 
 
