@@ -144,10 +144,11 @@ class CachePanel(Panel):
             t.add_row("disk", bar(c.get("disk_bytes", 0), c["disk_budget"], width))
         if failures := disk_failures(c):
             t.add_row("disk errors", Text(failures, style="bold red"))
-        t.add_row("entries", f"{c.get('entries', 0)} · {c.get('evictions', 0)} evicted")
-        if c.get("mode", "any token") != "any token":
-            t.add_row("snapshots", f"{c.get('snapshots', 0)} · {fmt.size(c.get('snapshot_bytes'))} · {c.get('snapshot_hits', 0)} hits")
-        t.add_row("reuse", Text(f"prefix: {c.get('mode', fmt.DASH)}", no_wrap=True, overflow="ellipsis"))
+        self.border_subtitle = f"prefix: {c['mode']}" if c.get("mode") else ""
+        entries = f"{c.get('entries', 0)} · {c.get('evictions', 0)} evicted"
+        if c.get("snapshots"):
+            entries += f" · {c['snapshots']} snapshots ({fmt.size(c.get('snapshot_bytes'))})"
+        t.add_row("entries", entries)
         self.draw(t)
 
 
