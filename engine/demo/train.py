@@ -29,9 +29,10 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from transformers import PreTrainedTokenizerFast
 
 from mlx_tui.engine.demo import MODEL_DIR
+from mlx_tui.engine.demo.agents import agent_conversations
 from mlx_tui.engine.demo.conversations import CONVERSATIONS, FALLBACK_REPLY, TOOLS, assistant, chat, user
 from mlx_tui.engine.demo.template import CHAT_TEMPLATE
-from mlx_tui.engine.demo.unfamiliar import text, tool, unfamiliar_conversations
+from mlx_tui.engine.demo.unfamiliar import question, text, tool, unfamiliar_conversations
 
 VOCAB_SIZE = 400
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -49,8 +50,10 @@ MODEL_ARGS = dict(
     tie_word_embeddings=True,
 )
 SEED = 0
-STEPS = 600
+STEPS = 800
 LONG_EVERY = 4
+AGENT_BATCH = 1
+AGENT_VARIANTS = 16
 LEARNING_RATE = 5e-3
 WARMUP_STEPS = 50
 KNOWN_BATCH = 8
@@ -63,6 +66,8 @@ MAX_FAR_WEIGHT = 32
 
 def modes(conversation):
     """The enable_thinking values a conversation is trained and checked with."""
+    if "modes" in conversation:
+        return conversation["modes"]
     return [True, False] if conversation.get("enable_thinking", True) else [False]
 
 
@@ -186,19 +191,30 @@ def loss_and_grad(step, model, examples, far_weight=1.0):
     return total / count, tree_map(lambda g: g / count, grads)
 
 
-def training_data(tokenizer):
-    """Known examples (every conversation in every mode), short and long unfamiliar examples."""
+def agent_questions(seed, count):
+    """Other things a user may ask an agent client, which the demo model answers with its fallback reply."""
+    rng = random.Random(seed)
+    return ["Hello"] + [question(rng, rng.randint(10, 300)) for _ in range(count - 1)]
+
+
+def training_data(tokenizer, agents):
+    """Known examples (every conversation in every mode), short and long unfamiliar examples, agent examples."""
     known = [encode(tokenizer, c, mode) for c in CONVERSATIONS for mode in modes(c)]
     short = [encode(tokenizer, c, c["enable_thinking"]) for c in unfamiliar_conversations(SEED, 4000, 10, 450)]
     long = [encode(tokenizer, c, c["enable_thinking"]) for c in unfamiliar_conversations(SEED + 1, 400, 600, 2800)]
+    agent = [encode(tokenizer, c, mode) for c in agents for mode in modes(c)]
     limit = max(len(tokens) for tokens, _ in known)
-    return known, [e for e in short if len(e[0]) <= limit], [e for e in long if len(e[0]) <= LONG_TOKENS]
+    return known, [e for e in short if len(e[0]) <= limit], [e for e in long if len(e[0]) <= LONG_TOKENS], agent
 
 
-def train(model, tokenizer):
-    """Train on known and unfamiliar conversations; return the final loss on the known ones."""
-    known, short, long = training_data(tokenizer)
-    print(f"{len(known)} known examples, {len(short)} short and {len(long)} long unfamiliar examples")
+def train(model, tokenizer, agents):
+    """Train on known, unfamiliar and agent conversations; return the final loss on the known ones.
+
+    Every LONG_EVERY-th step trains on a long unfamiliar example, the step halfway between on
+    an agent example where there are any, the others on known and short unfamiliar ones.
+    """
+    known, short, long, agent = training_data(tokenizer, agents)
+    print(f"{len(known)} known examples, {len(short)} short and {len(long)} long unfamiliar examples, {len(agent)} agent examples")
     print(f"longest: known {max(len(t) for t, _ in known)}, unfamiliar {max(len(t) for t, _ in long)} tokens")
     rng = random.Random(SEED)
     schedule = optim.join_schedules(
@@ -209,7 +225,9 @@ def train(model, tokenizer):
     step = nn.value_and_grad(model, loss_fn)
     start, losses = time.time(), []
     for i in range(1, STEPS + 1):
-        if i % LONG_EVERY:
+        if i % LONG_EVERY == LONG_EVERY // 2 and agent:
+            loss, grads = loss_and_grad(step, model, rng.sample(agent, AGENT_BATCH))
+        elif i % LONG_EVERY:
             loss, grads = loss_and_grad(step, model, rng.sample(known, KNOWN_BATCH) + rng.sample(short, UNFAMILIAR_BATCH))
             losses.append(loss)
         else:
@@ -287,13 +305,13 @@ def unseen_conversations():
     return conversations
 
 
-def verify(path):
-    """Replay every conversation and unseen prompts with greedy decoding; return success."""
+def verify(path, agents):
+    """Replay every conversation, the agent ones and unseen prompts with greedy decoding; return success."""
     model, tokenizer = load(str(path))
     assert tokenizer.tool_call_start == "<tool_call>" and tokenizer.has_thinking, "mlx-lm did not infer markup"
     ok = True
     print(f"{'conversation':40s} {'thinking':8s} {'prompt':>6s}  result")
-    cases = [(c, mode) for c in CONVERSATIONS for mode in modes(c)]
+    cases = [(c, mode) for c in CONVERSATIONS + agents for mode in modes(c)]
     cases += [(c, c["enable_thinking"]) for c in unseen_conversations()]
     for conversation, mode in cases:
         text, finish, n_prompt = generate(model, tokenizer, conversation, mode)
@@ -312,12 +330,15 @@ def main():
     mx.random.seed(SEED)
     tokenizer = build_tokenizer()
     print(f"vocabulary: {len(tokenizer)} tokens")
+    agents = agent_conversations(SEED, AGENT_VARIANTS, agent_questions(SEED, AGENT_VARIANTS))
+    # other folders, dates and questions than the trained ones
+    unseen_agents = agent_conversations(SEED + 1, 2, agent_questions(SEED + 1, 3)[1:])
     model = Model(ModelArgs(**MODEL_ARGS, vocab_size=len(tokenizer)))
     start = time.time()
-    loss = train(model, tokenizer)
+    loss = train(model, tokenizer, agents)
     print(f"final loss on the known conversations {loss:.2e} after {time.time() - start:.0f}s")
     save(model, tokenizer, MODEL_DIR)
-    ok = verify(MODEL_DIR)
+    ok = verify(MODEL_DIR, agents[:3] + unseen_agents)
     sys.stdout.flush()
     # os._exit skips the exit handlers: a preloaded OpenBLAS can hang in its own at exit.
     os._exit(0 if ok else 1)
