@@ -159,6 +159,7 @@ class ProgressBar:
 async def serve(args: argparse.Namespace, sock: socket.socket) -> int:
     import uvicorn
 
+    from mlx_tui.api.connect import client_setup
     from mlx_tui.api.server import create_app
     from mlx_tui.api.warm import warm
     from mlx_tui.engine.client import EngineClient, ModelLoadError
@@ -181,6 +182,7 @@ async def serve(args: argparse.Namespace, sock: socket.socket) -> int:
     server = ApiServer(app, sock, args.shutdown_grace, log_config=uvicorn.config.LOGGING_CONFIG, log_level="info")
     dtype = ", ".join(filter(None, (engine.info["dtype"], engine.info["dtype_note"])))
     print(f"mlx-tui: serving {engine.config.model} at http://{args.host}:{args.port} (BLAS: {engine.blas}; dtype: {dtype})", file=sys.stderr)
+    print(client_setup(url(args.host, args.port), args.api_key, engine.info["context_length"]), file=sys.stderr)
     signalled = asyncio.Event()
 
     def on_signal():

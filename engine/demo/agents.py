@@ -44,8 +44,39 @@ CLAUDE_CODE = Task(
     answer=f"Done: I created the marker file {MARKER}.",
 )
 CLAUDE_CODE_SYSTEM = "You are the mlx-tui demo agent. Use the Bash tool."
+CODEX = Task(
+    client="codex",
+    binary="codex",
+    prompt=f"Create the marker file {MARKER}.",
+    tool="exec_command",
+    arguments={"cmd": f"touch {MARKER}"},
+    answer=f"Done: I created the marker file {MARKER}.",
+)
+CODEX_INSTRUCTIONS = "You are the mlx-tui demo agent. Use the exec_command tool."
+# the Codex features that add tools or instructions the demo task does not need
+CODEX_FEATURES_OFF = ["multi_agent", "goals", "view_image", "image_generation", "apps", "plugins", "skill_search",
+                      "tool_suggest", "shell_snapshot", "memories", "hooks"]
 
-TASKS = {"claude": CLAUDE_CODE}
+TASKS = {"claude": CLAUDE_CODE, "codex": CODEX}
+
+
+def codex_config(url: str, instructions: Path | None = None) -> str:
+    """Codex's config.toml for this server; `instructions` replaces Codex's own (the demo task's short ones)."""
+    lines = [f'model_instructions_file = "{instructions}"'] if instructions else []
+    lines += [
+        'model = "mlx-tui"',
+        'model_provider = "mlx-tui"',
+        "",
+        "[model_providers.mlx-tui]",
+        'name = "mlx-tui"',
+        f'base_url = "{url}/v1"',
+        'wire_api = "responses"',
+        'env_key = "MLX_TUI_API_KEY"',
+    ]
+    if instructions:
+        lines += ['web_search = "disabled"', "", "[features]"] + [f"{name} = false" for name in CODEX_FEATURES_OFF]
+        lines += ["", "[skills]", "include_instructions = false"]
+    return "\n".join(lines) + "\n"
 
 
 def binary(task: Task) -> Path:
@@ -71,6 +102,14 @@ def command(task: Task, url: str, key: str, home: Path) -> tuple[list[str], dict
         argv = [str(binary(task)), "-p", task.prompt, "--system-prompt", CLAUDE_CODE_SYSTEM, "--tools", "Bash",
                 "--allowedTools", "Bash", "--output-format", "json"]
         return argv, env
+    if task.client == "codex":
+        codex_home = home / ".codex"
+        codex_home.mkdir(exist_ok=True)
+        (codex_home / "instructions.md").write_text(CODEX_INSTRUCTIONS + "\n")
+        (codex_home / "config.toml").write_text(codex_config(url, codex_home / "instructions.md"))
+        env |= {"CODEX_HOME": str(codex_home), "MLX_TUI_API_KEY": key}
+        argv = [str(binary(task)), "exec", "--skip-git-repo-check", "--sandbox", "workspace-write", task.prompt]
+        return argv, env
     raise ValueError(task.client)
 
 
@@ -93,18 +132,17 @@ def capture(task: Task, folder: str | Path) -> list[dict]:
     return recorder.requests
 
 
-def canonical(task: Task, body: dict):
-    """A captured request body as the server's canonical request, by the server's own translation.
+def anthropic_request(body: dict):
+    from mlx_tui.api.anthropic import to_request
+    from mlx_tui.api.anthropic_models import MessagesRequest
 
-    The API layer is imported here, at training time only: the model must learn each prompt
-    exactly as the server renders it.
-    """
-    if task.client == "claude":
-        from mlx_tui.api.anthropic import to_request
-        from mlx_tui.api.anthropic_models import MessagesRequest
+    return to_request(MessagesRequest.model_validate(body))
 
-        return to_request(MessagesRequest.model_validate(body))
-    raise ValueError(task.client)
+
+# A captured body as the server's canonical request, by the server's own translation: the model
+# must learn each prompt exactly as the server renders it. The API layer is imported at training
+# time only.
+TRANSLATIONS = {"claude": anthropic_request}
 
 
 def variant_values(rng: random.Random) -> dict[str, str]:
@@ -148,7 +186,7 @@ def task_conversations(task: Task, requests: list[dict], folder: str, seed: int,
         ]:
             if name == "other question":
                 replacements[task.prompt] = questions[i % len(questions)]
-            request = canonical(task, substitute(body, replacements))
+            request = TRANSLATIONS[task.client](substitute(body, replacements))
             conversation = chat(f"{task.client}: {name}", *request.messages, reply, tools=request.tools)
             conversation["modes"] = [request.enable_thinking]
             conversations.append(conversation)
@@ -159,6 +197,8 @@ def agent_conversations(seed: int, variants: int, questions: list[str]) -> list[
     """Training conversations for every installed client; none where no client is installed."""
     conversations = []
     for task in installed():
+        if task.client not in TRANSLATIONS:
+            continue
         with tempfile.TemporaryDirectory() as folder:
             requests = capture(task, folder)
         conversations += task_conversations(task, requests, folder, seed, variants, questions)

@@ -50,9 +50,11 @@ MODEL_ARGS = dict(
     tie_word_embeddings=True,
 )
 SEED = 0
-STEPS = 800
+STEPS = 600
 LONG_EVERY = 4
-AGENT_BATCH = 1
+AGENT_STEPS = 200
+AGENT_LEARNING_RATE = 2e-3
+AGENT_BATCH = 2
 AGENT_VARIANTS = 16
 LEARNING_RATE = 5e-3
 WARMUP_STEPS = 50
@@ -197,24 +199,19 @@ def agent_questions(seed, count):
     return ["Hello"] + [question(rng, rng.randint(10, 300)) for _ in range(count - 1)]
 
 
-def training_data(tokenizer, agents):
-    """Known examples (every conversation in every mode), short and long unfamiliar examples, agent examples."""
+def training_data(tokenizer):
+    """Known examples (every conversation in every mode), short and long unfamiliar examples."""
     known = [encode(tokenizer, c, mode) for c in CONVERSATIONS for mode in modes(c)]
     short = [encode(tokenizer, c, c["enable_thinking"]) for c in unfamiliar_conversations(SEED, 4000, 10, 450)]
     long = [encode(tokenizer, c, c["enable_thinking"]) for c in unfamiliar_conversations(SEED + 1, 400, 600, 2800)]
-    agent = [encode(tokenizer, c, mode) for c in agents for mode in modes(c)]
     limit = max(len(tokens) for tokens, _ in known)
-    return known, [e for e in short if len(e[0]) <= limit], [e for e in long if len(e[0]) <= LONG_TOKENS], agent
+    return known, [e for e in short if len(e[0]) <= limit], [e for e in long if len(e[0]) <= LONG_TOKENS]
 
 
-def train(model, tokenizer, agents):
-    """Train on known, unfamiliar and agent conversations; return the final loss on the known ones.
-
-    Every LONG_EVERY-th step trains on a long unfamiliar example, the step halfway between on
-    an agent example where there are any, the others on known and short unfamiliar ones.
-    """
-    known, short, long, agent = training_data(tokenizer, agents)
-    print(f"{len(known)} known examples, {len(short)} short and {len(long)} long unfamiliar examples, {len(agent)} agent examples")
+def train(model, tokenizer):
+    """Train on known and unfamiliar conversations; return the final loss on the known ones."""
+    known, short, long = training_data(tokenizer)
+    print(f"{len(known)} known examples, {len(short)} short and {len(long)} long unfamiliar examples")
     print(f"longest: known {max(len(t) for t, _ in known)}, unfamiliar {max(len(t) for t, _ in long)} tokens")
     rng = random.Random(SEED)
     schedule = optim.join_schedules(
@@ -225,9 +222,7 @@ def train(model, tokenizer, agents):
     step = nn.value_and_grad(model, loss_fn)
     start, losses = time.time(), []
     for i in range(1, STEPS + 1):
-        if i % LONG_EVERY == LONG_EVERY // 2 and agent:
-            loss, grads = loss_and_grad(step, model, rng.sample(agent, AGENT_BATCH))
-        elif i % LONG_EVERY:
+        if i % LONG_EVERY:
             loss, grads = loss_and_grad(step, model, rng.sample(known, KNOWN_BATCH) + rng.sample(short, UNFAMILIAR_BATCH))
             losses.append(loss)
         else:
@@ -239,6 +234,35 @@ def train(model, tokenizer, agents):
             print(f"step {i:4d}  loss {mx.array(losses[-40:]).mean().item():.6f}  {time.time() - start:4.0f}s", flush=True)
     inputs, targets, mask = batch_arrays(known)
     return (loss_fn(model, inputs, targets, mask, 1.0) / mask.sum()).item()
+
+
+def train_agents(model, tokenizer, agents):
+    """Second phase: teach the agent conversations, every other step, while replaying the first phase's data."""
+    known, short, long = training_data(tokenizer)
+    agent = [encode(tokenizer, c, mode) for c in agents for mode in modes(c)]
+    print(f"{len(agent)} agent examples of {min(len(t) for t, _ in agent)} to {max(len(t) for t, _ in agent)} tokens")
+    rng = random.Random(SEED + 2)
+    schedule = optim.join_schedules(
+        [optim.linear_schedule(1e-5, AGENT_LEARNING_RATE, WARMUP_STEPS),
+         optim.cosine_decay(AGENT_LEARNING_RATE, AGENT_STEPS, 1e-5)],
+        [WARMUP_STEPS],
+    )
+    optimizer = optim.Adam(learning_rate=schedule)
+    step = nn.value_and_grad(model, loss_fn)
+    start, losses = time.time(), []
+    for i in range(1, AGENT_STEPS + 1):
+        if i % 2:
+            loss, grads = loss_and_grad(step, model, rng.sample(agent, AGENT_BATCH))
+            losses.append(loss)
+        elif i % (2 * LONG_EVERY):
+            loss, grads = loss_and_grad(step, model, rng.sample(known, KNOWN_BATCH) + rng.sample(short, UNFAMILIAR_BATCH))
+        else:
+            far_weight = math.exp(rng.uniform(0, math.log(MAX_FAR_WEIGHT)))
+            loss, grads = loss_and_grad(step, model, rng.sample(long, LONG_BATCH), far_weight)
+        optimizer.update(model, grads)
+        mx.eval(model.parameters(), optimizer.state, loss)
+        if i % 20 == 0 or i == AGENT_STEPS:
+            print(f"step {i:4d}  agent loss {mx.array(losses[-10:]).mean().item():.6f}  {time.time() - start:4.0f}s", flush=True)
 
 
 def save(model, tokenizer, path):
@@ -326,7 +350,11 @@ def verify(path, agents):
 
 
 def main():
-    """Build, train, save and verify the demo model."""
+    """Build, train, save and verify the demo model.
+
+    With `--agents-only`, skip the first phase and teach the agent tasks to the weights already
+    in engine/demo/model (a first phase's, from a run without the clients installed).
+    """
     mx.random.seed(SEED)
     tokenizer = build_tokenizer()
     print(f"vocabulary: {len(tokenizer)} tokens")
@@ -335,8 +363,14 @@ def main():
     unseen_agents = agent_conversations(SEED + 1, 2, agent_questions(SEED + 1, 3)[1:])
     model = Model(ModelArgs(**MODEL_ARGS, vocab_size=len(tokenizer)))
     start = time.time()
-    loss = train(model, tokenizer, agents)
-    print(f"final loss on the known conversations {loss:.2e} after {time.time() - start:.0f}s")
+    if "--agents-only" in sys.argv[1:]:
+        model.load_weights(str(MODEL_DIR / "model.safetensors"))
+    else:
+        loss = train(model, tokenizer)
+        print(f"final loss on the known conversations {loss:.2e} after {time.time() - start:.0f}s")
+    if agents:
+        train_agents(model, tokenizer, agents)
+        print(f"agent tasks trained after {time.time() - start:.0f}s")
     save(model, tokenizer, MODEL_DIR)
     ok = verify(MODEL_DIR, agents[:3] + unseen_agents)
     sys.stdout.flush()

@@ -1,0 +1,86 @@
+"""The real Claude Code and Codex CLIs through a whole tool loop against `mlx-tui --serve` on the demo model.
+
+The model answers the scripted task with the client's own shell tool, the client runs the command
+(it leaves a marker file) and sends its result back, and the model ends with a final answer. The CLIs
+are installed by `.ci/run` into `.clients/`; without them these tests skip, and fail under CI=true.
+"""
+
+import json
+import os
+import shutil
+import tomllib
+
+import httpx
+import pytest
+from test_shutdown import ServeProcess
+
+from mlx_tui.api.connect import client_setup
+from mlx_tui.engine.demo import agents
+
+KEY = "agents-test-key"
+CONTEXT_WINDOW = 65536  # the demo model's
+
+
+@pytest.fixture(scope="module")
+def serve(tmp_path_factory):
+    server = ServeProcess(tmp_path_factory.mktemp("agents"), "--api-key", KEY)
+    yield server
+    server.close()
+
+
+def require(task: agents.Task):
+    """Skip (fail in CI) where the task's CLI or node is missing."""
+    missing = [what for what, there in [("node", shutil.which("node")), (task.binary, agents.binary(task).exists())]
+               if not there]
+    if missing:
+        message = f"{' and '.join(missing)} not installed (.ci/run installs the clients into .clients/)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def transcripts(serve) -> list[dict]:
+    """The server's transcripts, oldest first, in full."""
+    headers = {"x-api-key": KEY}
+    listed = httpx.get(serve.url + "/v1/transcripts", headers=headers, timeout=10).json()["data"]
+    return [httpx.get(f"{serve.url}/v1/transcripts/{t['id']}", headers=headers, timeout=10).json() for t in reversed(listed)]
+
+
+def final_message(task: agents.Task, stdout: str) -> str:
+    if task.client == "claude":
+        return json.loads(stdout)["result"]
+    return stdout.strip()
+
+
+@pytest.mark.parametrize("task", agents.TASKS.values(), ids=agents.TASKS)
+def test_a_client_runs_the_models_tool_call_and_gets_its_answer(task, serve, tmp_path):
+    require(task)
+    before = len(transcripts(serve))
+    done = agents.run(task, serve.url, KEY, tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / agents.MARKER).exists(), done.stdout + done.stderr
+    assert final_message(task, done.stdout) == task.answer, done.stdout + done.stderr
+
+    call, answer = transcripts(serve)[before:]
+    assert call["client"] and call["error"] is None and call["parse_errors"] == []
+    assert [(c["name"], c["arguments"]) for c in call["tool_calls"]] == [(task.tool, task.arguments)]
+    assert "<tool_response>" not in call["prompt"] and "<tool_response>" in answer["prompt"]
+    assert answer["tool_calls"] == [] and task.answer in answer["raw"]
+    assert answer["cached_tokens"] >= 0.9 * answer["prompt_tokens"], answer["cached_tokens"]
+
+
+def test_the_start_line_says_how_to_connect_each_client(serve):
+    setup = client_setup(serve.url, KEY, CONTEXT_WINDOW)
+    assert setup in serve.stderr()
+    assert f"export ANTHROPIC_BASE_URL={serve.url} ANTHROPIC_API_KEY={KEY} " in setup
+
+
+def test_the_codex_block_is_a_config_for_this_server():
+    setup = client_setup("http://127.0.0.1:8080", "k", 4096)
+    block = setup[setup.index("Codex CLI") :].split("\n", 1)[1]
+    config = tomllib.loads(block.replace("\n  ", "\n").strip())
+    assert config["model_context_window"] == 4096 and 0 < config["model_auto_compact_token_limit"] < 4096
+    assert config["model_providers"]["mlx-tui"] == {
+        "name": "mlx-tui", "base_url": "http://127.0.0.1:8080/v1", "wire_api": "responses", "env_key": "MLX_TUI_API_KEY"
+    }
+    assert "env_key" not in client_setup("http://127.0.0.1:8080", None, 4096)
