@@ -32,6 +32,9 @@ OPENAI_TYPES = {
     504: "timeout",
 }
 
+# The engine's words for a prompt over the context window (Anthropic clients act on them as they are).
+TOO_LONG = "prompt is too long"
+
 # An engine Error's kind as a status. "engine" means the worker died or its batch step
 # failed: the engine restarts and a retry can succeed, which is what 529 (OpenAI: 503) says.
 # "internal" is a failure in this request's own processing (a bug), hence 500.
@@ -66,10 +69,15 @@ def openai_status(status: int) -> int:
     return 503 if status == 529 else status
 
 
+def openai_code(message: str) -> str | None:
+    """OpenAI's error code where a client acts on it: `context_length_exceeded` makes Codex compact its history."""
+    return "context_length_exceeded" if message.startswith(TOO_LONG) else None
+
+
 def openai_error(status: int, message: str) -> dict:
     status = openai_status(status)
     kind = OPENAI_TYPES.get(status) or ("invalid_request_error" if status < 500 else "server_error")
-    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+    return {"error": {"message": message, "type": kind, "param": None, "code": openai_code(message)}}
 
 
 def speaks_anthropic(request: Request) -> bool:

@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from mlx_tui.engine.client import EngineClient
 from mlx_tui.engine.demo import MODEL_DIR
 
-from . import anthropic, observe, openai
+from . import anthropic, observe, openai, responses
 from .errors import ApiError, error_response
 
 log = logging.getLogger("mlx_tui.api")
@@ -71,6 +71,7 @@ ROUTES = [
     Route("/v1/messages", anthropic.messages, methods=["POST"]),
     Route("/v1/messages/count_tokens", anthropic.count_tokens, methods=["POST"]),
     Route("/v1/chat/completions", openai.chat_completions, methods=["POST"]),
+    Route("/v1/responses", responses.responses, methods=["POST"]),
     Route("/v1/models", models, methods=["GET"]),
     Route("/health", health, methods=["GET"]),
     Route("/metrics", observe.metrics, methods=["GET"]),

@@ -91,9 +91,12 @@ class ParseError:
 
 @dataclass(slots=True, frozen=True)
 class Usage:
+    """Token counts; `reasoning_tokens` are the generated tokens inside the reasoning block."""
+
     prompt_tokens: int
     cached_tokens: int
     generated_tokens: int
+    reasoning_tokens: int = 0
 
 
 @dataclass(slots=True, frozen=True)

@@ -25,9 +25,9 @@ class Request:
 
     `tools` are OpenAI-style function schemas. `tool_choice` is "auto", "none",
     "required" (any tool) or a tool name. `enable_thinking` is None to leave the
-    template's default. `source` ("anthropic", "openai", "chat") and `client` (the
-    user agent) only label the request on the dashboard. `fault` is the fault-injection
-    debug setting, see `engine/faults.py`.
+    template's default. `source` ("anthropic", "openai", "responses", "chat") and
+    `client` (the user agent) only label the request on the dashboard. `fault` is the
+    fault-injection debug setting, see `engine/faults.py`.
     """
 
     messages: list[dict[str, Any]]

@@ -51,6 +51,7 @@ class Active:
     fault: tuple[str, int] | None = None
     first_token: float | None = None
     generated: int = 0
+    reasoning: int = 0
     reply: list[int] = field(default_factory=list)
 
 
@@ -251,6 +252,7 @@ class Scheduler:
     def _token(self, a: Active, r, now: float) -> list[Tagged]:
         a.first_token = a.first_token or now
         a.generated += 1
+        a.reasoning += a.output.markup.state == MarkupParser.REASONING
         a.reply.append(r.token)
         self.generation_tokens_total += 1
         reason = note = None
@@ -297,7 +299,7 @@ class Scheduler:
         )
         return Done(
             stop_reason=reason,
-            usage=Usage(a.prompt_tokens, a.cached_tokens, a.generated),
+            usage=Usage(a.prompt_tokens, a.cached_tokens, a.generated, a.reasoning),
             timings=timings,
             stop_sequence=a.output.matched_stop,
             note=note,

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-PATHS = {"anthropic": "/v1/messages", "openai": "/v1/chat/completions"}
+PATHS = {"anthropic": "/v1/messages", "openai": "/v1/chat/completions", "responses": "/v1/responses"}
 FEW = 3  # max_tokens in the seeds, so that valid bodies are answered quickly
 
 WEATHER_SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
@@ -77,6 +77,40 @@ SEEDS = {
             ],
         },
     ],
+    "responses": [
+        {"model": "m", "max_output_tokens": FEW, "input": "Good morning!"},
+        {
+            "model": "gpt-x",
+            "max_output_tokens": FEW,
+            "instructions": "Be brief.",
+            "input": [
+                {"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "Answer in French."}]},
+                {"role": "user", "content": [{"type": "input_text", "text": "What is the weather in Paris?"}, {"type": "input_image", "image_url": "data:,"}]},
+                {"type": "function_call", "call_id": "call_1", "name": "get_weather", "namespace": "weather", "arguments": "{\"city\": \"Paris\"}"},
+                {"type": "function_call_output", "call_id": "call_1", "output": [{"type": "input_text", "text": "Sunny"}]},
+                {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "aGk=.AAAA"},
+            ],
+            "tools": [
+                {"type": "namespace", "name": "weather", "description": "Weather", "tools": [{"type": "function", "name": "get_weather", "parameters": WEATHER_SCHEMA}]},
+                {"type": "custom", "name": "apply_patch"},
+                {"type": "web_search"},
+            ],
+            "tool_choice": "auto",
+            "parallel_tool_calls": False,
+            "temperature": 0.0,
+            "store": False,
+        },
+        {
+            "model": "m",
+            "max_output_tokens": FEW,
+            "stream": True,
+            "reasoning": {"effort": "low", "summary": "auto"},
+            "include": ["reasoning.encrypted_content"],
+            "prompt_cache_key": "k",
+            "text": {"format": {"type": "text"}},
+            "input": [{"type": "message", "role": "user", "content": "Is 17 a prime number?"}],
+        },
+    ],
 }
 
 # Leaves chosen to hurt: huge and tiny numbers, empty and odd strings, lone surrogates.
@@ -114,6 +148,15 @@ def surely_invalid(protocol: str):
     wrong_content = [5, True, {"text": "x"}, [5], [{"text": "no type"}], [{"type": 7}]]
     if protocol == "anthropic":
         wrong_content += [[{"type": "tool_use", "id": "x"}], [{"type": "tool_result"}], [{"type": "text", "text": 5}]]
+    if protocol == "responses":
+        return st.one_of(
+            st.tuples(st.just(("input",)), st.sampled_from([None, [], {}, 5, [None], [[]], [{"role": "wizard", "content": "x"}]])),
+            st.tuples(st.just(("model",)), st.sampled_from([None, 5, ["m"]])),
+            st.tuples(st.just(("max_output_tokens",)), st.sampled_from([0, -1, "3", 1.5, 1e308, [3]])),
+            st.tuples(st.just(("temperature",)), st.sampled_from([-1, "hot", [0]])),
+            st.tuples(st.just(("stream",)), st.sampled_from(["yes", 1, "true", None])),
+            st.tuples(st.just(("previous_response_id",)), st.sampled_from(["resp_1", ""])),
+        )
     return st.one_of(
         st.tuples(st.just(("messages",)), st.sampled_from([None, [], "hello", {}, 5, [None], [[]]])),
         st.tuples(st.just(("model",)), st.sampled_from([None, 5, ["m"]])),
@@ -164,8 +207,8 @@ def bodies(draw, protocol: str) -> tuple[bytes, bool]:
         if isinstance(holder, dict):
             holder[path[-1]] = copy.deepcopy(value)
             invalid = True
-        if value is None and path == ("model",):
-            del body["model"]
+        if value is None and path in (("model",), ("input",)):
+            del body[path[0]]
     raw = json.dumps(body, ensure_ascii=draw(st.booleans()), allow_nan=True)
     for kind in ("list", "dict"):
         for depth in DEPTHS:
@@ -209,14 +252,19 @@ def check(client: httpx.Client, protocol: str, data: bytes, invalid: bool, fuzzi
     text = content.decode()
     if response.headers["content-type"].startswith("text/event-stream"):
         data_lines = [line.removeprefix("data: ") for line in text.splitlines() if line.startswith("data: ")]
-        assert "event: error" not in text and '"error"' not in data_lines[-2 if protocol == "openai" else -1], (
+        failed = "event: response.failed" in text if protocol == "responses" else '"error"' in data_lines[-2 if protocol == "openai" else -1]
+        assert "event: error" not in text and not failed, (
             f"a stream ended with an error for body {data[:2000]!r}: {text[-500:]}"
         )
         last = data_lines[-1]
-        assert last == "[DONE]" if protocol == "openai" else json.loads(last)["type"] == "message_stop", text[-500:]
+        ends = {"openai": lambda: last == "[DONE]", "anthropic": lambda: json.loads(last)["type"] == "message_stop",
+                "responses": lambda: json.loads(last)["type"] in ("response.completed", "response.incomplete")}
+        assert ends[protocol](), text[-500:]
     else:
         answer = json.loads(text)
-        assert answer["type"] == "message" if protocol == "anthropic" else answer["object"] == "chat.completion"
+        kinds = {"anthropic": ("type", "message"), "openai": ("object", "chat.completion"), "responses": ("object", "response")}
+        field, kind = kinds[protocol]
+        assert answer[field] == kind
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +291,13 @@ def test_fuzz_openai(client, case):
     check(client, "openai", *case)
 
 
-@pytest.mark.parametrize("protocol", ["anthropic", "openai"])
+@FUZZ
+@given(bodies("responses"))
+def test_fuzz_responses(client, case):
+    check(client, "responses", *case)
+
+
+@pytest.mark.parametrize("protocol", ["anthropic", "openai", "responses"])
 def test_still_serving_after_the_fuzz(client, protocol):
     check(client, protocol, json.dumps(SEEDS[protocol][0]).encode(), False, fuzzing=False)
     health = client.get("/health").json()
