@@ -1,7 +1,7 @@
 """The lines that point Claude Code and Codex CLI at this server: its address, key and context window filled in."""
 
 # Codex compacts a conversation once it holds this share of the context window.
-CODEX_COMPACT_SHARE = 0.9
+CODEX_COMPACT_SHARE = 7 / 8
 
 
 def client_setup(url: str, api_key: str | None, context_window: int) -> str:

@@ -84,3 +84,17 @@ def test_the_codex_block_is_a_config_for_this_server():
         "name": "mlx-tui", "base_url": "http://127.0.0.1:8080/v1", "wire_api": "responses", "env_key": "MLX_TUI_API_KEY"
     }
     assert "env_key" not in client_setup("http://127.0.0.1:8080", None, 4096)
+
+
+@pytest.mark.parametrize("task", agents.TASKS.values(), ids=agents.TASKS)
+def test_training_captures_the_clients_requests_and_varies_what_changes_per_run(task, tmp_path):
+    """The training script's capture: the CLI against a stand-in server, two requests, in the server's translation."""
+    require(task)
+    requests = agents.capture(task, tmp_path)
+    assert len(requests) == 2 and (tmp_path / agents.MARKER).exists()
+    call, answer, other = agents.task_conversations(task, requests, str(tmp_path), seed=0, variants=1, questions=["Hello"])
+    assert call["messages"][-1]["tool_calls"][0]["function"] == {"name": task.tool, "arguments": task.arguments}
+    assert answer["messages"][-1]["content"] == task.answer and answer["messages"][-2]["role"] == "tool"
+    prompt = json.dumps(call["messages"])
+    assert task.prompt in prompt and str(tmp_path) not in prompt
+    assert task.prompt not in json.dumps(other["messages"]) and "Hello" in json.dumps(other["messages"])

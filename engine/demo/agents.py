@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import random
+import re
 import string
 import subprocess
 import tempfile
@@ -74,7 +75,7 @@ def codex_config(url: str, instructions: Path | None = None) -> str:
         'env_key = "MLX_TUI_API_KEY"',
     ]
     if instructions:
-        lines += ['web_search = "disabled"', "", "[features]"] + [f"{name} = false" for name in CODEX_FEATURES_OFF]
+        lines += ["", "[features]"] + [f"{name} = false" for name in CODEX_FEATURES_OFF]
         lines += ["", "[skills]", "include_instructions = false"]
     return "\n".join(lines) + "\n"
 
@@ -142,7 +143,14 @@ def anthropic_request(body: dict):
 # A captured body as the server's canonical request, by the server's own translation: the model
 # must learn each prompt exactly as the server renders it. The API layer is imported at training
 # time only.
-TRANSLATIONS = {"claude": anthropic_request}
+def responses_request(body: dict):
+    from mlx_tui.api.responses import to_request
+    from mlx_tui.api.responses_models import ResponsesRequest
+
+    return to_request(ResponsesRequest.model_validate(body))[0]
+
+
+TRANSLATIONS = {"claude": anthropic_request, "codex": responses_request}
 
 
 def variant_values(rng: random.Random) -> dict[str, str]:
@@ -156,14 +164,25 @@ def variant_values(rng: random.Random) -> dict[str, str]:
     ])
     date = datetime.date(2025, 1, 1) + datetime.timedelta(days=rng.randint(0, 5 * 365))
     release = f"{rng.randint(4, 7)}.{rng.randint(0, 20)}.{rng.randint(0, 200)}-{word()}" + rng.choice(["", "-amd64", "-generic"])
-    return {"folder": folder, "date": date.isoformat(), "release": release}
+    zone = rng.choice(["Etc/UTC", "UTC", "Europe/Paris", "America/New_York", "Asia/Tokyo", "Australia/Sydney"])
+    return {
+        "folder": folder,
+        "date": date.isoformat(),
+        "release": release,
+        # Codex's tool output and environment
+        r"Chunk ID: [0-9a-f]+": f"Chunk ID: {rng.getrandbits(24):06x}",
+        r"Wall time: [0-9.]+ seconds": f"Wall time: {rng.uniform(0, 2):.4f} seconds",
+        r"<timezone>[^<]*</timezone>": f"<timezone>{zone}</timezone>",
+    }
 
 
-def substitute(body: dict, replacements: dict[str, str]) -> dict:
-    """The body with each occurrence of a key's text replaced by its value."""
+def substitute(body: dict, replacements: dict[str, str], patterns: dict[str, str]) -> dict:
+    """The body with each occurrence of a key's text (or a pattern's match) replaced by its value."""
     text = json.dumps(body)
     for old, new in replacements.items():
         text = text.replace(json.dumps(old)[1:-1], json.dumps(new)[1:-1])
+    for pattern, new in patterns.items():
+        text = re.sub(pattern, json.dumps(new)[1:-1].replace("\\", "\\\\"), text)
     return json.loads(text)
 
 
@@ -179,6 +198,7 @@ def task_conversations(task: Task, requests: list[dict], folder: str, seed: int,
     for i in range(variants):
         values = variant_values(rng)
         replacements = {seen[k]: values[k] for k in seen}
+        patterns = {k: v for k, v in values.items() if k not in seen}
         for name, body, reply in [
             ("call", first, calling(call("call_1", task.tool, **task.arguments))),
             ("answer", second, assistant(task.answer)),
@@ -186,7 +206,7 @@ def task_conversations(task: Task, requests: list[dict], folder: str, seed: int,
         ]:
             if name == "other question":
                 replacements[task.prompt] = questions[i % len(questions)]
-            request = TRANSLATIONS[task.client](substitute(body, replacements))
+            request = TRANSLATIONS[task.client](substitute(body, replacements, patterns))
             conversation = chat(f"{task.client}: {name}", *request.messages, reply, tools=request.tools)
             conversation["modes"] = [request.enable_thinking]
             conversations.append(conversation)
