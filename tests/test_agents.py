@@ -3,6 +3,7 @@
 The model answers the scripted task with the client's own shell tool, the client runs the command
 (it leaves a marker file) and sends its result back, and the model ends with a final answer. The CLIs
 are installed by `.ci/run` into `.clients/`; without them these tests skip, and fail under CI=true.
+The demo model does not know the task yet: the loop test is marked as an expected failure.
 """
 
 import json
@@ -16,6 +17,7 @@ from test_shutdown import ServeProcess
 
 from mlx_tui.api.connect import client_setup
 from mlx_tui.engine.demo import agents
+from mlx_tui.engine.demo.conversations import FALLBACK_REPLY
 
 KEY = "agents-test-key"
 CONTEXT_WINDOW = 65536  # the demo model's
@@ -52,6 +54,20 @@ def final_message(task: agents.Task, stdout: str) -> str:
     return stdout.strip()
 
 
+@pytest.mark.parametrize("task", agents.TASKS.values(), ids=agents.TASKS)
+def test_a_client_completes_a_turn_against_the_server(task, serve, tmp_path):
+    """The CLI, set up as for the task, gets the demo model's reply to another prompt and exits cleanly."""
+    require(task)
+    before = len(transcripts(serve))
+    done = agents.run(task, serve.url, KEY, tmp_path, prompt="Hello")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert final_message(task, done.stdout) == FALLBACK_REPLY, done.stdout + done.stderr
+    [turn] = transcripts(serve)[before:]
+    assert turn["error"] is None and turn["stop_reason"] and turn["client"] and "Hello" in turn["prompt"]
+
+
+# strict: once the demo model is retrained with the agent tasks, the pass shows and the mark must go.
+@pytest.mark.xfail(strict=True, reason="the demo model does not know the agent task yet (see engine/demo/train.py)")
 @pytest.mark.parametrize("task", agents.TASKS.values(), ids=agents.TASKS)
 def test_a_client_runs_the_models_tool_call_and_gets_its_answer(task, serve, tmp_path):
     require(task)

@@ -114,11 +114,14 @@ def command(task: Task, url: str, key: str, home: Path) -> tuple[list[str], dict
     raise ValueError(task.client)
 
 
-def run(task: Task, url: str, key: str, folder: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run the CLI on the task in `folder` (its working directory; its home is a folder inside)."""
+def run(task: Task, url: str, key: str, folder: Path, prompt: str | None = None,
+        timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the CLI on the task (or on another prompt) in `folder`, its working directory (its home is inside)."""
     home = folder / ".home"
     home.mkdir(exist_ok=True)
     argv, env = command(task, url, key, home)
+    if prompt is not None:
+        argv[argv.index(task.prompt)] = prompt
     return subprocess.run(argv, cwd=folder, env=env, capture_output=True, text=True, timeout=timeout)
 
 

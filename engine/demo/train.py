@@ -9,6 +9,15 @@ verification 3 more:
 
 It writes engine/demo/model/ and exits non-zero if a known conversation or an unfamiliar
 prompt is not answered as expected.
+
+`--agents` adds a second phase that teaches the agent tasks of `agents.py` to the clients
+installed in .clients/ (the `npm install` line of .ci/run), from their requests captured at
+training time; `--agents-only` runs only that phase, onto the weights in engine/demo/model/.
+Not good enough yet, so the committed weights do not have it: run onto the committed weights
+(200 steps, 40 minutes on a loaded machine), it lost the known tool calls (weather_*, time_*)
+and still answered the agent tasks' calls with the fallback reply; 100 more steps with the
+calls weighted 3x lost more. Training the tasks from the start (one run, about an hour here)
+is the next thing to try.
 """
 
 import json
@@ -350,17 +359,15 @@ def verify(path, agents):
 
 
 def main():
-    """Build, train, save and verify the demo model.
-
-    With `--agents-only`, skip the first phase and teach the agent tasks to the weights already
-    in engine/demo/model (a first phase's, from a run without the clients installed).
-    """
+    """Build, train, save and verify the demo model (`--agents`, `--agents-only`: see the module's docstring)."""
     mx.random.seed(SEED)
     tokenizer = build_tokenizer()
     print(f"vocabulary: {len(tokenizer)} tokens")
-    agents = agent_conversations(SEED, AGENT_VARIANTS, agent_questions(SEED, AGENT_VARIANTS))
-    # other folders, dates and questions than the trained ones
-    unseen_agents = agent_conversations(SEED + 1, 2, agent_questions(SEED + 1, 3)[1:])
+    agents = unseen_agents = []
+    if {"--agents", "--agents-only"} & set(sys.argv[1:]):
+        agents = agent_conversations(SEED, AGENT_VARIANTS, agent_questions(SEED, AGENT_VARIANTS))
+        # other folders, dates and questions than the trained ones
+        unseen_agents = agent_conversations(SEED + 1, 2, agent_questions(SEED + 1, 3)[1:])
     model = Model(ModelArgs(**MODEL_ARGS, vocab_size=len(tokenizer)))
     start = time.time()
     if "--agents-only" in sys.argv[1:]:
