@@ -1,5 +1,5 @@
-"""The agent tasks the demo model knows: a real client CLI asks for a marker file, the model runs the
-client's shell tool to make it, reads the result and answers.
+"""The agent task the demo model is to learn: a real client CLI asks for a marker file, the model runs
+the client's shell tool to make it, reads the result and answers (`train.py --agents`).
 
 The CLIs are installed by `.ci/run` into `.clients/` (gitignored). Training captures each client's
 two requests from the installed CLI (see `capture.py`), so the repository holds none of its text.
