@@ -9,6 +9,7 @@ The demo model does not know the task yet: the loop test is marked as an expecte
 import json
 import os
 import shutil
+import subprocess
 import tomllib
 
 import httpx
@@ -114,3 +115,21 @@ def test_training_captures_the_clients_requests_and_varies_what_changes_per_run(
     prompt = json.dumps(call["messages"])
     assert task.prompt in prompt and str(tmp_path) not in prompt
     assert task.prompt not in json.dumps(other["messages"]) and "Hello" in json.dumps(other["messages"])
+
+
+def test_codex_runs_on_the_profile_the_start_line_prints(serve, tmp_path):
+    """The printed Codex lines, pasted into a profile as the start line says, are enough to run Codex here."""
+    require(agents.CODEX)
+    setup = client_setup(serve.url, KEY, CONTEXT_WINDOW)
+    home = tmp_path / ".codex"
+    home.mkdir()
+    profile = setup[setup.index("Codex CLI") :].split("\n", 1)[1]
+    (home / "mlx-tui.config.toml").write_text(profile + "\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CODEX_"))}
+    env |= {"HOME": str(tmp_path), "CODEX_HOME": str(home), "MLX_TUI_API_KEY": KEY}
+    argv = [str(agents.binary(agents.CODEX)), "exec", "--profile", "mlx-tui", "--skip-git-repo-check", "Hello"]
+    before = len(transcripts(serve))
+    done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip(), done.stdout + done.stderr
+    [turn] = transcripts(serve)[before:]
+    assert turn["client"].startswith("codex_exec/0.171.0") and turn["error"] is None
