@@ -12,6 +12,7 @@ import uvicorn
 from mlx_tui.engine.client import EngineClient
 from mlx_tui.engine.config import EngineConfig
 
+from .connect import client_setup
 from .embedded import ApiServer
 from .server import create_app
 from .startup import start_engine
@@ -68,6 +69,7 @@ async def serve(
     dtype = ", ".join(filter(None, (engine.info["dtype"], engine.info["dtype_note"])))
     cache = engine.info["cache_mode"]
     say(f"serving {engine.config.model} at {address} (BLAS: {engine.blas}; dtype: {dtype}; prefix cache: {cache})")
+    print(client_setup(address, settings.get("api_key"), engine.info["context_length"]), file=sys.stderr)
     signalled = asyncio.Event()
 
     def on_signal() -> None:

@@ -9,6 +9,15 @@ verification 3 more:
 
 It writes engine/demo/model/ and exits non-zero if a known conversation or an unfamiliar
 prompt is not answered as expected.
+
+`--agents` adds a second phase that teaches the agent tasks of `agents.py` to the clients
+installed in .clients/ (the `npm install` line of .ci/run), from their requests captured at
+training time; `--agents-only` runs only that phase, onto the weights in engine/demo/model/.
+Not good enough yet, so the committed weights do not have it: run onto the committed weights
+(200 steps, 40 minutes on a loaded machine), it lost the known tool calls (weather_*, time_*)
+and still answered the agent tasks' calls with the fallback reply; 100 more steps with the
+calls weighted 3x lost more. Training the tasks from the start (one run, about an hour here)
+is the next thing to try.
 """
 
 import json
@@ -29,9 +38,10 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from transformers import PreTrainedTokenizerFast
 
 from mlx_tui.engine.demo import MODEL_DIR
+from mlx_tui.engine.demo.agents import agent_conversations
 from mlx_tui.engine.demo.conversations import CONVERSATIONS, FALLBACK_REPLY, TOOLS, assistant, chat, user
 from mlx_tui.engine.demo.template import CHAT_TEMPLATE
-from mlx_tui.engine.demo.unfamiliar import text, tool, unfamiliar_conversations
+from mlx_tui.engine.demo.unfamiliar import question, text, tool, unfamiliar_conversations
 
 VOCAB_SIZE = 400
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -51,6 +61,10 @@ MODEL_ARGS = dict(
 SEED = 0
 STEPS = 600
 LONG_EVERY = 4
+AGENT_STEPS = 200
+AGENT_LEARNING_RATE = 2e-3
+AGENT_BATCH = 2
+AGENT_VARIANTS = 16
 LEARNING_RATE = 5e-3
 WARMUP_STEPS = 50
 KNOWN_BATCH = 8
@@ -63,6 +77,8 @@ MAX_FAR_WEIGHT = 32
 
 def modes(conversation):
     """The enable_thinking values a conversation is trained and checked with."""
+    if "modes" in conversation:
+        return conversation["modes"]
     return [True, False] if conversation.get("enable_thinking", True) else [False]
 
 
@@ -186,6 +202,12 @@ def loss_and_grad(step, model, examples, far_weight=1.0):
     return total / count, tree_map(lambda g: g / count, grads)
 
 
+def agent_questions(seed, count):
+    """Other things a user may ask an agent client, which the demo model answers with its fallback reply."""
+    rng = random.Random(seed)
+    return ["Hello"] + [question(rng, rng.randint(10, 300)) for _ in range(count - 1)]
+
+
 def training_data(tokenizer):
     """Known examples (every conversation in every mode), short and long unfamiliar examples."""
     known = [encode(tokenizer, c, mode) for c in CONVERSATIONS for mode in modes(c)]
@@ -221,6 +243,35 @@ def train(model, tokenizer):
             print(f"step {i:4d}  loss {mx.array(losses[-40:]).mean().item():.6f}  {time.time() - start:4.0f}s", flush=True)
     inputs, targets, mask = batch_arrays(known)
     return (loss_fn(model, inputs, targets, mask, 1.0) / mask.sum()).item()
+
+
+def train_agents(model, tokenizer, agents):
+    """Second phase: teach the agent conversations, every other step, while replaying the first phase's data."""
+    known, short, long = training_data(tokenizer)
+    agent = [encode(tokenizer, c, mode) for c in agents for mode in modes(c)]
+    print(f"{len(agent)} agent examples of {min(len(t) for t, _ in agent)} to {max(len(t) for t, _ in agent)} tokens")
+    rng = random.Random(SEED + 2)
+    schedule = optim.join_schedules(
+        [optim.linear_schedule(1e-5, AGENT_LEARNING_RATE, WARMUP_STEPS),
+         optim.cosine_decay(AGENT_LEARNING_RATE, AGENT_STEPS, 1e-5)],
+        [WARMUP_STEPS],
+    )
+    optimizer = optim.Adam(learning_rate=schedule)
+    step = nn.value_and_grad(model, loss_fn)
+    start, losses = time.time(), []
+    for i in range(1, AGENT_STEPS + 1):
+        if i % 2:
+            loss, grads = loss_and_grad(step, model, rng.sample(agent, AGENT_BATCH))
+            losses.append(loss)
+        elif i % (2 * LONG_EVERY):
+            loss, grads = loss_and_grad(step, model, rng.sample(known, KNOWN_BATCH) + rng.sample(short, UNFAMILIAR_BATCH))
+        else:
+            far_weight = math.exp(rng.uniform(0, math.log(MAX_FAR_WEIGHT)))
+            loss, grads = loss_and_grad(step, model, rng.sample(long, LONG_BATCH), far_weight)
+        optimizer.update(model, grads)
+        mx.eval(model.parameters(), optimizer.state, loss)
+        if i % 20 == 0 or i == AGENT_STEPS:
+            print(f"step {i:4d}  agent loss {mx.array(losses[-10:]).mean().item():.6f}  {time.time() - start:4.0f}s", flush=True)
 
 
 def save(model, tokenizer, path):
@@ -287,13 +338,13 @@ def unseen_conversations():
     return conversations
 
 
-def verify(path):
-    """Replay every conversation and unseen prompts with greedy decoding; return success."""
+def verify(path, agents):
+    """Replay every conversation, the agent ones and unseen prompts with greedy decoding; return success."""
     model, tokenizer = load(str(path))
     assert tokenizer.tool_call_start == "<tool_call>" and tokenizer.has_thinking, "mlx-lm did not infer markup"
     ok = True
     print(f"{'conversation':40s} {'thinking':8s} {'prompt':>6s}  result")
-    cases = [(c, mode) for c in CONVERSATIONS for mode in modes(c)]
+    cases = [(c, mode) for c in CONVERSATIONS + agents for mode in modes(c)]
     cases += [(c, c["enable_thinking"]) for c in unseen_conversations()]
     for conversation, mode in cases:
         text, finish, n_prompt = generate(model, tokenizer, conversation, mode)
@@ -308,16 +359,27 @@ def verify(path):
 
 
 def main():
-    """Build, train, save and verify the demo model."""
+    """Build, train, save and verify the demo model (`--agents`, `--agents-only`: see the module's docstring)."""
     mx.random.seed(SEED)
     tokenizer = build_tokenizer()
     print(f"vocabulary: {len(tokenizer)} tokens")
+    agents = unseen_agents = []
+    if {"--agents", "--agents-only"} & set(sys.argv[1:]):
+        agents = agent_conversations(SEED, AGENT_VARIANTS, agent_questions(SEED, AGENT_VARIANTS))
+        # other folders, dates and questions than the trained ones
+        unseen_agents = agent_conversations(SEED + 1, 2, agent_questions(SEED + 1, 3)[1:])
     model = Model(ModelArgs(**MODEL_ARGS, vocab_size=len(tokenizer)))
     start = time.time()
-    loss = train(model, tokenizer)
-    print(f"final loss on the known conversations {loss:.2e} after {time.time() - start:.0f}s")
+    if "--agents-only" in sys.argv[1:]:
+        model.load_weights(str(MODEL_DIR / "model.safetensors"))
+    else:
+        loss = train(model, tokenizer)
+        print(f"final loss on the known conversations {loss:.2e} after {time.time() - start:.0f}s")
+    if agents:
+        train_agents(model, tokenizer, agents)
+        print(f"agent tasks trained after {time.time() - start:.0f}s")
     save(model, tokenizer, MODEL_DIR)
-    ok = verify(MODEL_DIR)
+    ok = verify(MODEL_DIR, agents[:3] + unseen_agents)
     sys.stdout.flush()
     # os._exit skips the exit handlers: a preloaded OpenBLAS can hang in its own at exit.
     os._exit(0 if ok else 1)
