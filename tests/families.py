@@ -78,6 +78,19 @@ CONFIGS = {
         use_bias=False,
         use_conv_bias=True,
     ),
+    # each layer a CacheList of Mamba-2 state (ArraysCache) and attention KV
+    "falcon_h1": dict(
+        model_type="falcon_h1",
+        num_hidden_layers=3,
+        mamba_d_conv=4,
+        mamba_d_head=16,
+        mamba_d_ssm=64,
+        mamba_d_state=16,
+        mamba_n_heads=4,
+        mamba_n_groups=1,
+        mamba_chunk_size=16,
+        rope_theta=10000.0,
+    ),
 }
 FAMILIES = list(CONFIGS)
 
