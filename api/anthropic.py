@@ -129,7 +129,9 @@ def assistant_message(message: Message, tool_names: dict[str, str]) -> dict:
                 reasoning.append(block.thinking)
         elif block.type == "tool_use":
             tool_names[block.id] = block.name
-            calls.append({"id": block.id, "type": "function", "function": {"name": block.name, "arguments": block.input}})
+            calls.append(
+                {"id": block.id, "type": "function", "function": {"name": block.name, "arguments": block.input}}
+            )
         elif block.type != "redacted_thinking":
             texts.append(block_text(block))
     out: dict[str, Any] = {"role": "assistant", "content": "\n".join(texts)}
@@ -189,7 +191,9 @@ class MessageStream:
     def feed(self, event: ev.Event) -> list[Frame]:
         match event:
             case ev.TextDelta(text):
-                return self.open("text", {"type": "text", "text": ""}) + self.delta({"type": "text_delta", "text": text})
+                return self.open("text", {"type": "text", "text": ""}) + self.delta(
+                    {"type": "text_delta", "text": text}
+                )
             case ev.ReasoningDelta(text) if self.thinking:
                 self.reasoning.append(text)
                 block = {"type": "thinking", "thinking": "", "signature": ""}
@@ -219,7 +223,9 @@ class MessageStream:
         frames = self.close()
         self.index += 1
         self.block = kind
-        return frames + [("content_block_start", {"type": "content_block_start", "index": self.index, "content_block": block})]
+        return frames + [
+            ("content_block_start", {"type": "content_block_start", "index": self.index, "content_block": block})
+        ]
 
     def delta(self, delta: dict) -> list[Frame]:
         return [("content_block_delta", {"type": "content_block_delta", "index": self.index, "delta": delta})]

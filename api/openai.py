@@ -56,7 +56,11 @@ def constraint(body: ChatRequest):
 
 def function(f: Function) -> dict:
     """A function schema in the usual key order (templates render it as JSON), with parameters always present."""
-    return {"name": f.name} | ({"description": f.description} if f.description else {}) | {"parameters": f.parameters or EMPTY_SCHEMA}
+    return (
+        {"name": f.name}
+        | ({"description": f.description} if f.description else {})
+        | {"parameters": f.parameters or EMPTY_SCHEMA}
+    )
 
 
 def refuse_unsupported(body: ChatRequest):
@@ -88,7 +92,11 @@ def convert(i: int, message: ChatMessage) -> dict:
             out["reasoning_content"] = message.reasoning_content
         if message.tool_calls:
             out["tool_calls"] = [
-                {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": arguments(i, c.function.arguments)}}
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.function.name, "arguments": arguments(i, c.function.arguments)},
+                }
                 for c in message.tool_calls
             ]
     return out
@@ -98,7 +106,9 @@ def text(content: str | list[Part] | None) -> str:
     """Content as prompt text; parts a text-only model cannot read become a placeholder."""
     if not isinstance(content, list):
         return content or ""
-    return "\n".join(p.text if p.type == "text" else f"[{p.type}: not shown, this model reads text only]" for p in content)
+    return "\n".join(
+        p.text if p.type == "text" else f"[{p.type}: not shown, this model reads text only]" for p in content
+    )
 
 
 def arguments(i: int, raw: str) -> dict:
@@ -167,7 +177,12 @@ class ChunkStream:
             case ev.ReasoningDelta(text):
                 return [self.chunk({"reasoning_content": text})]
             case ev.ToolCallStart(index, call_id, name):
-                call = {"index": index, "id": f"call_{call_id}", "type": "function", "function": {"name": name, "arguments": ""}}
+                call = {
+                    "index": index,
+                    "id": f"call_{call_id}",
+                    "type": "function",
+                    "function": {"name": name, "arguments": ""},
+                }
                 return [self.chunk({"tool_calls": [call]})]
             case ev.ToolCallDelta(index, text) | ev.ToolCallAbandoned(index, _, text) if text:
                 return [self.chunk({"tool_calls": [{"index": index, "function": {"arguments": text}}]})]
@@ -182,7 +197,13 @@ class ChunkStream:
 
     def chunk(self, delta: dict, finish_reason: str | None = None) -> dict:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        chunk = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model, "choices": [choice]}
+        chunk = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        }
         if self.include_usage:
             chunk["usage"] = None
         return chunk
@@ -219,7 +240,14 @@ def fold(stream: ChunkStream, chunks: Iterable[dict]) -> dict:
     if calls:
         message["tool_calls"] = [{k: v for k, v in calls[i].items() if k != "index"} for i in sorted(calls)]
     choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
-    return {"id": stream.id, "object": "chat.completion", "created": stream.created, "model": stream.model, "choices": [choice], "usage": used}
+    return {
+        "id": stream.id,
+        "object": "chat.completion",
+        "created": stream.created,
+        "model": stream.model,
+        "choices": [choice],
+        "usage": used,
+    }
 
 
 # Route.

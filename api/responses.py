@@ -48,7 +48,11 @@ PING_SECONDS = 10
 # during a long prefill, `response.in_progress` is sent again at most this often.
 PROGRESS_SECONDS = 30
 EMPTY_SCHEMA = {"type": "object", "properties": {}}
-CUSTOM_SCHEMA = {"type": "object", "properties": {"input": {"type": "string", "description": "The tool's input, as free text."}}, "required": ["input"]}
+CUSTOM_SCHEMA = {
+    "type": "object",
+    "properties": {"input": {"type": "string", "description": "The tool's input, as free text."}},
+    "required": ["input"],
+}
 ERROR_CODES = {429: "rate_limit_exceeded"}
 
 Frame = dict
@@ -130,7 +134,11 @@ def offer(tools: list) -> tuple[list[dict], dict[str, Target]]:
         custom = isinstance(tool, CustomTool)
         targets[name] = Target(tool.name, namespace, custom, not custom and bool(tool.strict))
         parameters = CUSTOM_SCHEMA if custom else tool.parameters or EMPTY_SCHEMA
-        schema = {"name": name} | ({"description": tool.description} if tool.description else {}) | {"parameters": parameters}
+        schema = (
+            {"name": name}
+            | ({"description": tool.description} if tool.description else {})
+            | {"parameters": parameters}
+        )
         schemas.append({"type": "function", "function": schema})
     return schemas, targets
 
@@ -140,9 +148,15 @@ def tool_choice(body: ResponsesRequest, targets: dict[str, Target]) -> str:
     if choice is None or isinstance(choice, str):
         return choice or "auto"
     if choice.type not in ("function", "custom") or not choice.name:
-        raise ApiError(400, f"tool_choice: only auto, none, required or a named function can be chosen here, not {choice.type!r}")
+        raise ApiError(
+            400, f"tool_choice: only auto, none, required or a named function can be chosen here, not {choice.type!r}"
+        )
     for name, target in targets.items():
-        if target.name == choice.name and choice.namespace in (None, target.namespace) and target.custom == (choice.type == "custom"):
+        if (
+            target.name == choice.name
+            and choice.namespace in (None, target.namespace)
+            and target.custom == (choice.type == "custom")
+        ):
             return name
     raise ApiError(400, f"tool_choice names {choice.name!r}, which is not among the tools")
 
@@ -156,7 +170,10 @@ def convert(body: ResponsesRequest, names: dict[tuple[str | None, str], str]) ->
     turn: dict | None = None  # the assistant message being gathered from consecutive items
     for i, item in enumerate(items):
         if isinstance(item, ItemReference):
-            raise ApiError(400, f"input.{i}: item references need stored responses, which this server does not keep; send the items")
+            raise ApiError(
+                400,
+                f"input.{i}: item references need stored responses, which this server does not keep; send the items",
+            )
         if isinstance(item, Message) and item.role != "assistant":
             role = "user" if item.role == "user" else "system"
             if role == "system" and not messages:
@@ -268,7 +285,11 @@ class ResponseStream:
             "model": body.model,
             "output": [snapshot(item) for item in self.output],
             "parallel_tool_calls": self.parallel,
-            "tool_choice": choice if isinstance(choice, str) else choice.model_dump(exclude_none=True) if choice else "auto",
+            "tool_choice": choice
+            if isinstance(choice, str)
+            else choice.model_dump(exclude_none=True)
+            if choice
+            else "auto",
             "tools": [t.model_dump(exclude_none=True) for t in body.tools or []],
             "instructions": body.instructions,
             "max_output_tokens": body.max_output_tokens,
@@ -302,14 +323,20 @@ class ResponseStream:
             case ev.TextDelta(delta):
                 frames = self.open_item("message")
                 self.open["content"][0]["text"] += delta
-                return frames + [self.event("response.output_text.delta", **self.where(), content_index=0, delta=delta, logprobs=[])]
+                return frames + [
+                    self.event("response.output_text.delta", **self.where(), content_index=0, delta=delta, logprobs=[])
+                ]
             case ev.ReasoningDelta(delta):
                 frames = self.open_item("reasoning")
                 self.open["content"][0]["text"] += delta
                 frames.append(self.event("response.reasoning_text.delta", **self.where(), content_index=0, delta=delta))
                 if self.summary:
                     self.open["summary"][0]["text"] += delta
-                    frames.append(self.event("response.reasoning_summary_text.delta", **self.where(), summary_index=0, delta=delta))
+                    frames.append(
+                        self.event(
+                            "response.reasoning_summary_text.delta", **self.where(), summary_index=0, delta=delta
+                        )
+                    )
                 return frames
             case ev.ToolCallStart(index, call_id, name):
                 return self.close() + self.start_call(index, call_id, name)
@@ -335,7 +362,13 @@ class ResponseStream:
             return []
         frames = self.close()
         if kind == "message":
-            item = {"id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant", "status": "in_progress", "content": []}
+            item = {
+                "id": f"msg_{uuid.uuid4().hex[:24]}",
+                "type": "message",
+                "role": "assistant",
+                "status": "in_progress",
+                "content": [],
+            }
             part = {"type": "output_text", "text": "", "annotations": []}
         else:
             item = {"id": f"rs_{uuid.uuid4().hex[:24]}", "type": "reasoning", "summary": [], "content": []}
@@ -347,7 +380,14 @@ class ResponseStream:
         frames.append(self.event("response.content_part.added", **self.where(), content_index=0, part=dict(part)))
         if kind == "reasoning" and self.summary:
             item["summary"].append({"type": "summary_text", "text": ""})
-            frames.append(self.event("response.reasoning_summary_part.added", **self.where(), summary_index=0, part=dict(item["summary"][0])))
+            frames.append(
+                self.event(
+                    "response.reasoning_summary_part.added",
+                    **self.where(),
+                    summary_index=0,
+                    part=dict(item["summary"][0]),
+                )
+            )
         return frames
 
     def close(self, status: str = "completed") -> list[Frame]:
@@ -366,16 +406,28 @@ class ResponseStream:
         frames.append(self.event("response.content_part.done", **where, content_index=0, part=dict(part)))
         if item["type"] == "reasoning" and item["summary"]:
             summary = item["summary"][0]
-            frames.append(self.event("response.reasoning_summary_text.done", **where, summary_index=0, text=summary["text"]))
-            frames.append(self.event("response.reasoning_summary_part.done", **where, summary_index=0, part=dict(summary)))
-        return frames + [self.event("response.output_item.done", output_index=where["output_index"], item=snapshot(item))]
+            frames.append(
+                self.event("response.reasoning_summary_text.done", **where, summary_index=0, text=summary["text"])
+            )
+            frames.append(
+                self.event("response.reasoning_summary_part.done", **where, summary_index=0, part=dict(summary))
+            )
+        return frames + [
+            self.event("response.output_item.done", output_index=where["output_index"], item=snapshot(item))
+        ]
 
     def start_call(self, index: int, call_id: str, name: str) -> list[Frame]:
         if not self.parallel and (self.calls or self.dropped):
             self.dropped.add(index)
             return []
         target = self.targets.get(name) or Target(name)
-        item: dict[str, Any] = {"id": f"fc_{call_id}", "type": "function_call", "status": "in_progress", "call_id": f"call_{call_id}", "name": target.name}
+        item: dict[str, Any] = {
+            "id": f"fc_{call_id}",
+            "type": "function_call",
+            "status": "in_progress",
+            "call_id": f"call_{call_id}",
+            "name": target.name,
+        }
         if target.custom:
             item |= {"id": f"ctc_{call_id}", "type": "custom_tool_call", "input": ""}
         else:
@@ -403,13 +455,18 @@ class ResponseStream:
             done = self.event("response.custom_tool_call_input.done", **self.where(item), input=item["input"])
         else:
             done = self.event("response.function_call_arguments.done", **self.where(item), arguments=item["arguments"])
-        return [done, self.event("response.output_item.done", output_index=self.output.index(item), item=snapshot(item))]
+        return [
+            done,
+            self.event("response.output_item.done", output_index=self.output.index(item), item=snapshot(item)),
+        ]
 
     def finish(self, reason: str, used: ev.Usage) -> list[Frame]:
         cut = reason == "length"
         frames = self.close("incomplete" if cut else "completed")
         if cut:
-            response = self.response("incomplete", incomplete_details={"reason": "max_output_tokens"}, usage=usage(used))
+            response = self.response(
+                "incomplete", incomplete_details={"reason": "max_output_tokens"}, usage=usage(used)
+            )
             return frames + [self.event("response.incomplete", response=response)]
         return frames + [self.event("response.completed", response=self.response("completed", usage=usage(used)))]
 
@@ -418,7 +475,10 @@ class ResponseStream:
         error = openai_error(status, message)["error"]
         code = error["code"] or ERROR_CODES.get(openai_status(status), "server_error")
         failed = self.response("failed", error={"code": code, "message": message})
-        return [self.event("error", code=code, message=message, param=None), self.event("response.failed", response=failed)]
+        return [
+            self.event("error", code=code, message=message, param=None),
+            self.event("response.failed", response=failed),
+        ]
 
 
 def snapshot(item: dict) -> dict:
@@ -450,7 +510,9 @@ def usage(used: ev.Usage) -> dict:
 
 def final(frames: Iterable[Frame]) -> dict:
     """The whole response: what the last lifecycle event carries."""
-    return [f for f in frames if f["type"] in ("response.completed", "response.incomplete", "response.failed")][-1]["response"]
+    return [f for f in frames if f["type"] in ("response.completed", "response.incomplete", "response.failed")][-1][
+        "response"
+    ]
 
 
 # Route.
@@ -481,7 +543,9 @@ async def respond(exchange: serving.Exchange, stream: ResponseStream) -> JSONRes
         exchange.finish()
 
 
-async def sse(exchange: serving.Exchange, stream: ResponseStream, started: ev.Started) -> AsyncIterator[ServerSentEvent]:
+async def sse(
+    exchange: serving.Exchange, stream: ResponseStream, started: ev.Started
+) -> AsyncIterator[ServerSentEvent]:
     try:
         async with aclosing(exchange.frames(stream, started)) as frames:
             async for frame in frames:

@@ -106,7 +106,15 @@ class OtherItem(Model):
     type: str
 
 
-ITEMS = {"message", "function_call", "function_call_output", "custom_tool_call_output", "custom_tool_call", "reasoning", "item_reference"}
+ITEMS = {
+    "message",
+    "function_call",
+    "function_call_output",
+    "custom_tool_call_output",
+    "custom_tool_call",
+    "reasoning",
+    "item_reference",
+}
 
 Item = Annotated[
     Annotated[Message, Tag("message")]
@@ -147,7 +155,9 @@ class HostedTool(Model):
 
 
 Inner = Annotated[
-    Annotated[FunctionTool, Tag("function")] | Annotated[CustomTool, Tag("custom")] | Annotated[HostedTool, Tag("other")],
+    Annotated[FunctionTool, Tag("function")]
+    | Annotated[CustomTool, Tag("custom")]
+    | Annotated[HostedTool, Tag("other")],
     Discriminator(tag_of({"function", "custom"})),
 ]
 

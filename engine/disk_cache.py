@@ -84,7 +84,11 @@ def serialisable(caches: list, metadata: dict) -> tuple[dict, dict]:
         kind = "none" if value is None else "string" if isinstance(value, str) else "scalar"
         scalars.append((name, kind))
         arrays[name] = (
-            mx.array([]) if value is None else mx.array([ord(c) for c in value]) if kind == "string" else mx.array(value)
+            mx.array([])
+            if value is None
+            else mx.array([ord(c) for c in value])
+            if kind == "string"
+            else mx.array(value)
         )
     mx.eval(list(arrays.values()))
     return arrays, dict(tree_flatten([metadata, [type(c).__name__ for c in caches], scalars]))
@@ -227,8 +231,12 @@ class DiskCache:
         """Count the failure, and say so on stderr the first time."""
         self.write_errors += 1
         if self.write_errors == 1:
-            print(f"disk cache: cannot write to {self.directory} ({error}); entries are dropped "
-                  "while it fails (counted in /metrics)", file=sys.stderr, flush=True)
+            print(
+                f"disk cache: cannot write to {self.directory} ({error}); entries are dropped "
+                "while it fails (counted in /metrics)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _write(self, tokens: np.ndarray, arrays: dict, header: dict):
         name = hashlib.sha256(tokens.tobytes()).hexdigest()[:32]
@@ -246,7 +254,9 @@ class DiskCache:
             raise
         with self._lock:
             self.index = [e for e in self.index if e.path != path]
-            self.index.append(described(path, {k.removeprefix("0."): v for k, v in header.items() if k.startswith("0.")}))
+            self.index.append(
+                described(path, {k.removeprefix("0."): v for k, v in header.items() if k.startswith("0.")})
+            )
             self._evict()
 
     def _evict(self):

@@ -222,7 +222,9 @@ class Grammars:
             raise GrammarError(f"structured output is not available for this model's tokenizer ({self.unavailable})")
         if strict and self.call is None:
             name = self.parser or "none"
-            raise GrammarError(f"strict tools need a grammar for this model's tool-call format ({name}), which has none here")
+            raise GrammarError(
+                f"strict tools need a grammar for this model's tool-call format ({name}), which has none here"
+            )
         reply = constraint.schema if constraint and constraint.format else None
         forced = bool(tools) and request.tool_choice != "auto" and self.call is not None
         lazy = bool(tools) and not forced and self.call is not None and (self.constrain_tools or bool(strict))
@@ -285,14 +287,18 @@ class Grammars:
         if found is None:
             return None
         lark, description, begins = found
-        return GrammarProcessor(self.compile(lark).deep_copy(), self.tokenizer.vocab_size, self.eos, description, begins)
+        return GrammarProcessor(
+            self.compile(lark).deep_copy(), self.tokenizer.vocab_size, self.eos, description, begins
+        )
 
     def compile(self, lark: str) -> llguidance.LLMatcher:
         if (matcher := self.compiled.get(lark)) is not None:
             self.compiled.move_to_end(lark)
             return matcher
         grammar = llguidance.LLMatcher.grammar_from_lark(lark)
-        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer, limits=self.limits)
+        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
+            grammar, self.tokenizer, limits=self.limits
+        )
         if failed:
             raise GrammarError(f"the schema cannot be used: {first_line(messages[0])}")
         matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0, limits=self.limits)
@@ -302,4 +308,3 @@ class Grammars:
         if len(self.compiled) > self.CACHE:
             self.compiled.popitem(last=False)
         return matcher
-

@@ -162,4 +162,3 @@ class GroupDiskCache(DiskCache):
             loaded = truncate(loaded, n, clock)
         loaded.checkpoint = bool(checkpoint)
         return loaded
-

@@ -353,9 +353,7 @@ class MarkupParser:
         if not self.streamed:  # arguments given as a JSON string, or not JSON-shaped markup
             self.streamed = [json.dumps(arguments, ensure_ascii=False)]
             events.append(ToolCallDelta(self.index, self.streamed[0]))
-        events.append(
-            ToolCallEnd(self.index, self.call_id, name, arguments, "".join(self.streamed))
-        )
+        events.append(ToolCallEnd(self.index, self.call_id, name, arguments, "".join(self.streamed)))
         self.index += 1
         self.calls += 1
 

@@ -73,15 +73,9 @@ class Scheduler:
         self.context_length = loaded.context_length
         self.config = config
         self.parser_name = self.tokenizer.init_kwargs.get("tool_parser_type")
-        self.think = (
-            (self.tokenizer.think_start, self.tokenizer.think_end)
-            if self.tokenizer.has_thinking
-            else None
-        )
+        self.think = (self.tokenizer.think_start, self.tokenizer.think_end) if self.tokenizer.has_thinking else None
         self.tool = (
-            (self.tokenizer.tool_call_start, self.tokenizer.tool_call_end)
-            if self.tokenizer.has_tool_calling
-            else None
+            (self.tokenizer.tool_call_start, self.tokenizer.tool_call_end) if self.tokenizer.has_tool_calling else None
         )
         self.active: dict[int, Active] = {}
         self.uid_of: dict[str, int] = {}
@@ -99,7 +93,9 @@ class Scheduler:
             self.cache_mode += "; prompts prefilled one at a time"
         self.turns = TurnMemory(self.tokenizer.decode)
         vocab_size = getattr(getattr(self.model, "args", None), "vocab_size", None) or len(self.tokenizer)
-        self.grammars = Grammars(self.tokenizer, vocab_size, self.think, self.tool, self.parser_name, config.constrain_tools)
+        self.grammars = Grammars(
+            self.tokenizer, vocab_size, self.think, self.tool, self.parser_name, config.constrain_tools
+        )
         self.generator = self._new_generator()
 
     def _new_generator(self) -> BatchGenerator:
@@ -182,7 +178,9 @@ class Scheduler:
         checkpoint_at = prompt.system_end if prompt.system_end > cached else 0
         snapshot_at = set()
         if self.snapshotting:
-            snapshot_at = {n for n in [*prompt.boundaries, prompt.system_end, len(tokens) - 1] if cached < n < len(tokens)}
+            snapshot_at = {
+                n for n in [*prompt.boundaries, prompt.system_end, len(tokens) - 1] if cached < n < len(tokens)
+            }
         cuts = sorted(snapshot_at | {checkpoint_at} - {0})
         segments = [tokens[a:b] for a, b in zip([cached, *cuts], [*cuts, len(tokens)])]
         [uid] = self.generator.insert_segments(
@@ -211,9 +209,7 @@ class Scheduler:
     def _max_tokens(self, request: Request, prompt_tokens: int) -> int:
         room = self.context_length - prompt_tokens
         if room < 1:
-            raise RequestError(
-                f"prompt is too long: {prompt_tokens} tokens > {self.context_length - 1} maximum"
-            )
+            raise RequestError(f"prompt is too long: {prompt_tokens} tokens > {self.context_length - 1} maximum")
         if request.max_tokens is not None and request.max_tokens < 1:
             raise RequestError(f"max_tokens must be at least 1, got {request.max_tokens}")
         max_tokens = min(request.max_tokens or self.config.max_tokens, self.config.max_tokens, room)
@@ -271,7 +267,9 @@ class Scheduler:
 
     def _token(self, a: Active, r, now: float) -> list[Tagged]:
         a.first_token = a.first_token or now
-        a.generated += r.finish_reason != "stop"  # the end-of-sequence token is not output, as OpenAI and Anthropic count
+        a.generated += (
+            r.finish_reason != "stop"
+        )  # the end-of-sequence token is not output, as OpenAI and Anthropic count
         a.reasoning += a.output.markup.state == MarkupParser.REASONING
         a.reply.append(r.token)
         self.generation_tokens_total += 1
@@ -377,6 +375,9 @@ class Scheduler:
                 "snapshot_bytes": self.cache.snapshot_nbytes,
                 "snapshot_hits": cache.snapshot_hits,
             },
-            "memory": {"active": mx.get_active_memory(), "peak": mx.get_peak_memory(),
-                       "running_kv": self.generator.prompt_cache_nbytes},
+            "memory": {
+                "active": mx.get_active_memory(),
+                "peak": mx.get_peak_memory(),
+                "running_kv": self.generator.prompt_cache_nbytes,
+            },
         }

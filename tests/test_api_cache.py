@@ -15,7 +15,12 @@ def body(billing: str, marked: int, question: str, marker: str) -> dict:
         {"type": "text", "text": "Be kind."},
     ]
     system[marked]["cache_control"] = {"type": "ephemeral"}
-    return {"model": "claude-any", "max_tokens": 16, "system": system, "messages": [{"role": "user", "content": question}]}
+    return {
+        "model": "claude-any",
+        "max_tokens": 16,
+        "system": system,
+        "messages": [{"role": "user", "content": question}],
+    }
 
 
 def test_a_changing_billing_header_and_moving_cache_marks_still_hit(server):
@@ -23,8 +28,10 @@ def test_a_changing_billing_header_and_moving_cache_marks_still_hit(server):
     marker = secrets.token_hex(4)
     first = body("a1b2c", 1, "Good morning!", marker)
     second = body("f9e8d", 2, "What is the capital of France?", marker)
-    counts = [client.messages.count_tokens(**{k: v for k, v in b.items() if k != "max_tokens"}).input_tokens
-              for b in (first, second)]
+    counts = [
+        client.messages.count_tokens(**{k: v for k, v in b.items() if k != "max_tokens"}).input_tokens
+        for b in (first, second)
+    ]
     one = client.messages.create(**first)
     two = client.messages.create(**second)
     for message, count in zip((one, two), counts):

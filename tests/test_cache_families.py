@@ -182,8 +182,10 @@ def test_an_agent_session_is_served_from_the_cache_turn_after_turn(loop, make_en
         side = Request(messages=[user(f"Write a title for conversation {turn}.")], max_tokens=4)
         loop.run(collect(engine, side))
         # the client sends the call back in its own words, not the model's, then the tool's result
-        messages += [{"role": "assistant", "content": "", "tool_calls": [call(turn)]},
-                     {"role": "tool", "tool_call_id": f"call_{turn}", "content": f"{10 + turn} degrees"}]
+        messages += [
+            {"role": "assistant", "content": "", "tool_calls": [call(turn)]},
+            {"role": "tool", "tool_call_id": f"call_{turn}", "content": f"{10 + turn} degrees"},
+        ]
     stats = loop.run(engine.stats())["cache"]
     assert stats["snapshots"] > 0 and stats["snapshot_bytes"] > 0 and stats["mode"].startswith("snapshots")
 

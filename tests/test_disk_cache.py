@@ -109,7 +109,9 @@ def full_tmpfs(tmp_path):
     """A 64 KiB tmpfs mounted for the test (needs root, as CI runs), almost full."""
     mount = tmp_path / "small"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here to fill ({done.stderr.strip() or 'mount failed'})")
     try:
@@ -208,8 +210,10 @@ def test_random_files_are_never_loaded(data):
 
 
 @FUZZ
-@given(st.lists(st.tuples(st.integers(0, 2**31), st.integers(1, 255)), min_size=1, max_size=8),
-       st.one_of(st.none(), st.integers(0, 2**31)))
+@given(
+    st.lists(st.tuples(st.integers(0, 2**31), st.integers(1, 255)), min_size=1, max_size=8),
+    st.one_of(st.none(), st.integers(0, 2**31)),
+)
 def test_mutated_files_are_never_loaded_as_anything_else(flips, cut):
     data, _, e = original()
     mutated = bytearray(data)

@@ -107,8 +107,10 @@ def test_greedy_output_is_the_same_as_one_rank(loop, engine, group, name):
 
 
 RECORD = {
-    "type": "object", "properties": {"name": {"type": "string", "maxLength": 12}, "n": {"type": "integer", "minimum": 3, "maximum": 300}},
-    "required": ["name", "n"], "additionalProperties": False,
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 12}, "n": {"type": "integer", "minimum": 3, "maximum": 300}},
+    "required": ["name", "n"],
+    "additionalProperties": False,
 }
 
 
@@ -251,8 +253,16 @@ def test_an_unreachable_host_fails_the_start_in_bounded_time(tmp_path):
 
 
 def test_a_model_that_cannot_be_split_is_named(tmp_path):
-    config = {"model_type": "gpt2", "n_ctx": 64, "n_embd": 32, "n_head": 2, "n_layer": 2, "n_positions": 64,
-              "layer_norm_epsilon": 1e-5, "vocab_size": 100}
+    config = {
+        "model_type": "gpt2",
+        "n_ctx": 64,
+        "n_embd": 32,
+        "n_head": 2,
+        "n_layer": 2,
+        "n_positions": 64,
+        "layer_norm_epsilon": 1e-5,
+        "vocab_size": 100,
+    }
     (tmp_path / "config.json").write_text(json.dumps(config))
     done = mlx_tui("--model", str(tmp_path), "--local-ranks", "2")
     assert done.returncode == 1
@@ -266,11 +276,24 @@ def tiny_pipeline_model(path: Path, layers: int = 4) -> Path:
     from mlx_lm.models import ministral3
     from mlx_lm.utils import save_model
 
-    config = {"model_type": "ministral3", "hidden_size": 64, "num_hidden_layers": layers, "intermediate_size": 128,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "vocab_size": 400,
-              "max_position_embeddings": 4096, "tie_word_embeddings": True,
-              "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "llama_4_scaling_beta": 0.1,
-                                  "original_max_position_embeddings": 4096}}
+    config = {
+        "model_type": "ministral3",
+        "hidden_size": 64,
+        "num_hidden_layers": layers,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5,
+        "vocab_size": 400,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": True,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "llama_4_scaling_beta": 0.1,
+            "original_max_position_embeddings": 4096,
+        },
+    }
     mx.random.seed(0)
     model = ministral3.Model(ministral3.ModelArgs.from_dict(config))
     # weights large enough that greedy decoding wanders over the vocabulary instead of repeating one token

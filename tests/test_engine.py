@@ -59,9 +59,7 @@ def reply_of(events) -> dict:
 def expected_reply(conversation: dict) -> dict:
     message = dict(conversation["messages"][-1])
     if "tool_calls" in message:
-        message["tool_calls"] = [
-            (c["function"]["name"], c["function"]["arguments"]) for c in message["tool_calls"]
-        ]
+        message["tool_calls"] = [(c["function"]["name"], c["function"]["arguments"]) for c in message["tool_calls"]]
     return message
 
 
@@ -158,8 +156,10 @@ def test_output_tokens_are_the_replys_tokens_without_the_end_of_sequence(loop, e
 
 def test_a_request_left_while_generating_is_forgotten(loop, engine):
     async def start_then_leave():
-        stream = engine.generate(request_for(BY_NAME["greeting"], max_tokens=5000,
-                                             sampling=Sampling(logit_bias={letter_token(): 50.0})), request_id="left-1")
+        stream = engine.generate(
+            request_for(BY_NAME["greeting"], max_tokens=5000, sampling=Sampling(logit_bias={letter_token(): 50.0})),
+            request_id="left-1",
+        )
         async for event in stream:
             if isinstance(event, TextDelta):
                 break
@@ -171,8 +171,9 @@ def test_a_request_left_while_generating_is_forgotten(loop, engine):
 
 def test_cancelled_request_leaves_the_batch(loop, engine):
     async def start_then_leave():
-        stream = engine.generate(request_for(BY_NAME["greeting"], max_tokens=5000,
-                                             sampling=Sampling(logit_bias={letter_token(): 50.0})))
+        stream = engine.generate(
+            request_for(BY_NAME["greeting"], max_tokens=5000, sampling=Sampling(logit_bias={letter_token(): 50.0}))
+        )
         async for event in stream:
             if isinstance(event, TextDelta):
                 break
@@ -248,7 +249,10 @@ def test_model_path_to_a_copy_of_the_demo_model(loop, tmp_path):
     copy = tmp_path / "my-model"
     shutil.copytree(MODEL_DIR, copy)
     phases = []
-    engine = EngineClient(EngineConfig(model=str(copy), transcripts_dir=None, cache_dir=None), on_progress=lambda p, f: phases.append((p, f)))
+    engine = EngineClient(
+        EngineConfig(model=str(copy), transcripts_dir=None, cache_dir=None),
+        on_progress=lambda p, f: phases.append((p, f)),
+    )
     loop.run(engine.start())
     try:
         conversation = BY_NAME["weather_tokyo"]

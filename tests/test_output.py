@@ -106,8 +106,9 @@ def test_arguments_stream_before_the_call_closes():
 
 
 def test_forced_call_starts_inside_the_markup():
-    parser = MarkupParser(THINK, TOOL, parse_tool_call, None, state=MarkupParser.TOOL,
-                          body='\n{"name": "get_time", "arguments": ')
+    parser = MarkupParser(
+        THINK, TOOL, parse_tool_call, None, state=MarkupParser.TOOL, body='\n{"name": "get_time", "arguments": '
+    )
     events = parser.feed('{"timezone": "UTC"}}\n</tool_call>') + parser.finish()
     end = next(e for e in events if isinstance(e, ToolCallEnd))
     assert (end.name, end.arguments) == ("get_time", {"timezone": "UTC"})

@@ -124,18 +124,24 @@ class MlxTui(App):
 
     def action_help(self):
         everywhere = [b for b in self.BINDINGS if b.show] + GLOBAL_KEYS
-        self.push_screen(HelpScreen([
-            ("Everywhere", everywhere), ("Dashboard", DashboardView.BINDINGS),
-            ("Chat", [Binding("enter", "", "Send the message"), *ChatView.BINDINGS]),
-            ("Transcripts", TranscriptsView.BINDINGS),
-        ]))
+        self.push_screen(
+            HelpScreen(
+                [
+                    ("Everywhere", everywhere),
+                    ("Dashboard", DashboardView.BINDINGS),
+                    ("Chat", [Binding("enter", "", "Send the message"), *ChatView.BINDINGS]),
+                    ("Transcripts", TranscriptsView.BINDINGS),
+                ]
+            )
+        )
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
         for tab, title in TABS.items():
             yield SystemCommand(title, f"Show the {title.lower()}", lambda tab=tab: self.action_tab(tab))
-        yield SystemCommand("Pause charts", "Pause or resume the dashboard's charts",
-                            self.query_one(DashboardView).action_pause)
+        yield SystemCommand(
+            "Pause charts", "Pause or resume the dashboard's charts", self.query_one(DashboardView).action_pause
+        )
         yield SystemCommand("Clear chat", "Start a new conversation", self.query_one(ChatView).action_clear)
         yield SystemCommand("Help", "Show every key binding", self.action_help)
 

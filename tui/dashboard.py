@@ -84,9 +84,13 @@ class EnginePanel(Panel):
         worker.append(f"  pid {w.pid or fmt.DASH} · {w.restarts} restarts", style="dim")
         t.add_row("worker", worker)
         if len(ranks := stats.get("rank_states") or []) > 1:
-            t.add_row("ranks", Text("  ").join(
-                dot(rank_label(r), WORKER_STYLES.get(r["state"] if w.state == "ready" else w.state, "bold red"))
-                for r in ranks))
+            t.add_row(
+                "ranks",
+                Text("  ").join(
+                    dot(rank_label(r), WORKER_STYLES.get(r["state"] if w.state == "ready" else w.state, "bold red"))
+                    for r in ranks
+                ),
+            )
         if w.message:
             t.add_row("", Text(w.message, style="red"))
         breaker = dot(b.state.replace("_", "-"), BREAKER_STYLES.get(b.state, "bold red"))
@@ -115,8 +119,11 @@ class LatencyPanel(Panel):
         t.add_row("TTFT p50", fmt.seconds(state.ttft_p50))
         t.add_row("TTFT p95", fmt.seconds(state.ttft_p95))
         t.add_row("finished", f"{done} done · {failed} failed")
-        t.add_row("tokens", f"{fmt.number(state.stats.get('prompt_tokens_total'))} prompt · "
-                            f"{fmt.number(state.stats.get('generation_tokens_total'))} generated")
+        t.add_row(
+            "tokens",
+            f"{fmt.number(state.stats.get('prompt_tokens_total'))} prompt · "
+            f"{fmt.number(state.stats.get('generation_tokens_total'))} generated",
+        )
         self.draw(t)
 
 
@@ -146,15 +153,24 @@ class CachePanel(Panel):
             t.add_row("disk errors", Text(failures, style="bold red"))
         t.add_row("entries", f"{c.get('entries', 0)} · {c.get('evictions', 0)} evicted")
         if c.get("mode", "any token") != "any token":
-            t.add_row("snapshots", f"{c.get('snapshots', 0)} · {fmt.size(c.get('snapshot_bytes'))} · {c.get('snapshot_hits', 0)} hits")
+            t.add_row(
+                "snapshots",
+                f"{c.get('snapshots', 0)} · {fmt.size(c.get('snapshot_bytes'))} · {c.get('snapshot_hits', 0)} hits",
+            )
         t.add_row("reuse", Text(f"prefix: {c.get('mode', fmt.DASH)}", no_wrap=True, overflow="ellipsis"))
         self.draw(t)
 
 
 def disk_failures(c: dict) -> str:
     """The disk tier's failed writes, dropped writes and refused files, where there are any."""
-    counts = [(c.get(k, 0), what) for k, what in (("disk_write_errors", "failed writes"),
-                                                  ("disk_dropped", "dropped"), ("disk_rejected", "refused"))]
+    counts = [
+        (c.get(k, 0), what)
+        for k, what in (
+            ("disk_write_errors", "failed writes"),
+            ("disk_dropped", "dropped"),
+            ("disk_rejected", "refused"),
+        )
+    ]
     return " · ".join(f"{n:,} {what}" for n, what in counts if n)
 
 
@@ -202,8 +218,10 @@ class DashboardView(Container):
             loading.display = state.worker.state == "loading"
             loading.update(progress=state.worker.fraction)
         if "stats" in changes.areas:
-            for chart, samples in ((self.query_one("#decode", Chart), state.decode_tps),
-                                   (self.query_one("#prefill", Chart), state.prefill_tps)):
+            for chart, samples in (
+                (self.query_one("#decode", Chart), state.decode_tps),
+                (self.query_one("#prefill", Chart), state.prefill_tps),
+            ):
                 if not chart.paused:
                     chart.samples = tuple(samples)
             self.query_one(CachePanel).show()

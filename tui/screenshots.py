@@ -25,7 +25,8 @@ from .local import LocalBackend
 
 SIZE = (140, 42)
 ANTHROPIC_TOOLS = [
-    {"name": f["name"], "description": f["description"], "input_schema": f["parameters"]} for f in (t["function"] for t in TOOLS)
+    {"name": f["name"], "description": f["description"], "input_schema": f["parameters"]}
+    for f in (t["function"] for t in TOOLS)
 ]
 HEADERS = {"user-agent": "claude-cli/2.1.33 (external, cli)", "anthropic-version": "2023-06-01"}
 
@@ -70,8 +71,16 @@ async def api_traffic(address: str, scripted: int):
         body = {"model": "claude-sonnet-4", "max_tokens": 256, "messages": [question], "tools": ANTHROPIC_TOOLS}
         call = (await http.post("/v1/messages", json=body)).json()
         tool_use = next(b for b in call["content"] if b["type"] == "tool_use")
-        answer = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tool_use["id"],
-                                               "content": '{"city": "Paris", "temperature_c": 18, "condition": "sunny"}'}]}
+        answer = {
+            "role": "user",
+            "content": [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": tool_use["id"],
+                    "content": '{"city": "Paris", "temperature_c": 18, "condition": "sunny"}',
+                }
+            ],
+        }
         body["messages"] += [{"role": "assistant", "content": call["content"]}, answer]
         await http.post("/v1/messages", json=body)
         plain = {"model": "gpt-4o", "messages": [{"role": "user", "content": "What is the capital of France?"}]}

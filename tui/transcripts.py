@@ -65,7 +65,12 @@ class TranscriptList(DataTable):
 class TranscriptDetail(VerticalScroll):
     """One transcript, section by section; scrolling up stops following."""
 
-    TITLES = {"prompt": "prompt as rendered", "raw": "raw model text", "calls": "parsed tool calls", "sent": "sent back"}
+    TITLES = {
+        "prompt": "prompt as rendered",
+        "raw": "raw model text",
+        "calls": "parsed tool calls",
+        "sent": "sent back",
+    }
 
     def compose(self) -> ComposeResult:
         yield Static(id="section-summary", classes="section")
@@ -102,8 +107,11 @@ class TranscriptDetail(VerticalScroll):
             for section in ("received", *self.TITLES):
                 self.query_one(f"#section-{section}", Static).update("")
             return
-        self._section("summary", (t.id, t.stop_reason, t.error, t.finished, t.complete, len(t.tool_calls), t.constraint),
-                      lambda: summary(t))
+        self._section(
+            "summary",
+            (t.id, t.stop_reason, t.error, t.finished, t.complete, len(t.tool_calls), t.constraint),
+            lambda: summary(t),
+        )
         self._section("received", (t.id, t.received is None), lambda: self._received(t))
         self._section("prompt", (t.id, len(t.prompt), t.cached_chars), lambda: prompt(t))
         self._section("raw", (t.id, len(t.raw)), lambda: raw(t))
@@ -255,8 +263,10 @@ class TranscriptsView(Horizontal):
         tools = self.query_one("#only-tools", Checkbox).value
         errors = self.query_one("#only-errors", Checkbox).value
         return [
-            t for t in self.state.transcripts.values()
-            if (not tools or t.tool_calls) and (not errors or t.failed)
+            t
+            for t in self.state.transcripts.values()
+            if (not tools or t.tool_calls)
+            and (not errors or t.failed)
             and (not text or any(text in (f or "").lower() for f in (t.id, t.source, t.client, t.stop_reason, t.error)))
         ]
 
@@ -273,7 +283,7 @@ class TranscriptsView(Horizontal):
         if ids[: len(shown)] != shown:
             table.clear()
             shown = []
-        for t in wanted[len(shown):]:
+        for t in wanted[len(shown) :]:
             table.add_row(*row(t), key=t.id)
         for id in changes.transcripts & set(shown):
             update_row(table, id, COLUMNS, row(self.state.transcripts[id]))

@@ -106,7 +106,9 @@ class AssistantTurn(Vertical):
         elif isinstance(event, ToolCallDelta):
             self.cards[event.index].stream(event.text)
         elif isinstance(event, ToolCallEnd):
-            self.calls.append({"id": event.id, "type": "function", "function": {"name": event.name, "arguments": event.arguments}})
+            self.calls.append(
+                {"id": event.id, "type": "function", "function": {"name": event.name, "arguments": event.arguments}}
+            )
             self.cards[event.index].end(event.arguments)
         elif isinstance(event, ToolCallAbandoned):
             self.cards[event.index].abandon()
@@ -115,9 +117,13 @@ class AssistantTurn(Vertical):
         elif isinstance(event, Done):
             self.draw()
             tps = event.usage.generated_tokens / event.timings.decode_s if event.timings.decode_s else None
-            status.update(Text(
-                f"{event.stop_reason} · {event.usage.generated_tokens} tokens · {fmt.number(tps, 1)} tok/s · "
-                f"first token after {fmt.seconds(event.timings.queued_s + event.timings.prefill_s)}", style="dim"))
+            status.update(
+                Text(
+                    f"{event.stop_reason} · {event.usage.generated_tokens} tokens · {fmt.number(tps, 1)} tok/s · "
+                    f"first token after {fmt.seconds(event.timings.queued_s + event.timings.prefill_s)}",
+                    style="dim",
+                )
+            )
         elif isinstance(event, Error):
             self.draw()
             self.failed = True

@@ -22,9 +22,7 @@ TIME_TOOL = {
         "description": "Get the current local time in a timezone.",
         "parameters": {
             "type": "object",
-            "properties": {
-                "timezone": {"type": "string", "description": "An IANA timezone, e.g. Europe/Paris."}
-            },
+            "properties": {"timezone": {"type": "string", "description": "An IANA timezone, e.g. Europe/Paris."}},
             "required": ["timezone"],
         },
     },
