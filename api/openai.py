@@ -147,7 +147,8 @@ def sampling(body: ChatRequest) -> Sampling:
 
 
 def enable_thinking(body: ChatRequest) -> bool | None:
-    """vLLM's `chat_template_kwargs.enable_thinking`, else `reasoning_effort` ("none" is off), else the template's default."""
+    """vLLM's `chat_template_kwargs.enable_thinking`, else `reasoning_effort` ("none" is off), else the template's
+    default."""
     if body.chat_template_kwargs and body.chat_template_kwargs.enable_thinking is not None:
         return body.chat_template_kwargs.enable_thinking
     if body.reasoning_effort is not None:

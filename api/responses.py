@@ -90,7 +90,8 @@ def to_request(body: ResponsesRequest, client: str = "") -> tuple[EngineRequest,
 
 
 def constraint(body: ResponsesRequest, targets: dict[str, Target]):
-    """`text.format` and function tools marked `strict` (absent means not strict here: binding costs, so it is asked for)."""
+    """`text.format` and function tools marked `strict` (absent means not strict here: binding costs, so it is asked
+    for)."""
     fmt = body.text and body.text.format
     strict = [name for name, target in targets.items() if target.strict]
     return structured.constraint(fmt and fmt.type, fmt and fmt.schema_, strict, "text.format.schema")
@@ -162,7 +163,8 @@ def tool_choice(body: ResponsesRequest, targets: dict[str, Target]) -> str:
 
 
 def convert(body: ResponsesRequest, names: dict[tuple[str | None, str], str]) -> list[dict]:
-    """The input items as chat-template messages; the instructions and leading system turns become one system message."""
+    """The input items as chat-template messages; the instructions and leading system turns become one system
+    message."""
     items = [Message(role="user", content=body.input)] if isinstance(body.input, str) else body.input
     system = [body.instructions] if body.instructions else []
     messages: list[dict] = []
@@ -487,7 +489,8 @@ def snapshot(item: dict) -> dict:
 
 
 def custom_input(arguments: str) -> str:
-    """A custom tool's free-text input from the arguments the model wrote ({"input": ...}), or the arguments as they are."""
+    """A custom tool's free-text input from the arguments the model wrote ({"input": ...}), or the arguments as they
+    are."""
     try:
         parsed = json.loads(arguments)
     except ValueError:
@@ -519,7 +522,8 @@ def final(frames: Iterable[Frame]) -> dict:
 
 
 def client_of(request: Request) -> str:
-    """The client as product/version (`codex_exec/0.171.0`): the user agent's first word, else the `originator` header."""
+    """The client as product/version (`codex_exec/0.171.0`): the user agent's first word, else the `originator`
+    header."""
     return request.headers.get("user-agent", "").split(" ", 1)[0] or request.headers.get("originator", "")
 
 

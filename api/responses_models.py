@@ -149,7 +149,8 @@ class CustomTool(Model):
 
 
 class HostedTool(Model):
-    """A tool only OpenAI's servers can run (web_search, file_search, computer_use, mcp, ...): left out of the prompt."""
+    """A tool only OpenAI's servers can run (web_search, file_search, computer_use, mcp, ...): left out of the
+    prompt."""
 
     type: str
 

@@ -96,7 +96,8 @@ class Exchange:
         return aclosing(self.events)
 
     async def collect(self, stream) -> list:
-        """Every frame of a reply that is not streamed, from a protocol's `stream` (start, feed); an engine Error raises ApiError."""
+        """Every frame of a reply that is not streamed, from a protocol's `stream` (start, feed); an engine Error
+        raises ApiError."""
         frames = stream.start(await self.start())
         async with self.rest() as events:
             async for event in events:

@@ -1,4 +1,5 @@
-"""(1) Decode tokens/s of one stream: mlx-lm in-process, our engine's client API, our server and mlx_lm.server over HTTP.
+"""(1) Decode tokens/s of one stream: mlx-lm in-process, our engine's client API, our server and mlx_lm.server over
+HTTP.
 
 Each round runs every contestant once on the same prompt (the order rotates from round to
 round), and each ratio is taken within a round. Decode speed is (tokens - 1) / (time of
@@ -126,13 +127,13 @@ async def run(contestants: dict, rounds: int, max_tokens: int, pids: dict[str, d
             tps[name].append(r.decode_tps)
             texts.setdefault(name, r.text)
         progress(
-            "decode: round %d/%d: %s"
-            % (i + 1, rounds, ", ".join(f"{n.split(' (')[0]} {t[-1]:.1f}" for n, t in tps.items() if t[-1] is not None))
+            f"decode: round {i + 1}/{rounds}: "
+            + ", ".join(f"{n.split(' (')[0]} {t[-1]:.1f}" for n, t in tps.items() if t[-1] is not None)
         )
     base = tps[names[0]]
-    ratios = {n: [ratio(a, b) for a, b in zip(tps[n], base)] for n in names[1:]}
+    ratios = {n: [ratio(a, b) for a, b in zip(tps[n], base, strict=False)] for n in names[1:]}
     if OURS_HTTP in tps and MLX_HTTP in tps:
-        ratios[f"{OURS_HTTP} / {MLX_HTTP}"] = [ratio(a, b) for a, b in zip(tps[OURS_HTTP], tps[MLX_HTTP])]
+        ratios[f"{OURS_HTTP} / {MLX_HTTP}"] = [ratio(a, b) for a, b in zip(tps[OURS_HTTP], tps[MLX_HTTP], strict=False)]
     same = {n: texts[n] == texts[names[0]] for n in names[1:]}
     return {
         "max_tokens": max_tokens,

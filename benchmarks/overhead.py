@@ -131,9 +131,11 @@ def run(model_dir, rounds: int, n: int) -> dict:
         "rounds": rounds,
         "ms_per_token": {k: median(v) for k, v in rows.items()},
         "ratio_to_stream_generate": {
-            k: median(b / x for b, x in zip(base, v)) for k, v in rows.items() if k != "stream_generate"
+            k: median(b / x for b, x in zip(base, v, strict=False)) for k, v in rows.items() if k != "stream_generate"
         },
-        "batch4_scaling": median(a / b for a, b in zip(rows["BatchGenerator"], rows["BatchGenerator x4"])),
+        "batch4_scaling": median(
+            a / b for a, b in zip(rows["BatchGenerator"], rows["BatchGenerator x4"], strict=False)
+        ),
         "scheduler_ours_ms": median(p["ours_ms"] for p in parts),
         "scheduler_next_ms": median(p["next_ms"] for p in parts),
         "pickle_ms": median(p["pickle_ms"] for p in parts),

@@ -234,7 +234,8 @@ def ranks_table(rk: dict) -> list[str]:
 
 def structured_table(st: dict, targets: list) -> list[str]:
     rows = [
-        f"## Decode under a JSON schema vs free ({st['rounds']} interleaved rounds, {st['max_tokens']} tokens a stream)",
+        f"## Decode under a JSON schema vs free ({st['rounds']} interleaved rounds,"
+        f" {st['max_tokens']} tokens a stream)",
         "",
         "| vocabulary | constrained / free | streams | free tokens/s | constrained tokens/s | ratio (median of rounds) "
         "| range | worker CPU ms/token, free / constrained | CPU ratio |",
@@ -265,7 +266,8 @@ def ttft_table(t: dict, targets: list) -> list[str]:
     lines = [
         "## Time to first token, cold vs warm system prompt",
         "",
-        "| server | system prompt | prompt tokens | cold TTFT s | warm TTFT s | warm/cold | warm cached tokens | rounds |",
+        "| server | system prompt | prompt tokens | cold TTFT s | warm TTFT s | warm/cold | warm cached tokens"
+        " | rounds |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in t["summary"]:
@@ -403,8 +405,8 @@ def draw(results: dict, out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(9, 3.8))
         names = list(d["median_tps"])
         values = [d["median_tps"][n] or 0 for n in names]
-        lows = [max(0, v - min(x for x in d["tps"][n] if x is not None)) for n, v in zip(names, values)]
-        highs = [max(0, max(x for x in d["tps"][n] if x is not None) - v) for n, v in zip(names, values)]
+        lows = [max(0, v - min(x for x in d["tps"][n] if x is not None)) for n, v in zip(names, values, strict=False)]
+        highs = [max(0, max(x for x in d["tps"][n] if x is not None) - v) for n, v in zip(names, values, strict=False)]
         ax.barh(range(len(names)), values, xerr=[lows, highs], color=["#888", "#2a7", "#2a7", "#c63"][: len(names)])
         ax.set_yticks(range(len(names)), [n.replace(" (", "\n(") for n in names], fontsize=8)
         ax.invert_yaxis()

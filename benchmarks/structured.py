@@ -105,7 +105,8 @@ def build_big_vocab(path: Path) -> Path:
 
 
 async def streams(measure, n: int, max_tokens: int) -> tuple[float | None, float, int]:
-    """Aggregate decode tokens/s of `n` streams run together, the worker's CPU ms per generated token, and the tokens."""
+    """Aggregate decode tokens/s of `n` streams run together, the worker's CPU ms per generated token, and the
+    tokens."""
     before = cpu_seconds(measure.engine.pid)
     results = await asyncio.gather(*(measure(PROMPT, max_tokens) for _ in range(n)))
     for r in results:
@@ -160,8 +161,8 @@ async def one_model(model_dir: Path, rounds: int, max_tokens: int) -> dict:
         await engine.stop()
     pairs = {str(n): (f"json_schema x{n}", f"free x{n}") for n in STREAMS}
     pairs |= {f"tools {n}": (f"tools_strict x{n}", f"tools x{n}") for n in STREAMS}
-    ratios = {k: [ratio(c, f) for c, f in zip(tps[a], tps[b])] for k, (a, b) in pairs.items()}
-    cpu_ratios = {k: [ratio(f, c) for c, f in zip(cpu[a], cpu[b])] for k, (a, b) in pairs.items()}
+    ratios = {k: [ratio(c, f) for c, f in zip(tps[a], tps[b], strict=False)] for k, (a, b) in pairs.items()}
+    cpu_ratios = {k: [ratio(f, c) for c, f in zip(cpu[a], cpu[b], strict=False)] for k, (a, b) in pairs.items()}
     return {
         "tps": tps,
         "cpu_ms_per_token": cpu,

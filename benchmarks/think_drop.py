@@ -34,7 +34,8 @@ KEEP = CHAT_TEMPLATE
 DROP = CHAT_TEMPLATE.replace(
     "{%- set system = messages[0]",
     "{%- set ns = namespace(last_query=-1) -%}\n"
-    "{%- for m in messages -%}{%- if m.role == 'user' -%}{%- set ns.last_query = loop.index0 -%}{%- endif -%}{%- endfor -%}\n"
+    "{%- for m in messages -%}{%- if m.role == 'user' -%}{%- set ns.last_query = loop.index0 -%}"
+    "{%- endif -%}{%- endfor -%}\n"
     "{%- set system = messages[0]",
 ).replace(
     "{%- if message.reasoning_content -%}", "{%- if message.reasoning_content and loop.index0 > ns.last_query -%}"
@@ -123,7 +124,9 @@ def replay(tokenizer, template: str, requests: list[list[dict]]) -> list[dict]:
     rows, previous, snapshots = [], "", {0}
     for i, messages in enumerate(requests):
         text = render(messages, template, True)
-        common = next((k for k, (a, b) in enumerate(zip(text, previous)) if a != b), min(len(text), len(previous)))
+        common = next(
+            (k for k, (a, b) in enumerate(zip(text, previous, strict=False)) if a != b), min(len(text), len(previous))
+        )
         tokens = tokenizer.encode(text, add_special_tokens=False)
         reused = len(tokenizer.encode(text[:common], add_special_tokens=False))
         resumed = max(p for p in snapshots if p <= reused)
@@ -155,7 +158,7 @@ def main():
         "(Qwen3-style) | same, resumed at snapshots (hybrid) |"
     )
     print("|---|---|---|---|---|")
-    for k, d in zip(keep, drop):
+    for k, d in zip(keep, drop, strict=False):
         print(
             f"| {k['request']} | {k['prompt']} / {d['prompt']} | {k['prefilled']} | {d['prefilled']} | "
             f"{d['prefilled_snapshots']} |"

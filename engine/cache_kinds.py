@@ -101,7 +101,7 @@ def resume(end, kept, n: int):
     if is_kv(kept):
         return cut(end, n)
     if isinstance(kept, CacheList):
-        return CacheList(*(resume(e, k, n) for e, k in zip(end.caches, kept.caches)))
+        return CacheList(*(resume(e, k, n) for e, k in zip(end.caches, kept.caches, strict=False)))
     return kept
 
 
@@ -202,7 +202,7 @@ def padded_prefill_sound(model) -> bool:
     together = first_logprobs(prompts)
     alone = [first_logprobs([p])[0] for p in prompts]
     tolerance = 1e-3 if _dtype(model) == mx.float32 else 5e-2
-    return all(np.allclose(a, b, atol=tolerance) for a, b in zip(together, alone))
+    return all(np.allclose(a, b, atol=tolerance) for a, b in zip(together, alone, strict=False))
 
 
 def _dtype(model) -> mx.Dtype:

@@ -45,7 +45,8 @@ class Writer:
     rules: list[str]
 
     def raw(self, low: int, high: int | None, close: str) -> str:
-        """Raw text of `low` to `high` characters, then `close`: it ends at the first `close`, as the parsers' regexes do."""
+        """Raw text of `low` to `high` characters, then `close`: it ends at the first `close`, as the parsers'
+        regexes do."""
         name = f"raw_{len(self.rules)}"
         bounds = f"{{{low},{'' if high is None else high}}}"
         closing = self.markup(close)
@@ -67,7 +68,8 @@ def json_tools_call(name: str, schema: dict, w: Writer) -> str:
 
 
 def xml_value(schema: dict, close: str, w: Writer) -> str:
-    """One parameter's value up to and including `close`: raw text for strings, JSON otherwise (as the parsers read them)."""
+    """One parameter's value up to and including `close`: raw text for strings, JSON otherwise (as the parsers read
+    them)."""
     if isinstance(schema.get("const"), str):
         return f"{literal(schema['const'])} {w.markup(close)}"
     if "enum" in schema and all(isinstance(v, str) for v in schema["enum"]):
@@ -214,7 +216,8 @@ class Grammars:
         return " ".join(elements) or '""'
 
     def grammar(self, request: Request, reasoning: bool) -> tuple[str, str, str] | None:
-        """The request's Lark grammar, a line describing it and the markup after which it binds; None when nothing binds it."""
+        """The request's Lark grammar, a line describing it and the markup after which it binds; None when nothing
+        binds it."""
         constraint = request.constraint
         tools = request.tools if request.tool_choice != "none" else None
         strict = set(constraint.strict_tools) if constraint and tools else set()
@@ -271,7 +274,7 @@ class Grammars:
         """
         names = [f"call_{i}" for i in range(len(tools))]
         w = Writer(self.markup, [f"call_body: {' | '.join(names)}", f"call: {self.markup(self.tool[0])} call_body"])
-        for name, tool in zip(names, tools):
+        for name, tool in zip(names, tools, strict=False):
             schema = tool_schema(tool) if bound(tool) else ANY_OBJECT
             if tool_name(tool) not in strict:
                 schema = {**schema, "x-guidance": {"lenient": True, **(schema.get("x-guidance") or {})}}

@@ -54,7 +54,7 @@ class Entry:
             return [layer if not cache_kinds.is_kv(layer) else cache_kinds.cut(layer, n) for layer in self.layers]
         if (kept := self.snapshots.get(n)) is None:
             return [cache_kinds.cut(layer, n) for layer in self.layers]
-        return [cache_kinds.resume(end, k, n) for end, k in zip(self.layers, kept)]
+        return [cache_kinds.resume(end, k, n) for end, k in zip(self.layers, kept, strict=False)]
 
     def value(self, now: float) -> float:
         """Tokens it is expected to save, discounted by how long it has gone unused."""
@@ -159,7 +159,8 @@ class PrefixCache:
         snapshots: dict[int, list] | None = None,
         keep: set[int] = frozenset(),
     ) -> Entry | None:
-        """Keep `layers` as the state after `tokens`, with `snapshots` of earlier positions; returns the entry unless it cannot fit.
+        """Keep `layers` as the state after `tokens`, with `snapshots` of earlier positions; returns the entry unless
+        it cannot fit.
 
         Snapshots of entries that share a prefix with the new one are shared into it, and an
         entry the new one extends is dropped (its end state becomes one of the new one's
@@ -267,7 +268,8 @@ class TurnMemory:
             if not text.startswith(turn.text):
                 continue
             rest = text[len(turn.text) :]
-            kept = longest(len(turn.reply), lambda n: rest.startswith(self.decode(turn.reply[:n])))
+            # longest() calls the lambda within this iteration, so it sees this turn's `rest` and `turn`
+            kept = longest(len(turn.reply), lambda n: rest.startswith(self.decode(turn.reply[:n])))  # noqa: B023
             chars = len(turn.text) + len(self.decode(turn.reply[:kept]))
             if best_ids is None or chars > best_chars:
                 best_ids, best_chars = turn.tokens + turn.reply[:kept], chars

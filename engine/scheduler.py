@@ -182,7 +182,7 @@ class Scheduler:
                 n for n in [*prompt.boundaries, prompt.system_end, len(tokens) - 1] if cached < n < len(tokens)
             }
         cuts = sorted(snapshot_at | {checkpoint_at} - {0})
-        segments = [tokens[a:b] for a, b in zip([cached, *cuts], [*cuts, len(tokens)])]
+        segments = [tokens[a:b] for a, b in zip([cached, *cuts], [*cuts, len(tokens)], strict=False)]
         [uid] = self.generator.insert_segments(
             [segments],
             caches=[hit.layers] if hit.layers else None,

@@ -10,7 +10,6 @@ from conftest import CLAUDE_CODE_SAMPLE, tokens_until
 from mlx_tui.api.anthropic import sign
 from mlx_tui.engine.demo.conversations import CONVERSATIONS, FALLBACK_REPLY, TOOLS
 
-
 ANTHROPIC_TOOLS = [
     {
         "name": t["function"]["name"],

@@ -8,7 +8,8 @@ HOUSE_RULES = "Answer briefly. Never guess. Cite the tool you used. " * 60
 
 
 def body(billing: str, marked: int, question: str, marker: str) -> dict:
-    """A request whose first system block is a per-request billing header, with a cache_control mark on block `marked`."""
+    """A request whose first system block is a per-request billing header, with a cache_control mark on block
+    `marked`."""
     system = [
         {"type": "text", "text": f"x-anthropic-billing-header: cc_version=2.1.332; cch={billing};"},
         {"type": "text", "text": f"Session {marker}. " + HOUSE_RULES},
@@ -34,7 +35,7 @@ def test_a_changing_billing_header_and_moving_cache_marks_still_hit(server):
     ]
     one = client.messages.create(**first)
     two = client.messages.create(**second)
-    for message, count in zip((one, two), counts):
+    for message, count in zip((one, two), counts, strict=False):
         u = message.usage
         assert u.input_tokens + u.cache_read_input_tokens + u.cache_creation_input_tokens == count
     assert one.usage.cache_read_input_tokens < 20, "only a generic head (other tests share this server)"

@@ -1,21 +1,21 @@
-"""The OpenAI Responses API (what Codex CLI speaks) with the official SDK, whose stream accumulator checks the event order."""
+"""The OpenAI Responses API (what Codex CLI speaks) with the official SDK, whose stream accumulator checks the event
+order."""
 
 import json
 
 import httpx
 import openai
 import pytest
+from conftest import Server
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
-
-from conftest import Server
 
 from mlx_tui.api import responses
 from mlx_tui.api.responses import seal, to_request
 from mlx_tui.api.responses_models import ResponsesRequest
 from mlx_tui.api.server import create_app
 from mlx_tui.api.warm import warm_request
-from mlx_tui.engine.demo.conversations import FALLBACK_REPLY, TOOLS
+from mlx_tui.engine.demo.conversations import TOOLS
 from mlx_tui.engine.events import Done, PrefillProgress, Started, TextDelta, Timings, Usage
 from mlx_tui.engine.request import Request
 from mlx_tui.tui.requests import cells
@@ -33,7 +33,8 @@ def client(server):
 
 
 def ask(client, stream: bool, **body):
-    """The final Response, from `responses.create` or from `responses.stream` (which checks each event against the last)."""
+    """The final Response, from `responses.create` or from `responses.stream` (which checks each event against the
+    last)."""
     body = {"model": "any-name", "temperature": 0, "max_output_tokens": 256} | body
     if not stream:
         return client.responses.create(**body)
@@ -339,8 +340,8 @@ def test_images_and_files_become_placeholders(client, server):
     response = ask(client, False, input=[{"role": "user", "content": content}], max_output_tokens=2)
     prompt = prompt_of(server, response.id)
     assert (
-        "Look:\n[input_image: not shown, this model reads text only]\n[input_file: not shown, this model reads text only]"
-        in prompt
+        "Look:\n[input_image: not shown, this model reads text only]\n"
+        "[input_file: not shown, this model reads text only]" in prompt
     )
 
 
@@ -480,7 +481,8 @@ STREAM_EVENT = TypeAdapter(ResponseStreamEvent)
 
 
 def check_order(events: list[dict]):
-    """The invariants of a Responses stream that the SDK and Codex rely on; each event validated against the SDK's type."""
+    """The invariants of a Responses stream that the SDK and Codex rely on; each event validated against the SDK's
+    type."""
     for event in events:
         STREAM_EVENT.validate_python(event)
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
@@ -552,7 +554,8 @@ def test_codex_shaped_request(server, engine):
     assert cells(state.requests[final["id"]])[2:4] == ("responses", "codex_exec/0.171.0")
     prompt = prompt_of(server, final["id"])
     assert prompt.startswith(
-        "<|im_start|>system\n<permissions>Read-only sandbox.</permissions>\n\nYou are a coding agent.\nBe concise.\n\n# Tools"
+        "<|im_start|>system\n<permissions>Read-only sandbox.</permissions>\n\n"
+        "You are a coding agent.\nBe concise.\n\n# Tools"
     )
     assert '"name": "spawn_agent"' in prompt and "web_search" not in prompt
 
@@ -598,8 +601,8 @@ def test_custom_tool_in_a_namespace(client, server, stream):
         call.input, str
     )
     assert (
-        '"name": "apply_patch", "description": "Apply a patch.", "parameters": {"type": "object", "properties": {"input"'
-        in prompt_of(server, response.id)
+        '"name": "apply_patch", "description": "Apply a patch.", '
+        '"parameters": {"type": "object", "properties": {"input"' in prompt_of(server, response.id)
     )
 
 

@@ -12,7 +12,6 @@ from mlx_tui.api.openai_models import ChatRequest
 from mlx_tui.engine import events as ev
 from mlx_tui.engine.request import Constraint
 
-
 USAGE = ev.Usage(prompt_tokens=30, cached_tokens=10, generated_tokens=7)
 TIMINGS = ev.Timings(0.0, 0.1, 0.2)
 
@@ -158,7 +157,8 @@ def test_anthropic_frames_follow_the_protocol():
     names = [name for name, _ in frames]
     assert names == [
         "message_start",
-        "content_block_start", "content_block_delta", "content_block_delta", "content_block_delta", "content_block_stop",
+        "content_block_start", "content_block_delta", "content_block_delta", "content_block_delta",
+        "content_block_stop",
         "content_block_start", "content_block_delta", "content_block_delta", "content_block_stop",
         "content_block_start", "content_block_delta", "content_block_delta", "content_block_stop",
         "content_block_start", "content_block_delta", "content_block_stop",

@@ -7,7 +7,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
-# The files ruff and mypy hold to the project's settings today; widen it as files are brought in line.
+# The files the `agents` branch changes: the lead formats and checks them after merging it, then empties this list.
+PENDING = [
+    "engine/demo/train.py",
+    "engine/demo/agents.py",
+    "engine/demo/capture.py",
+    "api/connect.py",
+    "tui/cli.py",
+    "tests/test_agents.py",
+]
+# The files mypy holds to the project's settings today; widen it as files are brought in line.
 CLEAN = [
     "engine/bus.py",
     "engine/client.py",
@@ -44,9 +53,10 @@ def test_the_layers_hold():
 
 
 def test_lint_and_format():
-    result = run(str(BIN / "ruff"), "check", *CLEAN)
+    """ruff's lint and format on the whole tree."""
+    result = run(str(BIN / "ruff"), "check", "--extend-exclude", ",".join(PENDING), ".")
     assert result.returncode == 0, result.stdout + result.stderr
-    result = run(str(BIN / "ruff"), "format", "--check", *CLEAN)
+    result = run(str(BIN / "ruff"), "format", "--check", "--extend-exclude", ",".join(PENDING), ".")
     assert result.returncode == 0, result.stdout + result.stderr
 
 

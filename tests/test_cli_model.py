@@ -38,7 +38,7 @@ def test_a_broken_model_directory(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama", "hidden_size": ')
     done = mlx_tui("--model", str(tmp_path))
     assert done.returncode == 1
-    [line] = [l for l in done.stderr.splitlines() if l.startswith("mlx-tui:")]
+    [line] = [s for s in done.stderr.splitlines() if s.startswith("mlx-tui:")]
     assert line.startswith(f"mlx-tui: {tmp_path}: cannot load the model: ")
     assert "Traceback" not in done.stderr
 
@@ -64,7 +64,7 @@ def test_a_model_without_a_chat_template_is_refused(tmp_path):
     (model / "tokenizer_config.json").write_text(json.dumps(settings))
     done = mlx_tui("--model", str(model))
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
-    [line] = [l for l in done.stderr.splitlines() if l.startswith("mlx-tui:")]
+    [line] = [s for s in done.stderr.splitlines() if s.startswith("mlx-tui:")]
     assert line == f"mlx-tui: {model}: the model has no chat template; give one with --chat-template FILE"
 
 
@@ -123,7 +123,7 @@ def test_no_openblas_on_linux_is_a_warning_with_the_cost_and_the_fix(tmp_path):
                 break
         said = "".join(lines)
         assert "BLAS: reference" in said, said
-        [warning] = [l for l in lines if l.startswith("mlx-tui: warning:")]
+        [warning] = [s for s in lines if s.startswith("mlx-tui: warning:")]
         assert re.match(r"mlx-tui: warning: no optimised BLAS found: float32 matmuls run at [\d.]+ GFLOP/s", warning)
         assert "apt-get install libopenblas0-pthread" in warning
     finally:

@@ -15,13 +15,12 @@ import pytest
 from conftest import Server, letter_token, start_engine
 
 from mlx_tui.api.server import create_app
-
-from mlx_tui.engine.demo import MODEL_DIR
-from mlx_tui.engine.disk_cache import read_metadata
-from mlx_tui.engine.demo.conversations import CONVERSATIONS
 from mlx_tui.engine.bus import WorkerChange
-from mlx_tui.engine.group import CONNECT_TIMEOUT
+from mlx_tui.engine.demo import MODEL_DIR
+from mlx_tui.engine.demo.conversations import CONVERSATIONS
+from mlx_tui.engine.disk_cache import read_metadata
 from mlx_tui.engine.events import Done, Error, RawText, Started, TextDelta, ToolCallEnd
+from mlx_tui.engine.group import CONNECT_TIMEOUT
 from mlx_tui.engine.request import Constraint, Request, Sampling
 
 BY_NAME = {c["name"]: c for c in CONVERSATIONS}
@@ -89,7 +88,7 @@ async def test_the_dashboard_shows_the_ranks(loop, group):
     try:
         async with app.run_test(size=SIZE) as pilot:
             await until(pilot, lambda: "ranks" in shown(app, "#engine-info"))
-            line = next(l for l in shown(app, "#engine-info").splitlines() if l.strip().startswith("ranks"))
+            line = next(s for s in shown(app, "#engine-info").splitlines() if s.strip().startswith("ranks"))
             assert all(f"{r['rank']} {r['host']}" in line for r in group.info["ranks"])
     finally:
         await app.backend.stop()
@@ -146,7 +145,7 @@ def test_two_concurrent_requests_decode_in_one_batch(loop, engine, group):
         return await asyncio.gather(*(collect(group, request_for(n, max_tokens=40)) for n in names))
 
     results = loop.run(together())
-    for name, events in zip(names, results):
+    for name, events in zip(names, results, strict=False):
         assert raw(events) == raw(loop.run(collect(engine, request_for(name, max_tokens=40))))
     assert loop.run(group.stats())["batch_sizes"].get(2, 0) > before.get(2, 0)
 
@@ -218,7 +217,7 @@ def mlx_tui(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 
 def error_line(done: subprocess.CompletedProcess) -> str:
-    [line] = [l for l in done.stderr.splitlines() if l.startswith("mlx-tui:")]
+    [line] = [s for s in done.stderr.splitlines() if s.startswith("mlx-tui:")]
     return line
 
 

@@ -9,6 +9,7 @@ import httpx
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
+from conftest import Server
 from mlx.utils import tree_flatten
 from mlx_lm.models.llama import Model, ModelArgs
 
@@ -19,8 +20,6 @@ from mlx_tui.engine.demo import MODEL_DIR
 from mlx_tui.engine.events import Done, TextDelta
 from mlx_tui.engine.loader import choose_dtype
 from mlx_tui.engine.request import Request
-
-from conftest import Server
 
 # the benchmark model's architecture at a size that loads in a moment, with the demo model's tokenizer
 TINY = dict(

@@ -139,14 +139,15 @@ def test_four_concurrent_requests_decode_in_one_batch(loop, engine):
     names = ["capital", "weather_paris", "reasoning", "text_then_call"]
     before = loop.run(engine.stats())["batch_sizes"]
     results = loop.run(run_together(engine, [request_for(BY_NAME[n]) for n in names]))
-    for name, events in zip(names, results):
+    for name, events in zip(names, results, strict=False):
         assert reply_of(events) == expected_reply(BY_NAME[name])
     after = loop.run(engine.stats())["batch_sizes"]
     assert after.get(4, 0) > before.get(4, 0)
 
 
 def test_output_tokens_are_the_replys_tokens_without_the_end_of_sequence(loop, engine):
-    """As OpenAI's completion_tokens and Anthropic's output_tokens count: what was generated and sent, not the end token."""
+    """As OpenAI's completion_tokens and Anthropic's output_tokens count: what was generated and sent, not the end
+    token."""
     tokenizer = Tokenizer.from_file(str(MODEL_DIR / "tokenizer.json"))
     events = loop.run(collect(engine, request_for(BY_NAME["capital"])))
     done = events[-1]

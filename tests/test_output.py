@@ -23,7 +23,7 @@ TOOL = ("<tool_call>", "</tool_call>")
 
 def chunks(text: str, cuts: list[int]) -> list[str]:
     points = sorted({c % (len(text) + 1) for c in cuts} | {0, len(text)})
-    return [text[a:b] for a, b in zip(points, points[1:])]
+    return [text[a:b] for a, b in zip(points, points[1:], strict=False)]
 
 
 def run(text: str, cuts: list[int], **kwargs):

@@ -105,7 +105,8 @@ REASONING_TURNS = [[user("Is 17 a prime number?")], [user("And 18?")], [user("Go
     "steps, tools", [(TOOL_TURNS, TOOLS), (REASONING_TURNS, None)], ids=["tool_calls", "reasoning"]
 )
 def test_a_conversation_built_from_its_replies_reuses_each_whole_turn(loop, make_engine, steps, tools):
-    """Each turn resends the replies as parsed (calls as JSON, reasoning): the next prompt starts with all of the last turn's tokens."""
+    """Each turn resends the replies as parsed (calls as JSON, reasoning): the next prompt starts with all of the
+    last turn's tokens."""
     cached, uncached = make_engine(), make_engine(cache_ram_gb=1e-9)
     messages, previous = [], None
     for step in steps:
@@ -211,7 +212,7 @@ def test_ram_budget_is_never_exceeded(loop, make_engine):
 
     async def traffic():
         peaks = []
-        for i in range(12):
+        for _i in range(12):
             words = " ".join(rng.choice(["alpha", "beta", "gamma", "delta"]) for _ in range(rng.randint(20, 120)))
             await collect(engine, Request(messages=[{"role": "user", "content": words}], max_tokens=4))
             peaks.append((await engine.stats())["cache"])
@@ -343,7 +344,7 @@ def test_concurrent_conversations_each_hit(loop, make_engine):
 
     first = loop.run(together(["weather_paris", "reasoning"]))
     follow = loop.run(together(["tool_result", "reasoning_multi_turn"]))
-    for f, s in zip(first, follow):
+    for f, s in zip(first, follow, strict=False):
         assert started(s).cached_tokens == f[-1].usage.prompt_tokens + f[-1].usage.generated_tokens + 1
 
 

@@ -331,7 +331,8 @@ def test_no_transcripts_leaves_nothing_on_disk_after_a_shutdown(serve, tmp_path)
 
 
 def test_a_cache_folder_removed_while_serving_costs_the_disk_tier_not_the_exit(serve):
-    """Writes into the removed folder fail: counted in /metrics, said once in the log, and SIGTERM still ends at once."""
+    """Writes into the removed folder fail: counted in /metrics, said once in the log, and SIGTERM still ends at
+    once."""
     server = serve()
 
     def ask(text: str):

@@ -73,7 +73,7 @@ def together(work, items: list) -> list:
 def check_batch(replies: list[tuple[str, str]], schemas: list[dict], ended: str):
     """Every reply that ended by itself (`ended`) validates against its schema, and most did end by themselves."""
     finished = 0
-    for (text, reason), schema in zip(replies, schemas):
+    for (text, reason), schema in zip(replies, schemas, strict=False):
         if reason == ended:
             jsonschema.validate(json.loads(text), schema)
             finished += 1
@@ -194,7 +194,7 @@ def tool(schema: dict, strict: bool = False) -> dict:
 def check_calls(replies: list[tuple[str, str, list]], schemas: list[dict], ended: str):
     """Every call comes whole and validates; most replies end with their calls rather than on max_tokens."""
     finished = 0
-    for (_, reason, calls), schema in zip(replies, schemas):
+    for (_, reason, calls), schema in zip(replies, schemas, strict=False):
         if reason == ended:
             assert calls and all(name == "record" for name, _ in calls)
             for _, arguments in calls:
@@ -234,7 +234,8 @@ async def collect(engine, request: Request) -> list:
 
 @pytest.fixture(scope="module")
 def qwen3_coder(loop):
-    """The demo model made to write Qwen3-Coder's XML calls (`<function=...>`, `<parameter=...>`), which it never saw."""
+    """The demo model made to write Qwen3-Coder's XML calls (`<function=...>`, `<parameter=...>`), which it never
+    saw."""
     from conftest import start_engine
 
     engine = start_engine(loop, tool_parser="qwen3_coder")
@@ -429,10 +430,14 @@ CITY_DAYS = {
 # A call to f(city="Paris", days=3) as each format's template writes it, and one that breaks the schema (days="x").
 RENDERED = {
     "json_tools": '<tool_call>\n{"name": "f", "arguments": {"city": "Paris", "days": DAYS}}\n</tool_call>',
-    "qwen3_coder": "<tool_call>\n<function=f>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\nDAYS\n</parameter>\n</function>\n</tool_call>",
-    "glm47": "<tool_call>f\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n<arg_key>days</arg_key>\n<arg_value>DAYS</arg_value>\n</tool_call>",
-    "minimax_m2": '<minimax:tool_call>\n<invoke name="f">\n<parameter name="city">Paris</parameter>\n<parameter name="days">DAYS</parameter>\n</invoke>\n</minimax:tool_call>',
-    "kimi_k2": '<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>{"city": "Paris", "days": DAYS}<|tool_call_end|><|tool_calls_section_end|>',
+    "qwen3_coder": "<tool_call>\n<function=f>\n<parameter=city>\nParis\n</parameter>\n"
+    "<parameter=days>\nDAYS\n</parameter>\n</function>\n</tool_call>",
+    "glm47": "<tool_call>f\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n"
+    "<arg_key>days</arg_key>\n<arg_value>DAYS</arg_value>\n</tool_call>",
+    "minimax_m2": '<minimax:tool_call>\n<invoke name="f">\n<parameter name="city">Paris</parameter>\n'
+    '<parameter name="days">DAYS</parameter>\n</invoke>\n</minimax:tool_call>',
+    "kimi_k2": "<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>"
+    '{"city": "Paris", "days": DAYS}<|tool_call_end|><|tool_calls_section_end|>',
 }
 
 

@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from mlx_tui.engine.bus import decode
 from mlx_tui.engine.events import (
     Done,
     RawText,
@@ -18,7 +19,6 @@ from mlx_tui.engine.events import (
     ToolCallStart,
     Usage,
 )
-from mlx_tui.engine.bus import decode
 from mlx_tui.tui.app import MlxTui
 from mlx_tui.tui.logview import LogView
 from mlx_tui.tui.state import ConnectionChange, DashboardEvent, Info, State
@@ -71,7 +71,10 @@ def stats(offset: float, decode: float, prefill: float, running: int = 0, waitin
 
 
 WEATHER_CALL = {"id": "call_1", "name": "get_weather", "arguments": {"city": "Paris"}}
-PROMPT = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nWhat is the weather in Paris?<|im_end|>\n<|im_start|>assistant\n"
+PROMPT = (
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "<|im_start|>user\nWhat is the weather in Paris?<|im_end|>\n<|im_start|>assistant\n"
+)
 RAW = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 
 

@@ -12,8 +12,8 @@ from mlx_tui.engine.events import Done, RawText, Started, Timings, ToolCallEnd, 
 from mlx_tui.engine.transcripts import Transcripts
 from mlx_tui.tui.changes import Changes
 from mlx_tui.tui.chart import nice_ceiling
-from mlx_tui.tui.state import KEEP, State, TranscriptRecord, percentile
 from mlx_tui.tui.requests import cells
+from mlx_tui.tui.state import KEEP, State, TranscriptRecord, percentile
 from mlx_tui.tui.transcripts import SENT_TAIL, raw, sent
 
 

@@ -53,7 +53,7 @@ def cells(row: RequestRow) -> tuple:
 
 def update_row(table: DataTable, key: str, columns: tuple[str, ...], values: tuple):
     """Update the cells of a row that changed: any update redraws every visible cell of the table."""
-    for name, old, new in zip(columns, table.get_row(key), values):
+    for name, old, new in zip(columns, table.get_row(key), values, strict=False):
         if new != old:
             table.update_cell(key, name, new, update_width=True)
 
