@@ -167,7 +167,7 @@ def test_a_request_left_while_generating_is_forgotten(loop, engine):
         await stream.aclose()
 
     loop.run(start_then_leave())
-    assert "left-1" not in engine._generating, "one id kept per client disconnect"
+    assert "left-1" not in engine.observer._generating, "one id kept per client disconnect"
 
 
 def test_cancelled_request_leaves_the_batch(loop, engine):
