@@ -13,6 +13,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import llguidance
 import llguidance.hf
@@ -24,7 +25,7 @@ from .request import Request
 from .schemas import LIMITS, first_line, inline_json, tool_name, tool_schema
 
 FREE_TEXT = r"/(.|\n)*/"
-ANY_OBJECT = {"type": "object"}
+ANY_OBJECT: dict[str, Any] = {"type": "object"}
 SHIFTS = mx.arange(32, dtype=mx.uint32)
 
 
@@ -149,7 +150,9 @@ class GrammarProcessor:
     token and computes the next mask while the step runs, then masks the logits.
     """
 
-    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int, eos: list[int], description: str, begins: str):
+    def __init__(
+        self, matcher: llguidance.LLMatcher, vocab_size: int, eos: list[int], description: str, begins: str
+    ) -> None:
         self.matcher = matcher
         self.eos = eos
         self.description = description
@@ -160,7 +163,13 @@ class GrammarProcessor:
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
         mx.async_eval(logits)
-        if not self.first and not self.error and not self.matcher.consume_token(int(tokens[-1].item())):
+        if (
+            not self.first
+            and not self.error
+            and not self.matcher.consume_token(
+                int(tokens[-1].item())  # type: ignore[arg-type]  # item() is typed to allow complex; a token id is an int
+            )
+        ):
             self.error = self.matcher.get_error()
         self.first = False
         if not self.error:
@@ -182,15 +191,26 @@ class Grammars:
 
     CACHE = 64
 
-    def __init__(self, tokenizer, vocab_size: int, think, tool, parser: str | None, constrain_tools: bool = False):
+    def __init__(
+        self,
+        tokenizer: Any,
+        vocab_size: int,
+        think: tuple[str, str] | None,
+        tool: tuple[str, str] | None,
+        parser: str | None,
+        constrain_tools: bool = False,
+    ) -> None:
         self.eos = sorted(tokenizer.eos_token_ids)
         self.unavailable = ""  # why this tokenizer cannot be constrained ("" when it can)
+        self.tokenizer: llguidance.LLTokenizer | None
         try:
             self.tokenizer = llguidance.hf.from_tokenizer(tokenizer._tokenizer, n_vocab=vocab_size, eos_token=self.eos)
         except Exception as e:  # only Hugging Face fast tokenizers are supported
             self.tokenizer, self.unavailable = None, f"{type(e).__name__}: {e}"
         added = getattr(tokenizer._tokenizer, "added_tokens_decoder", {}) if self.tokenizer else {}
-        self.specials = {t.content: i for i, t in added.items() if self.tokenizer.is_special_token(i)}
+        self.specials = {
+            t.content: i for i, t in added.items() if self.tokenizer and self.tokenizer.is_special_token(i)
+        }
         pattern = "|".join(re.escape(t) for t in sorted(self.specials, key=len, reverse=True))
         self.special_re = re.compile(f"({pattern})") if pattern else None
         self.think = think
@@ -243,6 +263,7 @@ class Grammars:
             what.append(f"free until {self.think[1]}" if reasoning else f"free inside {self.think[0]}{self.think[1]}")
         calls = 'call ("\\n" call)*'
         if forced:
+            assert tools is not None  # forced only with tools
             chosen = [t for t in tools if request.tool_choice == "required" or tool_name(t) == request.tool_choice]
             rules += self.call_rules(chosen, lambda t: True, strict)
             body = calls
@@ -250,12 +271,14 @@ class Grammars:
         elif reply is not None:
             rules.append(f"reply: {inline_json(reply)}")
             body = "reply"
+            assert constraint is not None  # a reply schema comes from the constraint
             what.append(f"a {constraint.format} reply")
             if tools and self.call is not None:  # or the model's calls instead of the reply
                 rules += self.call_rules(tools, lambda t: self.constrain_tools or tool_name(t) in strict, strict)
                 body = f"reply | {calls}"
                 what[-1] += f" or calls ({self.parser})"
         else:
+            assert tools is not None and self.tool is not None  # lazy only with tools and a call format
             rules += self.call_rules(tools, lambda t: self.constrain_tools or tool_name(t) in strict, strict)
             start = self.markup(self.tool[0])
             lazy_mark = "" if "<[" in start else "[lazy]"  # a special token ends free text by itself
@@ -272,6 +295,7 @@ class Grammars:
         A tool's arguments follow its schema where `bound`, any object elsewhere; keywords
         llguidance lacks are refused only for the `strict` tools, and ignored for the rest.
         """
+        assert self.call is not None and self.tool is not None  # call rules only for a known call format
         names = [f"call_{i}" for i in range(len(tools))]
         w = Writer(self.markup, [f"call_body: {' | '.join(names)}", f"call: {self.markup(self.tool[0])} call_body"])
         for name, tool in zip(names, tools, strict=False):
@@ -290,6 +314,7 @@ class Grammars:
         if found is None:
             return None
         lark, description, begins = found
+        assert self.tokenizer is not None  # without one, grammar() refuses or finds nothing to bind
         return GrammarProcessor(
             self.compile(lark).deep_copy(), self.tokenizer.vocab_size, self.eos, description, begins
         )
@@ -298,6 +323,7 @@ class Grammars:
         if (matcher := self.compiled.get(lark)) is not None:
             self.compiled.move_to_end(lark)
             return matcher
+        assert self.tokenizer is not None  # without one, grammar() refuses or finds nothing to bind
         grammar = llguidance.LLMatcher.grammar_from_lark(lark)
         failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
             grammar, self.tokenizer, limits=self.limits

@@ -2,14 +2,14 @@
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from .events import Done, Started
+from .events import Done, Event, Started
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 
 
 class Metrics:
-    def __init__(self):
+    def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
         self.prompt_tokens = Counter("mlx_tui:prompt_tokens", "Prompt tokens of admitted requests.", registry=r)
         self.generation_tokens = Counter("mlx_tui:generation_tokens", "Generated tokens.", registry=r)
@@ -61,7 +61,7 @@ class Metrics:
         }
         self._disk_counts: tuple = (None, {})
 
-    def observe(self, event):
+    def observe(self, event: Event) -> None:
         if isinstance(event, Started):
             self.prompt_tokens.inc(event.prompt_tokens)
             self.cache_queries.inc(event.prompt_tokens)
@@ -73,7 +73,7 @@ class Metrics:
             if event.note == "repetition":
                 self.repetitions.inc()
 
-    def observe_stats(self, stats: dict, pid: int | None):
+    def observe_stats(self, stats: dict, pid: int | None) -> None:
         """Count the disk tier's failures from the worker's running totals (a new worker starts them at 0)."""
         worker, seen = self._disk_counts
         if pid != worker:

@@ -4,13 +4,14 @@ import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 
 from . import boundaries, cache_kinds, faults, sampling
 from .config import EngineConfig
-from .events import Done, Error, Event, PrefillProgress, Queued, Started, Timings, Usage
+from .events import Done, Error, Event, PrefillProgress, Queued, Started, StopReason, Timings, Usage
 from .grammar import Grammars
 from .loader import Loaded
 from .output import MarkupParser, OutputStream
@@ -66,7 +67,7 @@ class Active:
 class Scheduler:
     """`kv_bytes_per_token`: what one more token of a request adds to the cache (see `cache_kinds`)."""
 
-    def __init__(self, loaded: Loaded, config: EngineConfig, cache: PrefixCache, kv_bytes_per_token: int):
+    def __init__(self, loaded: Loaded, config: EngineConfig, cache: PrefixCache, kv_bytes_per_token: int) -> None:
         self.cache = cache
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -132,6 +133,7 @@ class Scheduler:
             opening = self._forced_call(request)
             if not self.grammars.forces_calls:  # else the grammar writes the whole call
                 state, body = MarkupParser.TOOL, opening
+                assert self.tool is not None  # _forced_call refuses a model without one
                 text += self.tool[0] + body
         tokens = self.turns.encode(text, self._encode)
         system_end = boundaries.system_end(self.tokenizer, request.messages, tools, text, tokens)
@@ -148,7 +150,7 @@ class Scheduler:
             raise RequestError("this model has no tool-call format, so tool_choice cannot force a call")
         if request.tool_choice == "required":
             return "\n"
-        names = [t.get("function", t).get("name") for t in request.tools]
+        names = [t.get("function", t).get("name") for t in request.tools or []]
         if request.tool_choice not in names:
             raise RequestError(f"tool_choice names {request.tool_choice!r}, which is not among the tools")
         if self.parser_name != "json_tools":
@@ -221,7 +223,7 @@ class Scheduler:
             )
         return max_tokens
 
-    def cancel(self, rid: str):
+    def cancel(self, rid: str) -> None:
         if (uid := self.uid_of.get(rid)) is not None:
             self._retire(self.active[uid], still_batched=True)
 
@@ -251,7 +253,7 @@ class Scheduler:
                 events += self._token(a, r, now)
         return events
 
-    def _segment_ended(self, a: Active, position: int):
+    def _segment_ended(self, a: Active, position: int) -> None:
         """Keep the state at a checkpoint or snapshot position the prefill just reached."""
         if position == a.checkpoint_at:
             layers, tokens = self.generator.extract_cache([a.uid])[a.uid]
@@ -260,12 +262,12 @@ class Scheduler:
         if position in a.snapshot_at:
             a.snapshots[position] = cache_kinds.snapshot_row(self.generator, a.uid)
 
-    def _keep(self, a: Active, tokens: list[int], layers: list):
+    def _keep(self, a: Active, tokens: list[int], layers: list) -> None:
         """Store what a request leaves in the batch, with its snapshots, keeping its boundaries before others."""
         keep = {*a.prompt.boundaries, a.prompt.system_end, a.cached_tokens, len(a.prompt.tokens) - 1}
         self.cache.store(list(tokens), layers, snapshots=a.snapshots, keep=keep)
 
-    def _token(self, a: Active, r, now: float) -> list[Tagged]:
+    def _token(self, a: Active, r: Any, now: float) -> list[Tagged]:
         a.first_token = a.first_token or now
         a.generated += (
             r.finish_reason != "stop"
@@ -273,7 +275,9 @@ class Scheduler:
         a.reasoning += a.output.markup.state == MarkupParser.REASONING
         a.reply.append(r.token)
         self.generation_tokens_total += 1
-        reason = note = None
+        reason: StopReason | Literal["error"] | None = None
+        note: str | None = None
+        out: list[Event]
         fault = a.fault[0] if a.fault and a.generated == a.fault[1] else None
         if fault in ("batch_error", "stall", "exit"):
             faults.act(fault)
@@ -308,7 +312,7 @@ class Scheduler:
             tagged.append((a.rid, self._done(a, reason, note, now)))
         return tagged
 
-    def _done(self, a: Active, reason: str, note: str | None, now: float) -> Done:
+    def _done(self, a: Active, reason: StopReason, note: str | None, now: float) -> Done:
         prefill = a.prefill_started or a.submitted
         timings = Timings(
             queued_s=prefill - a.submitted,
@@ -323,7 +327,7 @@ class Scheduler:
             note=note,
         )
 
-    def _retire(self, a: Active, still_batched: bool):
+    def _retire(self, a: Active, still_batched: bool) -> None:
         """Take the request out; what it left in a running batch is kept in the prefix cache, its tokens in `turns`."""
         self.turns.remember(a.prompt.text, a.prompt.tokens, a.reply)
         if still_batched:
@@ -337,7 +341,7 @@ class Scheduler:
     def fail_all(self, message: str) -> list[Tagged]:
         """End every request with an engine error and start from a fresh batch."""
         self.failures.append(message)
-        events = [(a.rid, Error("engine", message)) for a in self.active.values()]
+        events: list[Tagged] = [(a.rid, Error("engine", message)) for a in self.active.values()]
         self.active.clear()
         self.uid_of.clear()
         self.generator.close()
