@@ -51,7 +51,7 @@ KIND_STATUS = {
 class ApiError(Exception):
     """A request that ends with an HTTP error; `status` is Anthropic's (529 is OpenAI's 503)."""
 
-    def __init__(self, status: int, message: str, retry_after: float | None = None):
+    def __init__(self, status: int, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message

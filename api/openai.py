@@ -12,12 +12,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from mlx_tui.engine import events as ev
+from mlx_tui.engine.request import Constraint, Sampling
 from mlx_tui.engine.request import Request as EngineRequest
-from mlx_tui.engine.request import Sampling
 
 from . import serving, structured
 from .errors import KIND_STATUS, ApiError, openai_error
-from .openai_models import ChatMessage, ChatRequest, Function, Part
+from .openai_models import ChatMessage, ChatRequest, Function, Part, TextPart
 
 FINISH_REASONS = {"end": "stop", "length": "length", "stop_sequence": "stop", "tool_calls": "tool_calls"}
 PING_SECONDS = 10
@@ -44,14 +44,14 @@ def to_request(body: ChatRequest, client: str = "") -> EngineRequest:
     )
 
 
-def constraint(body: ChatRequest):
+def constraint(body: ChatRequest) -> Constraint | None:
     """`response_format` and tools marked `strict`; `strict: false` in a json_schema is bound all the same."""
     strict = [t.function.name for t in body.tools or [] if t.function.strict]
     fmt = body.response_format
     if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is None:
         raise ApiError(400, "response_format.json_schema: a json_schema format needs json_schema.schema")
     schema = fmt.json_schema.schema_ if fmt is not None and fmt.json_schema else None
-    return structured.constraint(fmt and fmt.type, schema, strict, "response_format.json_schema.schema")
+    return structured.constraint(fmt.type if fmt else None, schema, strict, "response_format.json_schema.schema")
 
 
 def function(f: Function) -> dict:
@@ -63,7 +63,7 @@ def function(f: Function) -> dict:
     )
 
 
-def refuse_unsupported(body: ChatRequest):
+def refuse_unsupported(body: ChatRequest) -> None:
     """400 for what a local text model cannot do as asked, rather than silently doing something else."""
     problems = {
         "n": body.n > 1 and "only one choice (n=1) is generated",
@@ -107,7 +107,7 @@ def text(content: str | list[Part] | None) -> str:
     if not isinstance(content, list):
         return content or ""
     return "\n".join(
-        p.text if p.type == "text" else f"[{p.type}: not shown, this model reads text only]" for p in content
+        p.text if isinstance(p, TextPart) else f"[{p.type}: not shown, this model reads text only]" for p in content
     )
 
 
@@ -162,7 +162,7 @@ def enable_thinking(body: ChatRequest) -> bool | None:
 class ChunkStream:
     """One request's engine events as Chat Completions chunks (or an error object)."""
 
-    def __init__(self, model: str, include_usage: bool):
+    def __init__(self, model: str, include_usage: bool) -> None:
         self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
         self.model = model

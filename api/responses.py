@@ -21,8 +21,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from mlx_tui.engine import events as ev
+from mlx_tui.engine.request import Constraint, Sampling
 from mlx_tui.engine.request import Request as EngineRequest
-from mlx_tui.engine.request import Sampling
 
 from . import serving, structured
 from .anthropic import sign, signed
@@ -89,12 +89,12 @@ def to_request(body: ResponsesRequest, client: str = "") -> tuple[EngineRequest,
     return request, targets
 
 
-def constraint(body: ResponsesRequest, targets: dict[str, Target]):
+def constraint(body: ResponsesRequest, targets: dict[str, Target]) -> Constraint | None:
     """`text.format` and function tools marked `strict` (absent means not strict here: binding costs, so it is asked
     for)."""
     fmt = body.text and body.text.format
     strict = [name for name, target in targets.items() if target.strict]
-    return structured.constraint(fmt and fmt.type, fmt and fmt.schema_, strict, "text.format.schema")
+    return structured.constraint(fmt.type if fmt else None, fmt.schema_ if fmt else None, strict, "text.format.schema")
 
 
 def enable_thinking(body: ResponsesRequest) -> bool | None:
@@ -103,7 +103,7 @@ def enable_thinking(body: ResponsesRequest) -> bool | None:
     return None if effort is None else effort != "none"
 
 
-def refuse_unsupported(body: ResponsesRequest):
+def refuse_unsupported(body: ResponsesRequest) -> None:
     """400 for what needs responses kept on the server, or output this route cannot shape yet."""
     kept = "this server does not keep responses; send the whole conversation in input (as with store: false)"
     problems = {
@@ -121,7 +121,7 @@ def offer(tools: list) -> tuple[list[dict], dict[str, Target]]:
 
     Hosted tools (web_search, file_search, ...) are left out: nothing here can run them.
     """
-    entries = []
+    entries: list[tuple[FunctionTool | CustomTool, str | None]] = []
     for tool in tools:
         if isinstance(tool, NamespaceTool):
             entries += [(inner, tool.name) for inner in tool.tools if isinstance(inner, FunctionTool | CustomTool)]
@@ -133,8 +133,9 @@ def offer(tools: list) -> tuple[list[dict], dict[str, Target]]:
         name = tool.name if namespace is None or tool.name not in taken else f"{namespace}__{tool.name}"
         taken.add(name)
         custom = isinstance(tool, CustomTool)
-        targets[name] = Target(tool.name, namespace, custom, not custom and bool(tool.strict))
-        parameters = CUSTOM_SCHEMA if custom else tool.parameters or EMPTY_SCHEMA
+        strict = isinstance(tool, FunctionTool) and bool(tool.strict)  # not custom
+        targets[name] = Target(tool.name, namespace, custom, strict)
+        parameters = CUSTOM_SCHEMA if isinstance(tool, CustomTool) else tool.parameters or EMPTY_SCHEMA
         schema = (
             {"name": name}
             | ({"description": tool.description} if tool.description else {})
@@ -261,7 +262,7 @@ def unseal(sealed: str | None) -> str | None:
 class ResponseStream:
     """One request's engine events as Responses API stream events, each with its sequence number."""
 
-    def __init__(self, body: ResponsesRequest, targets: dict[str, Target]):
+    def __init__(self, body: ResponsesRequest, targets: dict[str, Target]) -> None:
         self.id = f"resp_{uuid.uuid4().hex[:24]}"
         self.created_at = int(time.time())
         self.body = body
@@ -276,7 +277,7 @@ class ResponseStream:
         self.arguments: dict[int, str] = {}  # the engine's call index → its arguments so far
         self.dropped: set[int] = set()  # calls after the first when parallel_tool_calls is false
 
-    def response(self, status: str, **fields) -> dict:
+    def response(self, status: str, **fields: Any) -> dict:
         body = self.body
         choice = body.tool_choice
         return {
@@ -307,7 +308,7 @@ class ResponseStream:
             "metadata": {},
         } | fields
 
-    def event(self, kind: str, **fields) -> Frame:
+    def event(self, kind: str, **fields: Any) -> Frame:
         self.alive = time.monotonic()
         self.sequence += 1
         return {"type": kind, "sequence_number": self.sequence - 1} | fields
@@ -324,12 +325,14 @@ class ResponseStream:
                 return [self.event("response.in_progress", response=self.response("in_progress"))]
             case ev.TextDelta(delta):
                 frames = self.open_item("message")
+                assert self.open is not None  # open_item opened it
                 self.open["content"][0]["text"] += delta
                 return frames + [
                     self.event("response.output_text.delta", **self.where(), content_index=0, delta=delta, logprobs=[])
                 ]
             case ev.ReasoningDelta(delta):
                 frames = self.open_item("reasoning")
+                assert self.open is not None  # open_item opened it
                 self.open["content"][0]["text"] += delta
                 frames.append(self.event("response.reasoning_text.delta", **self.where(), content_index=0, delta=delta))
                 if self.summary:
@@ -356,6 +359,7 @@ class ResponseStream:
 
     def where(self, item: dict | None = None) -> dict:
         item = item or self.open
+        assert item is not None  # an item is open when none is given
         return {"item_id": item["id"], "output_index": self.output.index(item)}
 
     def open_item(self, kind: str) -> list[Frame]:
@@ -363,6 +367,8 @@ class ResponseStream:
         if self.open is not None and self.open["type"] == kind:
             return []
         frames = self.close()
+        item: dict[str, Any]
+        part: dict[str, Any]
         if kind == "message":
             item = {
                 "id": f"msg_{uuid.uuid4().hex[:24]}",

@@ -1,5 +1,6 @@
 """The OpenAI Responses request, as pydantic models; unknown fields are accepted and ignored."""
 
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
@@ -13,7 +14,7 @@ def kind_of(value: Any) -> Any:
     return value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
 
 
-def tag_of(known: set[str], default: str | None = None):
+def tag_of(known: set[str], default: str | None = None) -> Callable[[Any], str]:
     """A discriminator on `type`: a known type as itself, anything else as "other" (or `default` when absent)."""
 
     def tag(value: Any) -> str:
