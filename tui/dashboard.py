@@ -1,5 +1,7 @@
 """The first screen: what the engine is doing, live."""
 
+from typing import Any
+
 from rich.table import Table
 from rich.text import Text
 from textual.app import ComposeResult
@@ -51,18 +53,18 @@ def rank_label(rank: dict) -> str:
 class Panel(Static):
     """A panel drawn from the state by `show()`; its size is set by the layout, not by what it shows."""
 
-    def __init__(self, state: State, **kwargs):
+    def __init__(self, state: State, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.state = state
 
-    def draw(self, table: Table):
+    def draw(self, table: Table) -> None:
         self.update(table, layout=False)  # a layout pass redraws the whole screen
 
 
 class EnginePanel(Panel):
     """Model, address, uptime, worker, breaker, queue and memory."""
 
-    def show(self):
+    def show(self) -> None:
         state = self.state
         info, w, b, stats = state.info, state.worker, state.breaker, state.stats
         t = grid()
@@ -102,7 +104,7 @@ class EnginePanel(Panel):
         memory = stats.get("memory", {})
         t.add_row("memory", f"{fmt.size(memory.get('active'))} · peak {fmt.size(memory.get('peak'))}")
         t.add_row("KV", f"{fmt.size(memory.get('running_kv'))} in the running batch")
-        details = [info.get(k) for k in ("dtype", "tool_parser") if info.get(k)]
+        details: list[str] = [info[k] for k in ("dtype", "tool_parser") if info.get(k)]
         if info.get("context_length"):
             details.append(f"{info['context_length']:,} ctx")
         t.add_row("engine", " · ".join(details) or fmt.DASH)
@@ -111,7 +113,7 @@ class EnginePanel(Panel):
 
 
 class LatencyPanel(Panel):
-    def show(self):
+    def show(self) -> None:
         state = self.state
         done = sum(r.phase == "done" for r in state.requests.values())
         failed = sum(r.phase == "error" for r in state.requests.values())
@@ -130,10 +132,10 @@ class LatencyPanel(Panel):
 class CachePanel(Panel):
     """Hit rates, and the cache's size against its budgets (the gauges fill the panel's width)."""
 
-    def on_resize(self):
+    def on_resize(self) -> None:
         self.show()
 
-    def show(self):
+    def show(self) -> None:
         state = self.state
         c = state.cache
         t = grid()
@@ -181,7 +183,7 @@ class DashboardView(Container):
         Binding("escape", "clear_filter", "Clear filter", show=False),
     ]
 
-    def __init__(self, state: State, **kwargs):
+    def __init__(self, state: State, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.state = state
 
@@ -197,7 +199,7 @@ class DashboardView(Container):
             yield Input(placeholder="filter requests (esc clears)", id="requests-filter")
             yield RequestsTable(self.state, id="requests-table")
 
-    def on_mount(self):
+    def on_mount(self) -> None:
         self.query_one("#engine").border_title = "Engine"
         self.query_one("#latency").border_title = "Latency"
         self.query_one("#cache").border_title = "Prefix cache"
@@ -210,7 +212,7 @@ class DashboardView(Container):
         dashboard draws them once a second however many events came."""
         return bool(changes.areas & {"info", "worker", "breaker", "connection", "clock"})
 
-    def show(self, changes: Changes):
+    def show(self, changes: Changes) -> None:
         state = self.state
         if changes.areas & {"info", "stats", "worker", "breaker", "connection", "clock"}:
             self.query_one(EnginePanel).show()
@@ -230,20 +232,20 @@ class DashboardView(Container):
         if "requests" in changes.areas:
             self.query_one(RequestsTable).show(changes.requests)
 
-    def action_pause(self):
+    def action_pause(self) -> None:
         for chart in self.query(Chart):
             chart.paused = not chart.paused
 
-    def action_filter(self):
+    def action_filter(self) -> None:
         field = self.query_one("#requests-filter", Input)
         field.display = True
         field.focus()
 
-    def action_clear_filter(self):
+    def action_clear_filter(self) -> None:
         field = self.query_one("#requests-filter", Input)
         field.value = ""
         field.display = False
         self.query_one(RequestsTable).focus()
 
-    def on_input_changed(self, event: Input.Changed):
+    def on_input_changed(self, event: Input.Changed) -> None:
         self.query_one(RequestsTable).set_filter(event.value)
