@@ -15,11 +15,21 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from mlx_tui.engine import events as ev
+from mlx_tui.engine.request import Constraint, Sampling
 from mlx_tui.engine.request import Request as EngineRequest
-from mlx_tui.engine.request import Sampling
 
 from . import serving, structured
-from .anthropic_models import Message, MessagesRequest, TextBlock, ToolResultBlock
+from .anthropic_models import (
+    Block,
+    DocumentBlock,
+    Message,
+    MessagesRequest,
+    ResultBlock,
+    TextBlock,
+    ThinkingBlock,
+    ToolResultBlock,
+    ToolUseBlock,
+)
 from .errors import KIND_STATUS, ApiError, anthropic_error
 
 # Claude Code's first system block carries a value that changes on every request; left in,
@@ -74,13 +84,13 @@ def to_request(body: MessagesRequest, client: str = "") -> EngineRequest:
     )
 
 
-def constraint(body: MessagesRequest):
+def constraint(body: MessagesRequest) -> Constraint | None:
     """`output_config.format` (or the beta's `output_format`) and tools marked `strict`."""
     strict = [t.name for t in body.tools or [] if t.strict and t.input_schema is not None]
     fmt, field = body.output_format, "output_format"
     if body.output_config and body.output_config.format:
         fmt, field = body.output_config.format, "output_config.format"
-    return structured.constraint(fmt and fmt.type, fmt and fmt.schema_, strict, f"{field}.schema")
+    return structured.constraint(fmt.type if fmt else None, fmt.schema_ if fmt else None, strict, f"{field}.schema")
 
 
 def system_text(system: str | list[TextBlock] | None) -> str:
@@ -108,7 +118,8 @@ def convert(message: Message, tool_names: dict[str, str]) -> list[dict]:
         return [{"role": message.role, "content": message.content}]
     if message.role == "assistant":
         return [assistant_message(message, tool_names)]
-    out, texts = [], []
+    out: list[dict] = []
+    texts: list[str] = []
     for block in message.content:
         if isinstance(block, ToolResultBlock):
             if texts:
@@ -123,14 +134,17 @@ def convert(message: Message, tool_names: dict[str, str]) -> list[dict]:
 
 
 def assistant_message(message: Message, tool_names: dict[str, str]) -> dict:
+    assert not isinstance(message.content, str)  # convert() takes a string itself
     texts, reasoning, calls = [], [], []
     for block in message.content:
-        if block.type == "thinking":
+        if isinstance(block, ThinkingBlock):
             if signed(block.thinking, block.signature):
                 reasoning.append(block.thinking)
-        elif block.type == "tool_use":
+        elif isinstance(block, ToolUseBlock):
             tool_names[block.id] = block.name
-            calls.append({"id": block.id, "type": "function", "function": {"name": block.name, "arguments": block.input}})
+            calls.append(
+                {"id": block.id, "type": "function", "function": {"name": block.name, "arguments": block.input}}
+            )
         elif block.type != "redacted_thinking":
             texts.append(block_text(block))
     out: dict[str, Any] = {"role": "assistant", "content": "\n".join(texts)}
@@ -151,11 +165,11 @@ def tool_message(block: ToolResultBlock, tool_names: dict[str, str]) -> dict:
     return out
 
 
-def block_text(block) -> str:
+def block_text(block: Block | ResultBlock) -> str:
     """A block as prompt text: text as is, anything a text-only model cannot read as a placeholder."""
-    if block.type == "text":
+    if isinstance(block, TextBlock):
         return block.text
-    if block.type == "document" and block.title:
+    if isinstance(block, DocumentBlock) and block.title:
         return f"[document {block.title!r}: not shown, this model reads text only]"
     return f"[{block.type}: not shown, this model reads text only]"
 
@@ -166,7 +180,7 @@ def block_text(block) -> str:
 class MessageStream:
     """One request's engine events as Anthropic SSE frames: (event name, data)."""
 
-    def __init__(self, model: str, thinking: bool):
+    def __init__(self, model: str, thinking: bool) -> None:
         self.id = f"msg_{uuid.uuid4().hex[:24]}"
         self.model = model
         self.thinking = thinking
@@ -175,7 +189,7 @@ class MessageStream:
         self.reasoning: list[str] = []
 
     def start(self, started: ev.Started) -> list[Frame]:
-        message = {
+        message: dict[str, Any] = {
             "id": self.id,
             "type": "message",
             "role": "assistant",
@@ -190,10 +204,12 @@ class MessageStream:
     def feed(self, event: ev.Event) -> list[Frame]:
         match event:
             case ev.TextDelta(text):
-                return self.open("text", {"type": "text", "text": ""}) + self.delta({"type": "text_delta", "text": text})
+                return self.open("text", {"type": "text", "text": ""}) + self.delta(
+                    {"type": "text_delta", "text": text}
+                )
             case ev.ReasoningDelta(text) if self.thinking:
                 self.reasoning.append(text)
-                block = {"type": "thinking", "thinking": "", "signature": ""}
+                block: dict[str, Any] = {"type": "thinking", "thinking": "", "signature": ""}
                 return self.open("thinking", block) + self.delta({"type": "thinking_delta", "thinking": text})
             case ev.ToolCallStart(_, call_id, name):
                 block = {"type": "tool_use", "id": f"toolu_{call_id}", "name": name, "input": {}}
@@ -220,7 +236,9 @@ class MessageStream:
         frames = self.close()
         self.index += 1
         self.block = kind
-        return frames + [("content_block_start", {"type": "content_block_start", "index": self.index, "content_block": block})]
+        return frames + [
+            ("content_block_start", {"type": "content_block_start", "index": self.index, "content_block": block})
+        ]
 
     def delta(self, delta: dict) -> list[Frame]:
         return [("content_block_delta", {"type": "content_block_delta", "index": self.index, "delta": delta})]

@@ -19,10 +19,12 @@ def client_setup(url: str, api_key: str | None, context_window: int) -> str:
     if api_key:
         codex.append('env_key = "MLX_TUI_API_KEY"')
     key = f"export MLX_TUI_API_KEY={api_key}, " if api_key else ""
-    return "\n".join([
-        "Claude Code:",
-        f"  export ANTHROPIC_BASE_URL={url} ANTHROPIC_API_KEY={api_key or 'not-needed'} "
-        f"CLAUDE_CODE_AUTO_COMPACT_WINDOW={context_window}",
-        f"Codex CLI: {key}put these lines in ~/.codex/mlx-tui.config.toml, run `codex --profile mlx-tui`",
-        *("  " + line for line in codex),
-    ])
+    return "\n".join(
+        [
+            "Claude Code:",
+            f"  export ANTHROPIC_BASE_URL={url} ANTHROPIC_API_KEY={api_key or 'not-needed'} "
+            f"CLAUDE_CODE_AUTO_COMPACT_WINDOW={context_window}",
+            f"Codex CLI: {key}put these lines in ~/.codex/mlx-tui.config.toml, run `codex --profile mlx-tui`",
+            *("  " + line for line in codex),
+        ]
+    )

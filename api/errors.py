@@ -38,13 +38,20 @@ TOO_LONG = "prompt is too long"
 # An engine Error's kind as a status. "engine" means the worker died or its batch step
 # failed: the engine restarts and a retry can succeed, which is what 529 (OpenAI: 503) says.
 # "internal" is a failure in this request's own processing (a bug), hence 500.
-KIND_STATUS = {"invalid_request": 400, "overloaded": 429, "engine": 529, "timeout": 504, "internal": 500, "cancelled": 500}
+KIND_STATUS = {
+    "invalid_request": 400,
+    "overloaded": 429,
+    "engine": 529,
+    "timeout": 504,
+    "internal": 500,
+    "cancelled": 500,
+}
 
 
 class ApiError(Exception):
     """A request that ends with an HTTP error; `status` is Anthropic's (529 is OpenAI's 503)."""
 
-    def __init__(self, status: int, message: str, retry_after: float | None = None):
+    def __init__(self, status: int, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message

@@ -12,12 +12,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from mlx_tui.engine import events as ev
+from mlx_tui.engine.request import Constraint, Sampling
 from mlx_tui.engine.request import Request as EngineRequest
-from mlx_tui.engine.request import Sampling
 
 from . import serving, structured
 from .errors import KIND_STATUS, ApiError, openai_error
-from .openai_models import ChatMessage, ChatRequest, Function, Part
+from .openai_models import ChatMessage, ChatRequest, Function, Part, TextPart
 
 FINISH_REASONS = {"end": "stop", "length": "length", "stop_sequence": "stop", "tool_calls": "tool_calls"}
 PING_SECONDS = 10
@@ -45,22 +45,26 @@ def to_request(body: ChatRequest, client: str = "") -> EngineRequest:
     )
 
 
-def constraint(body: ChatRequest):
+def constraint(body: ChatRequest) -> Constraint | None:
     """`response_format` and tools marked `strict`; `strict: false` in a json_schema is bound all the same."""
     strict = [t.function.name for t in body.tools or [] if t.function.strict]
     fmt = body.response_format
     if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is None:
         raise ApiError(400, "response_format.json_schema: a json_schema format needs json_schema.schema")
     schema = fmt.json_schema.schema_ if fmt is not None and fmt.json_schema else None
-    return structured.constraint(fmt and fmt.type, schema, strict, "response_format.json_schema.schema")
+    return structured.constraint(fmt.type if fmt else None, schema, strict, "response_format.json_schema.schema")
 
 
 def function(f: Function) -> dict:
     """A function schema in the usual key order (templates render it as JSON), with parameters always present."""
-    return {"name": f.name} | ({"description": f.description} if f.description else {}) | {"parameters": f.parameters or EMPTY_SCHEMA}
+    return (
+        {"name": f.name}
+        | ({"description": f.description} if f.description else {})
+        | {"parameters": f.parameters or EMPTY_SCHEMA}
+    )
 
 
-def refuse_unsupported(body: ChatRequest):
+def refuse_unsupported(body: ChatRequest) -> None:
     """400 for what a local text model cannot do as asked, rather than silently doing something else."""
     problems = {
         "n": body.n > 1 and "only one choice (n=1) is generated",
@@ -89,7 +93,11 @@ def convert(i: int, message: ChatMessage) -> dict:
             out["reasoning_content"] = message.reasoning_content
         if message.tool_calls:
             out["tool_calls"] = [
-                {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": arguments(i, c.function.arguments)}}
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.function.name, "arguments": arguments(i, c.function.arguments)},
+                }
                 for c in message.tool_calls
             ]
     return out
@@ -99,7 +107,9 @@ def text(content: str | list[Part] | None) -> str:
     """Content as prompt text; parts a text-only model cannot read become a placeholder."""
     if not isinstance(content, list):
         return content or ""
-    return "\n".join(p.text if p.type == "text" else f"[{p.type}: not shown, this model reads text only]" for p in content)
+    return "\n".join(
+        p.text if isinstance(p, TextPart) else f"[{p.type}: not shown, this model reads text only]" for p in content
+    )
 
 
 def arguments(i: int, raw: str) -> dict:
@@ -138,7 +148,8 @@ def sampling(body: ChatRequest) -> Sampling:
 
 
 def enable_thinking(body: ChatRequest) -> bool | None:
-    """vLLM's `chat_template_kwargs.enable_thinking`, else `reasoning_effort` ("none" is off), else the template's default."""
+    """vLLM's `chat_template_kwargs.enable_thinking`, else `reasoning_effort` ("none" is off), else the template's
+    default."""
     if body.chat_template_kwargs and body.chat_template_kwargs.enable_thinking is not None:
         return body.chat_template_kwargs.enable_thinking
     if body.reasoning_effort is not None:
@@ -152,7 +163,7 @@ def enable_thinking(body: ChatRequest) -> bool | None:
 class ChunkStream:
     """One request's engine events as Chat Completions chunks (or an error object)."""
 
-    def __init__(self, model: str, include_usage: bool):
+    def __init__(self, model: str, include_usage: bool) -> None:
         self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
         self.model = model
@@ -168,7 +179,12 @@ class ChunkStream:
             case ev.ReasoningDelta(text):
                 return [self.chunk({"reasoning_content": text})]
             case ev.ToolCallStart(index, call_id, name):
-                call = {"index": index, "id": f"call_{call_id}", "type": "function", "function": {"name": name, "arguments": ""}}
+                call = {
+                    "index": index,
+                    "id": f"call_{call_id}",
+                    "type": "function",
+                    "function": {"name": name, "arguments": ""},
+                }
                 return [self.chunk({"tool_calls": [call]})]
             case ev.ToolCallDelta(index, text) | ev.ToolCallAbandoned(index, _, text) if text:
                 return [self.chunk({"tool_calls": [{"index": index, "function": {"arguments": text}}]})]
@@ -183,7 +199,13 @@ class ChunkStream:
 
     def chunk(self, delta: dict, finish_reason: str | None = None) -> dict:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        chunk = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model, "choices": [choice]}
+        chunk = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        }
         if self.include_usage:
             chunk["usage"] = None
         return chunk
@@ -220,7 +242,14 @@ def fold(stream: ChunkStream, chunks: Iterable[dict]) -> dict:
     if calls:
         message["tool_calls"] = [{k: v for k, v in calls[i].items() if k != "index"} for i in sorted(calls)]
     choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
-    return {"id": stream.id, "object": "chat.completion", "created": stream.created, "model": stream.model, "choices": [choice], "usage": used}
+    return {
+        "id": stream.id,
+        "object": "chat.completion",
+        "created": stream.created,
+        "model": stream.model,
+        "choices": [choice],
+        "usage": used,
+    }
 
 
 # Route.

@@ -21,8 +21,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from mlx_tui.engine import events as ev
+from mlx_tui.engine.request import Constraint, Sampling
 from mlx_tui.engine.request import Request as EngineRequest
-from mlx_tui.engine.request import Sampling
 
 from . import serving, structured
 from .anthropic import sign, signed
@@ -48,7 +48,11 @@ PING_SECONDS = 10
 # during a long prefill, `response.in_progress` is sent again at most this often.
 PROGRESS_SECONDS = 30
 EMPTY_SCHEMA = {"type": "object", "properties": {}}
-CUSTOM_SCHEMA = {"type": "object", "properties": {"input": {"type": "string", "description": "The tool's input, as free text."}}, "required": ["input"]}
+CUSTOM_SCHEMA = {
+    "type": "object",
+    "properties": {"input": {"type": "string", "description": "The tool's input, as free text."}},
+    "required": ["input"],
+}
 ERROR_CODES = {429: "rate_limit_exceeded"}
 
 Frame = dict
@@ -86,11 +90,12 @@ def to_request(body: ResponsesRequest, client: str = "") -> tuple[EngineRequest,
     return request, targets
 
 
-def constraint(body: ResponsesRequest, targets: dict[str, Target]):
-    """`text.format` and function tools marked `strict` (absent means not strict here: binding costs, so it is asked for)."""
+def constraint(body: ResponsesRequest, targets: dict[str, Target]) -> Constraint | None:
+    """`text.format` and function tools marked `strict` (absent means not strict here: binding costs, so it is asked
+    for)."""
     fmt = body.text and body.text.format
     strict = [name for name, target in targets.items() if target.strict]
-    return structured.constraint(fmt and fmt.type, fmt and fmt.schema_, strict, "text.format.schema")
+    return structured.constraint(fmt.type if fmt else None, fmt.schema_ if fmt else None, strict, "text.format.schema")
 
 
 def enable_thinking(body: ResponsesRequest) -> bool | None:
@@ -99,7 +104,7 @@ def enable_thinking(body: ResponsesRequest) -> bool | None:
     return None if effort is None else effort != "none"
 
 
-def refuse_unsupported(body: ResponsesRequest):
+def refuse_unsupported(body: ResponsesRequest) -> None:
     """400 for what needs responses kept on the server, or output this route cannot shape yet."""
     kept = "this server does not keep responses; send the whole conversation in input (as with store: false)"
     problems = {
@@ -117,7 +122,7 @@ def offer(tools: list) -> tuple[list[dict], dict[str, Target]]:
 
     Hosted tools (web_search, file_search, ...) are left out: nothing here can run them.
     """
-    entries = []
+    entries: list[tuple[FunctionTool | CustomTool, str | None]] = []
     for tool in tools:
         if isinstance(tool, NamespaceTool):
             entries += [(inner, tool.name) for inner in tool.tools if isinstance(inner, FunctionTool | CustomTool)]
@@ -129,9 +134,14 @@ def offer(tools: list) -> tuple[list[dict], dict[str, Target]]:
         name = tool.name if namespace is None or tool.name not in taken else f"{namespace}__{tool.name}"
         taken.add(name)
         custom = isinstance(tool, CustomTool)
-        targets[name] = Target(tool.name, namespace, custom, not custom and bool(tool.strict))
-        parameters = CUSTOM_SCHEMA if custom else tool.parameters or EMPTY_SCHEMA
-        schema = {"name": name} | ({"description": tool.description} if tool.description else {}) | {"parameters": parameters}
+        strict = isinstance(tool, FunctionTool) and bool(tool.strict)  # not custom
+        targets[name] = Target(tool.name, namespace, custom, strict)
+        parameters = CUSTOM_SCHEMA if isinstance(tool, CustomTool) else tool.parameters or EMPTY_SCHEMA
+        schema = (
+            {"name": name}
+            | ({"description": tool.description} if tool.description else {})
+            | {"parameters": parameters}
+        )
         schemas.append({"type": "function", "function": schema})
     return schemas, targets
 
@@ -141,15 +151,22 @@ def tool_choice(body: ResponsesRequest, targets: dict[str, Target]) -> str:
     if choice is None or isinstance(choice, str):
         return choice or "auto"
     if choice.type not in ("function", "custom") or not choice.name:
-        raise ApiError(400, f"tool_choice: only auto, none, required or a named function can be chosen here, not {choice.type!r}")
+        raise ApiError(
+            400, f"tool_choice: only auto, none, required or a named function can be chosen here, not {choice.type!r}"
+        )
     for name, target in targets.items():
-        if target.name == choice.name and choice.namespace in (None, target.namespace) and target.custom == (choice.type == "custom"):
+        if (
+            target.name == choice.name
+            and choice.namespace in (None, target.namespace)
+            and target.custom == (choice.type == "custom")
+        ):
             return name
     raise ApiError(400, f"tool_choice names {choice.name!r}, which is not among the tools")
 
 
 def convert(body: ResponsesRequest, names: dict[tuple[str | None, str], str]) -> list[dict]:
-    """The input items as chat-template messages; the instructions and leading system turns become one system message."""
+    """The input items as chat-template messages; the instructions and leading system turns become one system
+    message."""
     items = [Message(role="user", content=body.input)] if isinstance(body.input, str) else body.input
     system = [body.instructions] if body.instructions else []
     messages: list[dict] = []
@@ -157,7 +174,10 @@ def convert(body: ResponsesRequest, names: dict[tuple[str | None, str], str]) ->
     turn: dict | None = None  # the assistant message being gathered from consecutive items
     for i, item in enumerate(items):
         if isinstance(item, ItemReference):
-            raise ApiError(400, f"input.{i}: item references need stored responses, which this server does not keep; send the items")
+            raise ApiError(
+                400,
+                f"input.{i}: item references need stored responses, which this server does not keep; send the items",
+            )
         if isinstance(item, Message) and item.role != "assistant":
             role = "user" if item.role == "user" else "system"
             if role == "system" and not messages:
@@ -243,7 +263,7 @@ def unseal(sealed: str | None) -> str | None:
 class ResponseStream:
     """One request's engine events as Responses API stream events, each with its sequence number."""
 
-    def __init__(self, body: ResponsesRequest, targets: dict[str, Target]):
+    def __init__(self, body: ResponsesRequest, targets: dict[str, Target]) -> None:
         self.id = f"resp_{uuid.uuid4().hex[:24]}"
         self.created_at = int(time.time())
         self.body = body
@@ -258,7 +278,7 @@ class ResponseStream:
         self.arguments: dict[int, str] = {}  # the engine's call index → its arguments so far
         self.dropped: set[int] = set()  # calls after the first when parallel_tool_calls is false
 
-    def response(self, status: str, **fields) -> dict:
+    def response(self, status: str, **fields: Any) -> dict:
         body = self.body
         choice = body.tool_choice
         return {
@@ -269,7 +289,11 @@ class ResponseStream:
             "model": body.model,
             "output": [snapshot(item) for item in self.output],
             "parallel_tool_calls": self.parallel,
-            "tool_choice": choice if isinstance(choice, str) else choice.model_dump(exclude_none=True) if choice else "auto",
+            "tool_choice": choice
+            if isinstance(choice, str)
+            else choice.model_dump(exclude_none=True)
+            if choice
+            else "auto",
             "tools": [t.model_dump(exclude_none=True) for t in body.tools or []],
             "instructions": body.instructions,
             "max_output_tokens": body.max_output_tokens,
@@ -285,7 +309,7 @@ class ResponseStream:
             "metadata": {},
         } | fields
 
-    def event(self, kind: str, **fields) -> Frame:
+    def event(self, kind: str, **fields: Any) -> Frame:
         self.alive = time.monotonic()
         self.sequence += 1
         return {"type": kind, "sequence_number": self.sequence - 1} | fields
@@ -302,15 +326,23 @@ class ResponseStream:
                 return [self.event("response.in_progress", response=self.response("in_progress"))]
             case ev.TextDelta(delta):
                 frames = self.open_item("message")
+                assert self.open is not None  # open_item opened it
                 self.open["content"][0]["text"] += delta
-                return frames + [self.event("response.output_text.delta", **self.where(), content_index=0, delta=delta, logprobs=[])]
+                return frames + [
+                    self.event("response.output_text.delta", **self.where(), content_index=0, delta=delta, logprobs=[])
+                ]
             case ev.ReasoningDelta(delta):
                 frames = self.open_item("reasoning")
+                assert self.open is not None  # open_item opened it
                 self.open["content"][0]["text"] += delta
                 frames.append(self.event("response.reasoning_text.delta", **self.where(), content_index=0, delta=delta))
                 if self.summary:
                     self.open["summary"][0]["text"] += delta
-                    frames.append(self.event("response.reasoning_summary_text.delta", **self.where(), summary_index=0, delta=delta))
+                    frames.append(
+                        self.event(
+                            "response.reasoning_summary_text.delta", **self.where(), summary_index=0, delta=delta
+                        )
+                    )
                 return frames
             case ev.ToolCallStart(index, call_id, name):
                 return self.close() + self.start_call(index, call_id, name)
@@ -328,6 +360,7 @@ class ResponseStream:
 
     def where(self, item: dict | None = None) -> dict:
         item = item or self.open
+        assert item is not None  # an item is open when none is given
         return {"item_id": item["id"], "output_index": self.output.index(item)}
 
     def open_item(self, kind: str) -> list[Frame]:
@@ -335,8 +368,16 @@ class ResponseStream:
         if self.open is not None and self.open["type"] == kind:
             return []
         frames = self.close()
+        item: dict[str, Any]
+        part: dict[str, Any]
         if kind == "message":
-            item = {"id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant", "status": "in_progress", "content": []}
+            item = {
+                "id": f"msg_{uuid.uuid4().hex[:24]}",
+                "type": "message",
+                "role": "assistant",
+                "status": "in_progress",
+                "content": [],
+            }
             part = {"type": "output_text", "text": "", "annotations": []}
         else:
             item = {"id": f"rs_{uuid.uuid4().hex[:24]}", "type": "reasoning", "summary": [], "content": []}
@@ -348,7 +389,14 @@ class ResponseStream:
         frames.append(self.event("response.content_part.added", **self.where(), content_index=0, part=dict(part)))
         if kind == "reasoning" and self.summary:
             item["summary"].append({"type": "summary_text", "text": ""})
-            frames.append(self.event("response.reasoning_summary_part.added", **self.where(), summary_index=0, part=dict(item["summary"][0])))
+            frames.append(
+                self.event(
+                    "response.reasoning_summary_part.added",
+                    **self.where(),
+                    summary_index=0,
+                    part=dict(item["summary"][0]),
+                )
+            )
         return frames
 
     def close(self, status: str = "completed") -> list[Frame]:
@@ -367,16 +415,28 @@ class ResponseStream:
         frames.append(self.event("response.content_part.done", **where, content_index=0, part=dict(part)))
         if item["type"] == "reasoning" and item["summary"]:
             summary = item["summary"][0]
-            frames.append(self.event("response.reasoning_summary_text.done", **where, summary_index=0, text=summary["text"]))
-            frames.append(self.event("response.reasoning_summary_part.done", **where, summary_index=0, part=dict(summary)))
-        return frames + [self.event("response.output_item.done", output_index=where["output_index"], item=snapshot(item))]
+            frames.append(
+                self.event("response.reasoning_summary_text.done", **where, summary_index=0, text=summary["text"])
+            )
+            frames.append(
+                self.event("response.reasoning_summary_part.done", **where, summary_index=0, part=dict(summary))
+            )
+        return frames + [
+            self.event("response.output_item.done", output_index=where["output_index"], item=snapshot(item))
+        ]
 
     def start_call(self, index: int, call_id: str, name: str) -> list[Frame]:
         if not self.parallel and (self.calls or self.dropped):
             self.dropped.add(index)
             return []
         target = self.targets.get(name) or Target(name)
-        item: dict[str, Any] = {"id": f"fc_{call_id}", "type": "function_call", "status": "in_progress", "call_id": f"call_{call_id}", "name": target.name}
+        item: dict[str, Any] = {
+            "id": f"fc_{call_id}",
+            "type": "function_call",
+            "status": "in_progress",
+            "call_id": f"call_{call_id}",
+            "name": target.name,
+        }
         if target.custom:
             item |= {"id": f"ctc_{call_id}", "type": "custom_tool_call", "input": ""}
         else:
@@ -404,13 +464,18 @@ class ResponseStream:
             done = self.event("response.custom_tool_call_input.done", **self.where(item), input=item["input"])
         else:
             done = self.event("response.function_call_arguments.done", **self.where(item), arguments=item["arguments"])
-        return [done, self.event("response.output_item.done", output_index=self.output.index(item), item=snapshot(item))]
+        return [
+            done,
+            self.event("response.output_item.done", output_index=self.output.index(item), item=snapshot(item)),
+        ]
 
     def finish(self, reason: str, used: ev.Usage) -> list[Frame]:
         cut = reason == "length"
         frames = self.close("incomplete" if cut else "completed")
         if cut:
-            response = self.response("incomplete", incomplete_details={"reason": "max_output_tokens"}, usage=usage(used))
+            response = self.response(
+                "incomplete", incomplete_details={"reason": "max_output_tokens"}, usage=usage(used)
+            )
             return frames + [self.event("response.incomplete", response=response)]
         return frames + [self.event("response.completed", response=self.response("completed", usage=usage(used)))]
 
@@ -419,7 +484,10 @@ class ResponseStream:
         error = openai_error(status, message)["error"]
         code = error["code"] or ERROR_CODES.get(openai_status(status), "server_error")
         failed = self.response("failed", error={"code": code, "message": message})
-        return [self.event("error", code=code, message=message, param=None), self.event("response.failed", response=failed)]
+        return [
+            self.event("error", code=code, message=message, param=None),
+            self.event("response.failed", response=failed),
+        ]
 
 
 def snapshot(item: dict) -> dict:
@@ -428,7 +496,8 @@ def snapshot(item: dict) -> dict:
 
 
 def custom_input(arguments: str) -> str:
-    """A custom tool's free-text input from the arguments the model wrote ({"input": ...}), or the arguments as they are."""
+    """A custom tool's free-text input from the arguments the model wrote ({"input": ...}), or the arguments as they
+    are."""
     try:
         parsed = json.loads(arguments)
     except ValueError:
@@ -451,14 +520,17 @@ def usage(used: ev.Usage) -> dict:
 
 def final(frames: Iterable[Frame]) -> dict:
     """The whole response: what the last lifecycle event carries."""
-    return [f for f in frames if f["type"] in ("response.completed", "response.incomplete", "response.failed")][-1]["response"]
+    return [f for f in frames if f["type"] in ("response.completed", "response.incomplete", "response.failed")][-1][
+        "response"
+    ]
 
 
 # Route.
 
 
 def client_of(request: Request) -> str:
-    """The client as product/version (`codex_exec/0.171.0`): the user agent's first word, else the `originator` header."""
+    """The client as product/version (`codex_exec/0.171.0`): the user agent's first word, else the `originator`
+    header."""
     return request.headers.get("user-agent", "").split(" ", 1)[0] or request.headers.get("originator", "")
 
 
@@ -482,7 +554,9 @@ async def respond(exchange: serving.Exchange, stream: ResponseStream) -> JSONRes
         exchange.finish()
 
 
-async def sse(exchange: serving.Exchange, stream: ResponseStream, started: ev.Started) -> AsyncIterator[ServerSentEvent]:
+async def sse(
+    exchange: serving.Exchange, stream: ResponseStream, started: ev.Started
+) -> AsyncIterator[ServerSentEvent]:
     try:
         async with aclosing(exchange.frames(stream, started)) as frames:
             async for frame in frames:

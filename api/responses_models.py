@@ -1,5 +1,6 @@
 """The OpenAI Responses request, as pydantic models; unknown fields are accepted and ignored."""
 
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
@@ -13,7 +14,7 @@ def kind_of(value: Any) -> Any:
     return value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
 
 
-def tag_of(known: set[str], default: str | None = None):
+def tag_of(known: set[str], default: str | None = None) -> Callable[[Any], str]:
     """A discriminator on `type`: a known type as itself, anything else as "other" (or `default` when absent)."""
 
     def tag(value: Any) -> str:
@@ -106,7 +107,15 @@ class OtherItem(Model):
     type: str
 
 
-ITEMS = {"message", "function_call", "function_call_output", "custom_tool_call_output", "custom_tool_call", "reasoning", "item_reference"}
+ITEMS = {
+    "message",
+    "function_call",
+    "function_call_output",
+    "custom_tool_call_output",
+    "custom_tool_call",
+    "reasoning",
+    "item_reference",
+}
 
 Item = Annotated[
     Annotated[Message, Tag("message")]
@@ -141,13 +150,16 @@ class CustomTool(Model):
 
 
 class HostedTool(Model):
-    """A tool only OpenAI's servers can run (web_search, file_search, computer_use, mcp, ...): left out of the prompt."""
+    """A tool only OpenAI's servers can run (web_search, file_search, computer_use, mcp, ...): left out of the
+    prompt."""
 
     type: str
 
 
 Inner = Annotated[
-    Annotated[FunctionTool, Tag("function")] | Annotated[CustomTool, Tag("custom")] | Annotated[HostedTool, Tag("other")],
+    Annotated[FunctionTool, Tag("function")]
+    | Annotated[CustomTool, Tag("custom")]
+    | Annotated[HostedTool, Tag("other")],
     Discriminator(tag_of({"function", "custom"})),
 ]
 

@@ -4,7 +4,7 @@ import asyncio
 import json
 from collections.abc import AsyncGenerator, Awaitable
 from contextlib import aclosing
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
@@ -56,10 +56,18 @@ def engine_of(request: Request) -> EngineClient:
     return request.app.state.engine
 
 
+class FrameStream(Protocol):
+    """A protocol's frames for one reply, from the engine's events (each protocol's stream class)."""
+
+    def start(self, started: Started) -> list[Any]: ...
+
+    def feed(self, event: Event) -> list[Any]: ...
+
+
 class Exchange:
     """One request's trip through the engine, kept as a transcript: start, events, what was sent, finish."""
 
-    def __init__(self, http: Request, request: EngineRequest, id: str, received: Any):
+    def __init__(self, http: Request, request: EngineRequest, id: str, received: Any) -> None:
         self.engine = engine_of(http)
         if http.app.state.debug_faults:
             request.fault = http.headers.get(FAULT_HEADER)
@@ -91,12 +99,14 @@ class Exchange:
                 raise from_unavailable(e) from None
             raise
 
-    def rest(self):
+    def rest(self) -> aclosing[AsyncGenerator[Event, None]]:
         """The events after Started, in a context that closes (and so cancels) the generation when left early."""
+        assert self.events is not None  # start() began them
         return aclosing(self.events)
 
-    async def collect(self, stream) -> list:
-        """Every frame of a reply that is not streamed, from a protocol's `stream` (start, feed); an engine Error raises ApiError."""
+    async def collect(self, stream: FrameStream) -> list:
+        """Every frame of a reply that is not streamed, from a protocol's `stream` (start, feed); an engine Error
+        raises ApiError."""
         frames = stream.start(await self.start())
         async with self.rest() as events:
             async for event in events:
@@ -105,7 +115,7 @@ class Exchange:
                 frames += stream.feed(event)
         return frames
 
-    async def frames(self, stream, started: Started) -> AsyncGenerator:
+    async def frames(self, stream: FrameStream, started: Started) -> AsyncGenerator:
         """A streamed reply's frames from a protocol's `stream`, as the engine's events arrive."""
         async with self.rest() as events:
             for frame in stream.start(started):
@@ -114,10 +124,10 @@ class Exchange:
                 for frame in stream.feed(event):
                     yield frame
 
-    def sent(self, text: str):
+    def sent(self, text: str) -> None:
         self.engine.transcripts.sent(self.transcript, text)
 
-    def finish(self):
+    def finish(self) -> None:
         if not self.finished:
             self.finished = True
             self.engine.transcripts.finish(self.transcript)
@@ -149,7 +159,7 @@ async def unless_disconnected(request: Request, work: Awaitable[Response]) -> Re
     return task.result()
 
 
-async def disconnected(request: Request):
+async def disconnected(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
 

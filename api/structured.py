@@ -10,7 +10,8 @@ ANY_OBJECT = {"type": "object"}
 
 
 def constraint(kind: str | None, schema: Any, strict_tools: list[str], field: str) -> Constraint | None:
-    """The constraint for a response format of `kind` ("text", "json_object", "json_schema"; None: none) and strict tools.
+    """The constraint for a response format of `kind` ("text", "json_object", "json_schema"; None: none) and strict
+    tools.
 
     `field` names where the schema was given, for the 400 when it is missing or not an object.
     """

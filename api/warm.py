@@ -42,7 +42,9 @@ def warm_request(path: Path) -> Request:
             request = openai.to_request(ChatRequest.model_validate(body | {"stream": False}))
     except ValidationError as e:
         where = ".".join(map(str, e.errors()[0]["loc"]))
-        raise ValueError(f"not an Anthropic, OpenAI or Responses request body: {where}: {e.errors()[0]['msg']}") from None
+        raise ValueError(
+            f"not an Anthropic, OpenAI or Responses request body: {where}: {e.errors()[0]['msg']}"
+        ) from None
     request.max_tokens = 1
     return request
 

@@ -15,20 +15,32 @@ SECTIONS = ("decode", "overhead", "ttft", "concurrency", "replay", "dashboard", 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="a short smoke run (about 3 minutes)")
     p.add_argument("--model", help="a local mlx-lm model directory (default: build a random 63M float32 llama)")
     p.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these measurements")
     p.add_argument("--rounds", type=int, help="rounds of each interleaved measurement")
-    p.add_argument("--blas", choices=("auto", "reference"), default="auto",
-                   help="the BLAS every process starts with (auto: the system OpenBLAS where found)")
-    p.add_argument("--blas-threads", type=int,
-                   help="OPENBLAS_NUM_THREADS for every process in the comparison (default: what our worker picks, all cores but one)")
+    p.add_argument(
+        "--blas",
+        choices=("auto", "reference"),
+        default="auto",
+        help="the BLAS every process starts with (auto: the system OpenBLAS where found)",
+    )
+    p.add_argument(
+        "--blas-threads",
+        type=int,
+        help="OPENBLAS_NUM_THREADS for every process in the comparison"
+        " (default: what our worker picks, all cores but one)",
+    )
     p.add_argument("--out", help="results directory (default: benchmarks/results, or benchmarks/results/quick)")
     p.add_argument("--sample", help="a captured Claude Code request (default: ../shared/samples/claude-code-*.json)")
-    p.add_argument("--replay-tokens", type=int,
-                   help="scale the replay's first turn to about this many prompt tokens (0: the capture as is)")
+    p.add_argument(
+        "--replay-tokens",
+        type=int,
+        help="scale the replay's first turn to about this many prompt tokens (0: the capture as is)",
+    )
     return p.parse_args(argv)
 
 

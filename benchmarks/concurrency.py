@@ -12,8 +12,16 @@ from .clients import openai_stream
 from .decode import cpu_seconds
 from .stats import median, progress, ratio
 
-TOPICS = ("a TOML parser", "an LRU cache", "a rate limiter", "a JSON pretty printer", "a trie",
-          "a retry decorator", "a CSV diff tool", "a ring buffer")
+TOPICS = (
+    "a TOML parser",
+    "an LRU cache",
+    "a rate limiter",
+    "a JSON pretty printer",
+    "a trie",
+    "a retry decorator",
+    "a CSV diff tool",
+    "a ring buffer",
+)
 
 
 def body(model: str, i: int, max_tokens: int) -> dict:
@@ -54,9 +62,14 @@ async def burst(client, server, n: int, max_tokens: int) -> dict:
         raise RuntimeError(f"{server.label}: {errors[0]}")
     tokens = sum(r.generated for r in results)
     cpu = {role: 1000 * (cpu_seconds(pid) - cpu[role]) / max(tokens, 1) for role, pid in pids.items()}
-    return {"tokens": tokens, "wall_s": wall, "tps": tokens / wall,
-            "per_stream_tps": median(r.decode_tps for r in results), "ttft_s": median(r.ttft for r in results),
-            "cpu_ms_per_token": cpu}
+    return {
+        "tokens": tokens,
+        "wall_s": wall,
+        "tps": tokens / wall,
+        "per_stream_tps": median(r.decode_tps for r in results),
+        "ttft_s": median(r.ttft for r in results),
+        "cpu_ms_per_token": cpu,
+    }
 
 
 async def run(client, servers: list, streams: tuple[int, ...], rounds: int, max_tokens: int) -> dict:
@@ -67,29 +80,41 @@ async def run(client, servers: list, streams: tuple[int, ...], rounds: int, max_
                 r = await burst(client, server, n, max_tokens)
                 rows.append({"server": server.label, "streams": n, "round": i, **r})
             mine = {r["streams"]: r["tps"] for r in rows if r["server"] == server.label and r["round"] == i}
-            progress(f"concurrency: round {i + 1}/{rounds}, {server.label}: "
-                     + ", ".join(f"{n}x {t:.1f} tok/s" for n, t in sorted(mine.items())))
+            progress(
+                f"concurrency: round {i + 1}/{rounds}, {server.label}: "
+                + ", ".join(f"{n}x {t:.1f} tok/s" for n, t in sorted(mine.items()))
+            )
     summary = []
     for server in servers:
         for n in streams:
             mine = [r for r in rows if r["server"] == server.label and r["streams"] == n]
             ones = {r["round"]: r["tps"] for r in rows if r["server"] == server.label and r["streams"] == 1}
-            summary.append({
-                "server": server.label, "streams": n,
-                "tps": median(r["tps"] for r in mine),
-                "per_stream_tps": median(r["per_stream_tps"] for r in mine),
-                "ttft_s": median(r["ttft_s"] for r in mine),
-                "scaling": median(ratio(r["tps"], ones.get(r["round"])) for r in mine),
-                "cpu_ms_per_token": {role: median(r["cpu_ms_per_token"][role] for r in mine)
-                                     for role in mine[0]["cpu_ms_per_token"]},
-            })
+            summary.append(
+                {
+                    "server": server.label,
+                    "streams": n,
+                    "tps": median(r["tps"] for r in mine),
+                    "per_stream_tps": median(r["per_stream_tps"] for r in mine),
+                    "ttft_s": median(r["ttft_s"] for r in mine),
+                    "scaling": median(ratio(r["tps"], ones.get(r["round"])) for r in mine),
+                    "cpu_ms_per_token": {
+                        role: median(r["cpu_ms_per_token"][role] for r in mine) for role in mine[0]["cpu_ms_per_token"]
+                    },
+                }
+            )
     # ours / mlx_lm.server at each stream count, within each round
     if len(servers) >= 2:
         a, b = servers[:2]
         for n in streams:
-            pairs = [(r["tps"], s["tps"]) for r in rows for s in rows
-                     if r["server"] == a.label and s["server"] == b.label
-                     and r["streams"] == s["streams"] == n and r["round"] == s["round"]]
+            pairs = [
+                (r["tps"], s["tps"])
+                for r in rows
+                for s in rows
+                if r["server"] == a.label
+                and s["server"] == b.label
+                and r["streams"] == s["streams"] == n
+                and r["round"] == s["round"]
+            ]
             for row in summary:
                 if row["server"] == a.label and row["streams"] == n:
                     row["vs_other"] = median(ratio(x, y) for x, y in pairs)

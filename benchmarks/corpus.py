@@ -1,4 +1,5 @@
-"""Text to train the benchmark tokenizer on and to fill prompts with: Python sources and docs shipped with the interpreter and mlx-lm."""
+"""Text to train the benchmark tokenizer on and to fill prompts with: Python sources and docs shipped with the
+interpreter and mlx-lm."""
 
 import functools
 import random

@@ -22,12 +22,21 @@ async def run(client, serve, tui, rounds: int, max_tokens: int, streams=(1, 4)) 
             for n in streams:
                 r = await burst(client, server, n, max_tokens)
                 rows.append({"server": server.label, "streams": n, "round": i, **r})
-        progress(f"dashboard: round {i + 1}/{rounds}: " + ", ".join(
-            f"{r['server']} {r['streams']}x {r['tps']:.1f} tok/s" for r in rows if r["round"] == i))
+        progress(
+            f"dashboard: round {i + 1}/{rounds}: "
+            + ", ".join(f"{r['server']} {r['streams']}x {r['tps']:.1f} tok/s" for r in rows if r["round"] == i)
+        )
     summary = []
     for n in streams:
-        pairs = [(a["tps"], b["tps"]) for a in rows for b in rows if a["round"] == b["round"]
-                 and a["streams"] == b["streams"] == n and a["server"] == tui.label and b["server"] == serve.label]
+        pairs = [
+            (a["tps"], b["tps"])
+            for a in rows
+            for b in rows
+            if a["round"] == b["round"]
+            and a["streams"] == b["streams"] == n
+            and a["server"] == tui.label
+            and b["server"] == serve.label
+        ]
         row = {"streams": n, "ratio": median(ratio(a, b) for a, b in pairs)}
         for server in (serve, tui):
             mine = [r for r in rows if r["server"] == server.label and r["streams"] == n]
@@ -36,5 +45,11 @@ async def run(client, serve, tui, rounds: int, max_tokens: int, streams=(1, 4)) 
                 "cpu_ms_per_token": {role: pooled(mine, role) for role in mine[0]["cpu_ms_per_token"]},
             }
         summary.append(row)
-    return {"rows": rows, "summary": summary, "max_tokens": max_tokens, "screen_bytes": tui.screen_bytes,
-            "serve": serve.label, "tui": tui.label}
+    return {
+        "rows": rows,
+        "summary": summary,
+        "max_tokens": max_tokens,
+        "screen_bytes": tui.screen_bytes,
+        "serve": serve.label,
+        "tui": tui.label,
+    }

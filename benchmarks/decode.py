@@ -1,4 +1,5 @@
-"""(1) Decode tokens/s of one stream: mlx-lm in-process, our engine's client API, our server and mlx_lm.server over HTTP.
+"""(1) Decode tokens/s of one stream: mlx-lm in-process, our engine's client API, our server and mlx_lm.server over
+HTTP.
 
 Each round runs every contestant once on the same prompt (the order rotates from round to
 round), and each ratio is taken within a round. Decode speed is (tokens - 1) / (time of
@@ -62,7 +63,9 @@ class EngineApi:
 
         out = Timed()
         start = time.perf_counter()
-        async for ev in self.engine.generate(Request(messages=messages, max_tokens=max_tokens, source="bench", **self.fields)):
+        async for ev in self.engine.generate(
+            Request(messages=messages, max_tokens=max_tokens, source="bench", **self.fields)
+        ):
             if isinstance(ev, (TextDelta, ReasoningDelta)) and ev.text:
                 now = time.perf_counter() - start
                 out.ttft = out.ttft if out.ttft is not None else now
@@ -113,7 +116,7 @@ async def run(contestants: dict, rounds: int, max_tokens: int, pids: dict[str, d
     cpu: dict[str, dict[str, list]] = {n: {p: [] for p in pids.get(n, {})} for n in names}
     texts: dict[str, str] = {}
     for i in range(rounds):
-        order = names[i % len(names):] + names[: i % len(names)]
+        order = names[i % len(names) :] + names[: i % len(names)]
         for name in order:
             before = {p: cpu_seconds(pid) for p, pid in pids.get(name, {}).items()}
             r = await contestants[name](PROMPT, max_tokens)
@@ -123,12 +126,14 @@ async def run(contestants: dict, rounds: int, max_tokens: int, pids: dict[str, d
                 progress(f"decode: {name}: {r.error or f'{r.generated} tokens, expected {max_tokens}'}")
             tps[name].append(r.decode_tps)
             texts.setdefault(name, r.text)
-        progress("decode: round %d/%d: %s" % (i + 1, rounds, ", ".join(
-            f"{n.split(' (')[0]} {t[-1]:.1f}" for n, t in tps.items() if t[-1] is not None)))
+        progress(
+            f"decode: round {i + 1}/{rounds}: "
+            + ", ".join(f"{n.split(' (')[0]} {t[-1]:.1f}" for n, t in tps.items() if t[-1] is not None)
+        )
     base = tps[names[0]]
-    ratios = {n: [ratio(a, b) for a, b in zip(tps[n], base)] for n in names[1:]}
+    ratios = {n: [ratio(a, b) for a, b in zip(tps[n], base, strict=False)] for n in names[1:]}
     if OURS_HTTP in tps and MLX_HTTP in tps:
-        ratios[f"{OURS_HTTP} / {MLX_HTTP}"] = [ratio(a, b) for a, b in zip(tps[OURS_HTTP], tps[MLX_HTTP])]
+        ratios[f"{OURS_HTTP} / {MLX_HTTP}"] = [ratio(a, b) for a, b in zip(tps[OURS_HTTP], tps[MLX_HTTP], strict=False)]
     same = {n: texts[n] == texts[names[0]] for n in names[1:]}
     return {
         "max_tokens": max_tokens,

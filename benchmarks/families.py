@@ -13,8 +13,9 @@ from .model import FAMILIES, build, default_dir, describe
 from .stats import progress
 
 
-async def run(client, workdir: Path, concurrency: int, cache_bytes: int, turns: int, tokens: int,
-              sample: str | None) -> dict:
+async def run(
+    client, workdir: Path, concurrency: int, cache_bytes: int, turns: int, tokens: int, sample: str | None
+) -> dict:
     from transformers import AutoTokenizer
 
     out = {}

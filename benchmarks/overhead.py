@@ -30,8 +30,13 @@ def timed_batch_generator(model, tokenizer, prompt, n: int, sequences: int = 1) 
     """ms per token of the bare batched loop; with several sequences, per token of all of them together."""
     from mlx_lm.generate import BatchGenerator
 
-    gen = BatchGenerator(model, max_tokens=n, stop_tokens=[[t] for t in tokenizer.eos_token_ids],
-                         completion_batch_size=8, prefill_batch_size=8)
+    gen = BatchGenerator(
+        model,
+        max_tokens=n,
+        stop_tokens=[[t] for t in tokenizer.eos_token_ids],
+        completion_batch_size=8,
+        prefill_batch_size=8,
+    )
     gen.insert([list(prompt) for _ in range(sequences)], max_tokens=[n] * sequences)
     first, done, tokens = None, 0, 0
     while done < sequences:
@@ -80,8 +85,13 @@ def timed_scheduler(scheduler, request, n: int) -> dict:
     finally:
         del generator.next
     per = lambda xs: 1000 * sum(xs) / max(len(xs), 1)  # noqa: E731
-    return {"step_ms": per(steps), "next_ms": per(inner[: len(steps)]), "ours_ms": per(steps) - per(inner[: len(steps)]),
-            "pickle_ms": per(pickling), "tokens_per_s": 1000 / per(steps) if steps else None}
+    return {
+        "step_ms": per(steps),
+        "next_ms": per(inner[: len(steps)]),
+        "ours_ms": per(steps) - per(inner[: len(steps)]),
+        "pickle_ms": per(pickling),
+        "tokens_per_s": 1000 / per(steps) if steps else None,
+    }
 
 
 def run(model_dir, rounds: int, n: int) -> dict:
@@ -109,16 +119,23 @@ def run(model_dir, rounds: int, n: int) -> dict:
         rows["Scheduler.step"].append(part["step_ms"])
         rows["BatchGenerator x4"].append(timed_batch_generator(model, tokenizer, prompt, n, sequences=4))
         parts.append(part)
-        progress(f"overhead: round {i + 1}/{rounds}: ms/token stream_generate {rows['stream_generate'][-1]:.1f}, "
-                 f"BatchGenerator {rows['BatchGenerator'][-1]:.1f}, Scheduler.step {part['step_ms']:.1f} "
-                 f"(of which ours {part['ours_ms']:.2f}, pickling {part['pickle_ms']:.3f}), "
-                 f"BatchGenerator x4 {rows['BatchGenerator x4'][-1]:.1f} per token of 4")
+        progress(
+            f"overhead: round {i + 1}/{rounds}: ms/token stream_generate {rows['stream_generate'][-1]:.1f}, "
+            f"BatchGenerator {rows['BatchGenerator'][-1]:.1f}, Scheduler.step {part['step_ms']:.1f} "
+            f"(of which ours {part['ours_ms']:.2f}, pickling {part['pickle_ms']:.3f}), "
+            f"BatchGenerator x4 {rows['BatchGenerator x4'][-1]:.1f} per token of 4"
+        )
     base = rows["stream_generate"]
     return {
-        "tokens": n, "rounds": rounds,
+        "tokens": n,
+        "rounds": rounds,
         "ms_per_token": {k: median(v) for k, v in rows.items()},
-        "ratio_to_stream_generate": {k: median(b / x for b, x in zip(base, v)) for k, v in rows.items() if k != "stream_generate"},
-        "batch4_scaling": median(a / b for a, b in zip(rows["BatchGenerator"], rows["BatchGenerator x4"])),
+        "ratio_to_stream_generate": {
+            k: median(b / x for b, x in zip(base, v, strict=False)) for k, v in rows.items() if k != "stream_generate"
+        },
+        "batch4_scaling": median(
+            a / b for a, b in zip(rows["BatchGenerator"], rows["BatchGenerator x4"], strict=False)
+        ),
         "scheduler_ours_ms": median(p["ours_ms"] for p in parts),
         "scheduler_next_ms": median(p["next_ms"] for p in parts),
         "pickle_ms": median(p["pickle_ms"] for p in parts),

@@ -21,8 +21,9 @@ async def run(model_dir, tokenizer, rounds: int, max_tokens: int, prompt_tokens:
 
     rows = []
     for ranks in RANKS:
-        engine = EngineClient(EngineConfig(model=str(model_dir), transcripts_dir=None, cache_dir=None,
-                                           loop_window=0, ranks=ranks))
+        engine = EngineClient(
+            EngineConfig(model=str(model_dir), transcripts_dir=None, cache_dir=None, loop_window=0, ranks=ranks)
+        )
         await engine.start()
         try:
             measure = EngineApi(engine)
@@ -36,10 +37,20 @@ async def run(model_dir, tokenizer, rounds: int, max_tokens: int, prompt_tokens:
                 for r in (decode, ttft):
                     if r.error:
                         raise RuntimeError(f"{ranks} ranks: {r.error}")
-                rows.append({"ranks": ranks, "round": i, "decode_tps": decode.decode_tps, "ttft_s": ttft.ttft,
-                             "prompt_tokens": ttft.prompt_tokens, "text": decode.text})
-                progress(f"ranks: {ranks}, round {i + 1}/{rounds}: decode {decode.decode_tps:.1f} tok/s, "
-                         f"TTFT {ttft.ttft:.2f} s ({ttft.prompt_tokens} tokens)")
+                rows.append(
+                    {
+                        "ranks": ranks,
+                        "round": i,
+                        "decode_tps": decode.decode_tps,
+                        "ttft_s": ttft.ttft,
+                        "prompt_tokens": ttft.prompt_tokens,
+                        "text": decode.text,
+                    }
+                )
+                progress(
+                    f"ranks: {ranks}, round {i + 1}/{rounds}: decode {decode.decode_tps:.1f} tok/s, "
+                    f"TTFT {ttft.ttft:.2f} s ({ttft.prompt_tokens} tokens)"
+                )
         finally:
             await engine.stop()
     summary = {

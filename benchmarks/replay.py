@@ -25,11 +25,22 @@ from .stats import progress
 
 BILLING = "x-anthropic-billing-header: cc_version=2.1.332.9a2; cc_entrypoint=sdk-cli; cch={};"
 TASK = "The config loader ignores environment overrides. Find out why and fix it, with a test."
-COMMANDS = ["ls -la", "grep -rn load_config src/", "sed -n 1,80p src/config.py", "python -m pytest -q tests/test_config.py",
-            "git diff", "sed -n 80,160p src/config.py", "python -m pytest -q", "grep -rn environ src/",
-            "cat pyproject.toml", "git status"]
-TITLE_SYSTEM = ("Summarize this coding conversation in under 50 characters.\n"
-                "Capture the main task, key files, problems addressed, and current status.")
+COMMANDS = [
+    "ls -la",
+    "grep -rn load_config src/",
+    "sed -n 1,80p src/config.py",
+    "python -m pytest -q tests/test_config.py",
+    "git diff",
+    "sed -n 80,160p src/config.py",
+    "python -m pytest -q",
+    "grep -rn environ src/",
+    "cat pyproject.toml",
+    "git status",
+]
+TITLE_SYSTEM = (
+    "Summarize this coding conversation in under 50 characters.\n"
+    "Capture the main task, key files, problems addressed, and current status."
+)
 
 
 def find_sample(given: str | None) -> Path | None:
@@ -53,9 +64,14 @@ def load_sample(path: Path | None, tokenizer) -> dict:
                     if block.get("type") == "text" and block["text"].strip() == "Hello":
                         block["text"] = TASK
         return {"source": str(path), "system": system, "tools": body["tools"], "messages": messages}
-    tools = [{"name": f"Tool{i}", "description": filler(tokenizer, 400, seed=100 + i),
-              "input_schema": {"type": "object", "properties": {"arg": {"type": "string"}}, "required": ["arg"]}}
-             for i in range(12)]
+    tools = [
+        {
+            "name": f"Tool{i}",
+            "description": filler(tokenizer, 400, seed=100 + i),
+            "input_schema": {"type": "object", "properties": {"arg": {"type": "string"}}, "required": ["arg"]},
+        }
+        for i in range(12)
+    ]
     system = ["You are a Claude agent, built on Anthropic's Claude Agent SDK.", filler(tokenizer, 2500, seed=99)]
     messages = [{"role": "user", "content": [{"type": "text", "text": TASK}]}]
     return {"source": "synthetic", "system": system, "tools": tools, "messages": messages}
@@ -71,9 +87,15 @@ def to_openai(system: list[str], tools: list[dict], messages: list[dict]) -> dic
             continue
         if m["role"] == "assistant":
             text = "\n".join(b["text"] for b in content if b["type"] == "text")
-            calls = [{"id": b["id"], "type": "function",
-                      "function": {"name": b["name"], "arguments": json.dumps(b["input"])}}
-                     for b in content if b["type"] == "tool_use"]
+            calls = [
+                {
+                    "id": b["id"],
+                    "type": "function",
+                    "function": {"name": b["name"], "arguments": json.dumps(b["input"])},
+                }
+                for b in content
+                if b["type"] == "tool_use"
+            ]
             out.append({"role": "assistant", "content": text, **({"tool_calls": calls} if calls else {})})
             continue
         texts = []
@@ -84,14 +106,21 @@ def to_openai(system: list[str], tools: list[dict], messages: list[dict]) -> dic
                 texts.append(b["text"])
         if texts:
             out.append({"role": m["role"], "content": "\n".join(texts)})
-    functions = [{"type": "function", "function": {"name": t["name"], "description": t.get("description", ""),
-                                                   "parameters": t["input_schema"]}} for t in tools]
+    functions = [
+        {
+            "type": "function",
+            "function": {"name": t["name"], "description": t.get("description", ""), "parameters": t["input_schema"]},
+        }
+        for t in tools
+    ]
     return {"messages": out, "tools": functions}
 
 
 def prompt_tokens(tokenizer, sample: dict) -> int:
     req = to_openai(sample["system"], sample["tools"], sample["messages"])
-    text = tokenizer.apply_chat_template(req["messages"], tools=req["tools"], add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(
+        req["messages"], tools=req["tools"], add_generation_prompt=True, tokenize=False
+    )
     return len(tokenizer.encode(text, add_special_tokens=False))
 
 
@@ -144,12 +173,23 @@ class Session:
         if self.server.kind == "ours":
             blocks = [{"type": "text", "text": t} for t in system]
             blocks[1]["cache_control"] = {"type": "ephemeral"}
-            body = {"model": "claude-opus-5-5", "system": blocks, "tools": tools, "messages": with_breakpoint(messages),
-                    "max_tokens": max_tokens, "temperature": 0.0, "thinking": {"type": "adaptive"},
-                    "metadata": {"user_id": "bench"}}
+            body = {
+                "model": "claude-opus-5-5",
+                "system": blocks,
+                "tools": tools,
+                "messages": with_breakpoint(messages),
+                "max_tokens": max_tokens,
+                "temperature": 0.0,
+                "thinking": {"type": "adaptive"},
+                "metadata": {"user_id": "bench"},
+            }
             return await anthropic_stream(client, self.server.url, body)
-        body = {"model": self.server.model_name, **to_openai(system, tools, messages),
-                "max_tokens": max_tokens, "temperature": 0.0}
+        body = {
+            "model": self.server.model_name,
+            **to_openai(system, tools, messages),
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+        }
         if not tools:
             body.pop("tools")
         return await openai_stream(client, self.server.url, body)
@@ -162,12 +202,19 @@ class Session:
         tool_id = f"toolu_{turn:02d}{self.rng.randrange(16**8):08x}"
         command = COMMANDS[turn % len(COMMANDS)]
         assistant = [{"type": "text", "text": reply}] if reply else []
-        assistant.append({"type": "tool_use", "id": tool_id, "name": "Bash",
-                          "input": {"command": command, "description": f"Run {command.split()[0]}"}})
+        assistant.append(
+            {
+                "type": "tool_use",
+                "id": tool_id,
+                "name": "Bash",
+                "input": {"command": command, "description": f"Run {command.split()[0]}"},
+            }
+        )
         self.messages.append({"role": "assistant", "content": assistant})
         output = filler(tokenizer, result_tokens, seed=1000 + turn)
-        self.messages.append({"role": "user", "content": [{"type": "tool_result", "tool_use_id": tool_id,
-                                                           "content": output}]})
+        self.messages.append(
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tool_id, "content": output}]}
+        )
 
     async def side(self, client, max_tokens: int):
         """A title request: a different, short prompt between turns (no tools)."""
@@ -177,15 +224,25 @@ class Session:
         return await self.send(client, [TITLE_SYSTEM], [], messages, max_tokens)
 
 
-async def run(client, servers: list, tokenizer, turns: int, target_tokens: int, sample_path: str | None,
-              reply_tokens: int = 32, result_tokens: int = 160) -> dict:
+async def run(
+    client,
+    servers: list,
+    tokenizer,
+    turns: int,
+    target_tokens: int,
+    sample_path: str | None,
+    reply_tokens: int = 32,
+    result_tokens: int = 160,
+) -> dict:
     path = find_sample(sample_path)
     sample = load_sample(path, tokenizer)
     captured = prompt_tokens(tokenizer, sample)
     if target_tokens:
         sample = scale(sample, tokenizer, target_tokens)
-    progress(f"replay: {sample['source']}: {captured} prompt tokens as captured, "
-             f"{prompt_tokens(tokenizer, sample)} after scaling; {len(sample['tools'])} tools, {turns} turns")
+    progress(
+        f"replay: {sample['source']}: {captured} prompt tokens as captured, "
+        f"{prompt_tokens(tokenizer, sample)} after scaling; {len(sample['tools'])} tools, {turns} turns"
+    )
     sessions = [Session(s, sample, seed=7) for s in servers]
     rows, sides = [], []
     previous: dict[str, int] = {}
@@ -195,19 +252,43 @@ async def run(client, servers: list, tokenizer, turns: int, target_tokens: int, 
             if r.error:
                 raise RuntimeError(f"{s.server.label}, turn {turn}: {r.error}")
             before = previous.get(s.server.label)
-            rows.append({"server": s.server.label, "turn": turn, "prompt_tokens": r.prompt_tokens,
-                         "cached_tokens": r.cached_tokens, "cached_share": r.cached_share, "ttft_s": r.ttft,
-                         "generated": r.generated, "previous_prompt": before,
-                         "of_previous": (r.cached_tokens or 0) / before if before else None})
+            rows.append(
+                {
+                    "server": s.server.label,
+                    "turn": turn,
+                    "prompt_tokens": r.prompt_tokens,
+                    "cached_tokens": r.cached_tokens,
+                    "cached_share": r.cached_share,
+                    "ttft_s": r.ttft,
+                    "generated": r.generated,
+                    "previous_prompt": before,
+                    "of_previous": (r.cached_tokens or 0) / before if before else None,
+                }
+            )
             previous[s.server.label] = r.prompt_tokens
-            progress(f"replay: turn {turn}/{turns}, {s.server.label}: {r.prompt_tokens} prompt tokens, "
-                     f"{r.cached_tokens} cached ({(r.cached_share or 0):.0%}), TTFT {r.ttft:.2f} s")
+            progress(
+                f"replay: turn {turn}/{turns}, {s.server.label}: {r.prompt_tokens} prompt tokens, "
+                f"{r.cached_tokens} cached ({(r.cached_share or 0):.0%}), TTFT {r.ttft:.2f} s"
+            )
             s.extend(turn, r.text, tokenizer, result_tokens)
             if turn < turns:
                 side = await s.side(client, 8)
                 if side.error:
                     raise RuntimeError(f"{s.server.label}, side request {turn}: {side.error}")
-                sides.append({"server": s.server.label, "after_turn": turn, "prompt_tokens": side.prompt_tokens,
-                              "cached_tokens": side.cached_tokens, "ttft_s": side.ttft})
-    return {"source": sample["source"], "captured_tokens": captured, "scaled_to": target_tokens or None,
-            "tools": len(sample["tools"]), "rows": rows, "sides": sides}
+                sides.append(
+                    {
+                        "server": s.server.label,
+                        "after_turn": turn,
+                        "prompt_tokens": side.prompt_tokens,
+                        "cached_tokens": side.cached_tokens,
+                        "ttft_s": side.ttft,
+                    }
+                )
+    return {
+        "source": sample["source"],
+        "captured_tokens": captured,
+        "scaled_to": target_tokens or None,
+        "tools": len(sample["tools"]),
+        "rows": rows,
+        "sides": sides,
+    }

@@ -85,8 +85,11 @@ def write(results: dict, out: Path):
         body += structured_table(st, targets)
     summary = ["## Targets", ""]
     if results.get("mode") == "quick":
-        summary += ["*Quick run: a smoke check with one to three rounds per measurement; on a shared machine "
-                    "that is too few to judge a target. Use the full run for that.*", ""]
+        summary += [
+            "*Quick run: a smoke check with one to three rounds per measurement; on a shared machine "
+            "that is too few to judge a target. Use the full run for that.*",
+            "",
+        ]
     summary += ["| target | measured | |", "|---|---|---|"]
     summary += [f"| {name} | {value} | {target(ok)} |" for name, value, ok in targets] + [""]
     charts = ["## Charts", ""] + [f"![{c.stem}]({c.name})" for c in draw(results, out)] + [""]
@@ -99,13 +102,15 @@ def header(results: dict) -> list[str]:
     blas = ", ".join(f"{k}: {v.get('blas') or '?'}" for k, v in procs.items())
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
     return [
-        "# mlx-tui benchmark results", "",
+        "# mlx-tui benchmark results",
+        "",
         f"- date: {m['date']} ({m.get('duration_s', '?')} s); commit {m['commit']}",
         f"- machine: {m['machine']}; load average {m['load_start']} at start, {m.get('load_end', '?')} at end "
         "(shared machine: numbers are medians of interleaved rounds, each ratio from one round)",
         f"- model: random {model.get('type', 'llama')}, {model['params_m']}M parameters, {model['layers']} layers, "
         f"hidden {model['hidden']}, vocab {model['vocab']}, {model['dtype']} (`{model['path']}`)"
-        if model else "- models: as each section says",
+        if model
+        else "- models: as each section says",
         f"- BLAS: {m['blas']}; mapped per process: {blas}",
         f"- python {m['python']}; {versions}",
         f"- plan: {results['plan']}",
@@ -114,18 +119,23 @@ def header(results: dict) -> list[str]:
 
 
 def decode_table(d: dict, targets: list) -> list[str]:
-    lines = [f"## Decode, one stream ({d['max_tokens']} tokens, {d['rounds']} rounds)", "",
-             "| | tokens/s (median) | ratio to in-process mlx-lm (median of rounds) | range | same text | "
-             "CPU ms per token, by process |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"## Decode, one stream ({d['max_tokens']} tokens, {d['rounds']} rounds)",
+        "",
+        "| | tokens/s (median) | ratio to in-process mlx-lm (median of rounds) | range | same text | "
+        "CPU ms per token, by process |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, tps in d["median_tps"].items():
         r = d["median_ratio"].get(name)
         rng = d["ratio_range"].get(name)
         same = d["same_text_as_baseline"].get(name)
         cpu = d.get("cpu_ms_per_token", {}).get(name, {})
         cpu_text = ", ".join(f"{p} {fmt(v, 1)}" for p, v in cpu.items())
-        lines.append(f"| {name} | {fmt(tps, 1)} | {fmt(r, 3) if name != d['baseline'] else '1'} | "
-                     f"{f'{rng[0]:.3f}–{rng[1]:.3f}' if rng else ''} | {'' if same is None else same} | {cpu_text} |")
+        lines.append(
+            f"| {name} | {fmt(tps, 1)} | {fmt(r, 3) if name != d['baseline'] else '1'} | "
+            f"{f'{rng[0]:.3f}–{rng[1]:.3f}' if rng else ''} | {'' if same is None else same} | {cpu_text} |"
+        )
     for name, r in d["median_ratio"].items():
         if "/" in name:
             rng = d["ratio_range"][name]
@@ -135,8 +145,13 @@ def decode_table(d: dict, targets: list) -> list[str]:
 
     for name, goal in ((ENGINE, 0.97), (OURS_HTTP, 0.97)):
         r = d["median_ratio"].get(name)
-        targets.append((f"decode: {name.split(' (')[0]} ≥ {goal} of in-process mlx-lm", fmt(r, 3),
-                        None if r is None else r >= goal))
+        targets.append(
+            (
+                f"decode: {name.split(' (')[0]} ≥ {goal} of in-process mlx-lm",
+                fmt(r, 3),
+                None if r is None else r >= goal,
+            )
+        )
     r = d["median_ratio"].get(f"{OURS_HTTP} / {MLX_HTTP}")
     targets.append(("decode over HTTP: ours ≥ 1.0 of mlx_lm.server", fmt(r, 3), None if r is None else r >= 1.0))
     return lines
@@ -145,45 +160,66 @@ def decode_table(d: dict, targets: list) -> list[str]:
 def overhead_table(o: dict) -> list[str]:
     ms = o["ms_per_token"]
     return [
-        f"## Where a token's time goes (in one process, {o['tokens']} tokens, {o['rounds']} rounds)", "",
-        "| loop | ms per token (median) | speed relative to stream_generate |", "|---|---|---|",
+        f"## Where a token's time goes (in one process, {o['tokens']} tokens, {o['rounds']} rounds)",
+        "",
+        "| loop | ms per token (median) | speed relative to stream_generate |",
+        "|---|---|---|",
         f"| mlx_lm.stream_generate | {fmt(ms['stream_generate'])} | 1 |",
         f"| mlx_lm BatchGenerator, bare | {fmt(ms['BatchGenerator'])} | "
         f"{fmt(o['ratio_to_stream_generate']['BatchGenerator'], 3)} |",
         f"| our Scheduler.step (BatchGenerator + our per-token work) | {fmt(ms['Scheduler.step'])} | "
         f"{fmt(o['ratio_to_stream_generate']['Scheduler.step'], 3)} |",
         f"| mlx_lm BatchGenerator, bare, 4 sequences (per token of all 4) | {fmt(ms['BatchGenerator x4'])} | "
-        f"{fmt(o['ratio_to_stream_generate']['BatchGenerator x4'], 3)} |", "",
+        f"{fmt(o['ratio_to_stream_generate']['BatchGenerator x4'], 3)} |",
+        "",
         f"Four sequences in one bare BatchGenerator decode {fmt(o['batch4_scaling'], 2)}x the tokens/s of one: "
-        "the ceiling for any server built on it, ours and mlx_lm.server alike.", "",
+        "the ceiling for any server built on it, ours and mlx_lm.server alike.",
+        "",
         f"Inside Scheduler.step: BatchGenerator.next() {fmt(o['scheduler_next_ms'])} ms, our work (events, "
         f"detokenising, stop/markup parsing, cache) {fmt(o['scheduler_ours_ms'], 3)} ms per token; pickling a step's "
-        f"events for the socket {fmt(o['pickle_ms'], 3)} ms (wall clock, inflated by other load on the machine).", "",
+        f"events for the socket {fmt(o['pickle_ms'], 3)} ms (wall clock, inflated by other load on the machine).",
+        "",
     ]
 
 
 def dashboard_table(db: dict, targets: list) -> list[str]:
     serve, tui = db["serve"], db["tui"]
-    lines = [f"## Dashboard cost ({db['max_tokens']} tokens per stream)", "",
-             f"| streams | {serve} tokens/s | {tui} tokens/s | ratio (median of rounds) | front-process CPU ms per "
-             f"token, serve / dashboard |", "|---|---|---|---|---|"]
+    lines = [
+        f"## Dashboard cost ({db['max_tokens']} tokens per stream)",
+        "",
+        f"| streams | {serve} tokens/s | {tui} tokens/s | ratio (median of rounds) | front-process CPU ms per "
+        f"token, serve / dashboard |",
+        "|---|---|---|---|---|",
+    ]
     for row in db["summary"]:
         a, b = row[serve], row[tui]
-        lines.append(f"| {row['streams']} | {fmt(a['tps'], 1)} | {fmt(b['tps'], 1)} | {fmt(row['ratio'], 3)} | "
-                     f"{fmt(a['cpu_ms_per_token'].get('front'), 2)} / {fmt(b['cpu_ms_per_token'].get('front'), 2)} |")
-    lines += ["", f"The dashboard drew {db['screen_bytes'] / 1e6:.1f} MB of terminal output in a 120x40 "
-              "pseudo-terminal during the run.", ""]
+        lines.append(
+            f"| {row['streams']} | {fmt(a['tps'], 1)} | {fmt(b['tps'], 1)} | {fmt(row['ratio'], 3)} | "
+            f"{fmt(a['cpu_ms_per_token'].get('front'), 2)} / {fmt(b['cpu_ms_per_token'].get('front'), 2)} |"
+        )
+    lines += [
+        "",
+        f"The dashboard drew {db['screen_bytes'] / 1e6:.1f} MB of terminal output in a 120x40 "
+        "pseudo-terminal during the run.",
+        "",
+    ]
     for row in db["summary"]:
         r = row["ratio"]
-        targets.append((f"dashboard costs ≤ 3% ({row['streams']} stream{'s' if row['streams'] > 1 else ''})",
-                        fmt(r, 3), None if r is None else r >= 0.97))
+        targets.append(
+            (
+                f"dashboard costs ≤ 3% ({row['streams']} stream{'s' if row['streams'] > 1 else ''})",
+                fmt(r, 3),
+                None if r is None else r >= 0.97,
+            )
+        )
     return lines
 
 
 def ranks_table(rk: dict) -> list[str]:
     one, two = rk["summary"]["1"], rk["summary"]["2"]
     return [
-        f"## One worker vs 2 ranks on this machine ({rk['rounds']} rounds; the cost of the group, not a speed-up)", "",
+        f"## One worker vs 2 ranks on this machine ({rk['rounds']} rounds; the cost of the group, not a speed-up)",
+        "",
         "| ranks | decode tokens/s (median) | TTFT s, uncached prompt (median) | prompt tokens |",
         "|---|---|---|---|",
         f"| 1 | {fmt(one['decode_tps'], 1)} | {fmt(one['ttft_s'])} | {fmt(one['prompt_tokens'], 0)} |",
@@ -198,7 +234,9 @@ def ranks_table(rk: dict) -> list[str]:
 
 def structured_table(st: dict, targets: list) -> list[str]:
     rows = [
-        f"## Decode under a JSON schema vs free ({st['rounds']} interleaved rounds, {st['max_tokens']} tokens a stream)", "",
+        f"## Decode under a JSON schema vs free ({st['rounds']} interleaved rounds,"
+        f" {st['max_tokens']} tokens a stream)",
+        "",
         "| vocabulary | constrained / free | streams | free tokens/s | constrained tokens/s | ratio (median of rounds) "
         "| range | worker CPU ms/token, free / constrained | CPU ratio |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -208,22 +246,35 @@ def structured_table(st: dict, targets: list) -> list[str]:
             bound, free = m["pairs"][key]
             low, high = m["ratio_range"][key] or (None, None)
             cpu, tps = m["median_cpu_ms_per_token"], m["median_tps"]
-            rows.append(f"| {int(vocab):,} | {bound.split(' ')[0]} / {free.split(' ')[0]} | {bound.split(' x')[1]} | "
-                        f"{fmt(tps[free], 1)} | {fmt(tps[bound], 1)} | {fmt(r, 3)} | {fmt(low, 2)}–{fmt(high, 2)} | "
-                        f"{fmt(cpu[free], 1)} / {fmt(cpu[bound], 1)} | {fmt(m['median_cpu_ratio'][key], 3)} |")
+            rows.append(
+                f"| {int(vocab):,} | {bound.split(' ')[0]} / {free.split(' ')[0]} | {bound.split(' x')[1]} | "
+                f"{fmt(tps[free], 1)} | {fmt(tps[bound], 1)} | {fmt(r, 3)} | {fmt(low, 2)}–{fmt(high, 2)} | "
+                f"{fmt(cpu[free], 1)} / {fmt(cpu[bound], 1)} | {fmt(m['median_cpu_ratio'][key], 3)} |"
+            )
             if bound.startswith("json_schema"):
-                targets.append((f"json_schema decode ≥ 0.95× free, vocab {int(vocab):,}, {key} stream(s)", fmt(r, 3),
-                                None if r is None else r >= 0.95))
+                targets.append(
+                    (
+                        f"json_schema decode ≥ 0.95× free, vocab {int(vocab):,}, {key} stream(s)",
+                        fmt(r, 3),
+                        None if r is None else r >= 0.95,
+                    )
+                )
     return rows + [""]
 
 
 def ttft_table(t: dict, targets: list) -> list[str]:
-    lines = ["## Time to first token, cold vs warm system prompt", "",
-             "| server | system prompt | prompt tokens | cold TTFT s | warm TTFT s | warm/cold | warm cached tokens | rounds |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "## Time to first token, cold vs warm system prompt",
+        "",
+        "| server | system prompt | prompt tokens | cold TTFT s | warm TTFT s | warm/cold | warm cached tokens"
+        " | rounds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for row in t["summary"]:
-        lines.append(f"| {row['server']} | {row['size']} | {fmt(row['prompt_tokens'], 0)} | {fmt(row['cold_s'])} | "
-                     f"{fmt(row['warm_s'])} | {fmt(row['ratio'], 3)} | {fmt(row['warm_cached'], 0)} | {row['rounds']} |")
+        lines.append(
+            f"| {row['server']} | {row['size']} | {fmt(row['prompt_tokens'], 0)} | {fmt(row['cold_s'])} | "
+            f"{fmt(row['warm_s'])} | {fmt(row['ratio'], 3)} | {fmt(row['warm_cached'], 0)} | {row['rounds']} |"
+        )
     lines.append("")
     ours = {r["size"]: r for r in t["summary"] if r["server"] == OURS}
     size = 4096 if 4096 in ours else max(ours) if ours else None
@@ -234,14 +285,19 @@ def ttft_table(t: dict, targets: list) -> list[str]:
 
 
 def concurrency_table(c: dict, targets: list) -> list[str]:
-    lines = [f"## Aggregate decode, concurrent streams ({c['max_tokens']} tokens each)", "",
-             "| server | streams | aggregate tokens/s | per-stream tokens/s after the first | median TTFT s "
-             "| scaling vs 1 stream | ours / mlx_lm.server | CPU ms per token, by process |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"## Aggregate decode, concurrent streams ({c['max_tokens']} tokens each)",
+        "",
+        "| server | streams | aggregate tokens/s | per-stream tokens/s after the first | median TTFT s "
+        "| scaling vs 1 stream | ours / mlx_lm.server | CPU ms per token, by process |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for row in c["summary"]:
         cpu = ", ".join(f"{p} {fmt(v, 1)}" for p, v in (row.get("cpu_ms_per_token") or {}).items())
-        lines.append(f"| {row['server']} | {row['streams']} | {fmt(row['tps'], 1)} | {fmt(row['per_stream_tps'], 1)} | "
-                     f"{fmt(row.get('ttft_s'))} | {fmt(row['scaling'], 2)}x | {fmt(row.get('vs_other'), 3)} | {cpu} |")
+        lines.append(
+            f"| {row['server']} | {row['streams']} | {fmt(row['tps'], 1)} | {fmt(row['per_stream_tps'], 1)} | "
+            f"{fmt(row.get('ttft_s'))} | {fmt(row['scaling'], 2)}x | {fmt(row.get('vs_other'), 3)} | {cpu} |"
+        )
     lines.append("")
     ours = {r["streams"]: r for r in c["summary"] if r["server"] == OURS}
     if 4 in ours:
@@ -254,14 +310,19 @@ def concurrency_table(c: dict, targets: list) -> list[str]:
 
 def replay_table(r: dict, targets: list) -> list[str]:
     servers = list(dict.fromkeys(row["server"] for row in r["rows"]))
-    lines = [f"## Claude-Code-shaped replay ({max(row['turn'] for row in r['rows'])} turns)", "",
-             f"Source: {r['source']} ({r['captured_tokens']} prompt tokens as captured"
-             + (f", scaled to ~{r['scaled_to']}" if r["scaled_to"] else "") + f"; {r['tools']} tools). "
-             "Billing header changes every request; a side request runs between turns.", "",
-             "Cells: prompt tokens / tokens from cache (share of the prompt; share of the previous turn's prompt) / TTFT s.",
-             "",
-             "| turn | " + " | ".join(servers) + " |",
-             "|---|" + "---|" * len(servers)]
+    lines = [
+        f"## Claude-Code-shaped replay ({max(row['turn'] for row in r['rows'])} turns)",
+        "",
+        f"Source: {r['source']} ({r['captured_tokens']} prompt tokens as captured"
+        + (f", scaled to ~{r['scaled_to']}" if r["scaled_to"] else "")
+        + f"; {r['tools']} tools). "
+        "Billing header changes every request; a side request runs between turns.",
+        "",
+        "Cells: prompt tokens / tokens from cache (share of the prompt; share of the previous turn's prompt) / TTFT s.",
+        "",
+        "| turn | " + " | ".join(servers) + " |",
+        "|---|" + "---|" * len(servers),
+    ]
     by = {(row["server"], row["turn"]): row for row in r["rows"]}
     turns = sorted({row["turn"] for row in r["rows"]})
     for turn in turns:
@@ -269,20 +330,33 @@ def replay_table(r: dict, targets: list) -> list[str]:
         for s in servers:
             row = by.get((s, turn))
             prev = f"; {row['of_previous']:.0%}" if row and row.get("of_previous") is not None else ""
-            cells.append("" if not row else f"{row['prompt_tokens']} / {row['cached_tokens']} "
-                         f"({(row['cached_share'] or 0):.0%}{prev}) / {fmt(row['ttft_s'])}")
+            cells.append(
+                ""
+                if not row
+                else f"{row['prompt_tokens']} / {row['cached_tokens']} "
+                f"({(row['cached_share'] or 0):.0%}{prev}) / {fmt(row['ttft_s'])}"
+            )
         lines.append(f"| {turn} | " + " | ".join(cells) + " |")
     lines.append("")
     sides = r.get("sides") or []
     if sides:
-        lines.append("Side requests: " + "; ".join(
-            f"{s}: median TTFT {fmt(_median([x['ttft_s'] for x in sides if x['server'] == s]))} s"
-            for s in servers) + ".")
+        lines.append(
+            "Side requests: "
+            + "; ".join(
+                f"{s}: median TTFT {fmt(_median([x['ttft_s'] for x in sides if x['server'] == s]))} s" for s in servers
+            )
+            + "."
+        )
         lines.append("")
     later = [row["cached_share"] or 0 for row in r["rows"] if row["server"] == OURS and row["turn"] >= 2]
     if later:
-        targets.append(("replay: ≥ 90% of prompt tokens from cache from turn 2 on (ours, worst turn)",
-                        f"{min(later):.0%}", min(later) >= 0.90))
+        targets.append(
+            (
+                "replay: ≥ 90% of prompt tokens from cache from turn 2 on (ours, worst turn)",
+                f"{min(later):.0%}",
+                min(later) >= 0.90,
+            )
+        )
     return lines
 
 
@@ -296,8 +370,13 @@ def families_tables(families: dict, targets: list) -> list[str]:
         ours = {row["turn"]: row for row in r["rows"] if row["server"] == OURS}
         later = [row["cached_share"] or 0 for turn, row in ours.items() if turn >= 2]
         if later:
-            targets.append((f"{family}: ≥ 90% of prompt tokens from cache from turn 2 on (ours, worst turn)",
-                            f"{min(later):.0%}", min(later) >= 0.90))
+            targets.append(
+                (
+                    f"{family}: ≥ 90% of prompt tokens from cache from turn 2 on (ours, worst turn)",
+                    f"{min(later):.0%}",
+                    min(later) >= 0.90,
+                )
+            )
         if 1 in ours and 2 in ours and ours[1]["ttft_s"]:
             ratio = ours[2]["ttft_s"] / ours[1]["ttft_s"]
             targets.append((f"{family}: turn-2 TTFT ≤ 0.10x turn 1's (ours)", fmt(ratio, 3), ratio <= 0.10))
@@ -326,8 +405,8 @@ def draw(results: dict, out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(9, 3.8))
         names = list(d["median_tps"])
         values = [d["median_tps"][n] or 0 for n in names]
-        lows = [max(0, v - min(x for x in d["tps"][n] if x is not None)) for n, v in zip(names, values)]
-        highs = [max(0, max(x for x in d["tps"][n] if x is not None) - v) for n, v in zip(names, values)]
+        lows = [max(0, v - min(x for x in d["tps"][n] if x is not None)) for n, v in zip(names, values, strict=False)]
+        highs = [max(0, max(x for x in d["tps"][n] if x is not None) - v) for n, v in zip(names, values, strict=False)]
         ax.barh(range(len(names)), values, xerr=[lows, highs], color=["#888", "#2a7", "#2a7", "#c63"][: len(names)])
         ax.set_yticks(range(len(names)), [n.replace(" (", "\n(") for n in names], fontsize=8)
         ax.invert_yaxis()
@@ -367,8 +446,13 @@ def draw(results: dict, out: Path) -> list[Path]:
         for i, (server, color) in enumerate(((OURS, "#2a7"), (THEIRS, "#c63"))):
             rows = [x for x in r["rows"] if x["server"] == server]
             turns = [x["turn"] for x in rows]
-            top.bar([t - 0.2 + 0.4 * i for t in turns], [100 * (x["cached_share"] or 0) for x in rows], 0.4,
-                    label=server, color=color)
+            top.bar(
+                [t - 0.2 + 0.4 * i for t in turns],
+                [100 * (x["cached_share"] or 0) for x in rows],
+                0.4,
+                label=server,
+                color=color,
+            )
             bottom.plot(turns, [x["ttft_s"] for x in rows], "o-", label=server, color=color)
         top.set_ylabel("prompt from cache, %")
         top.set_ylim(0, 105)

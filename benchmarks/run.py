@@ -32,12 +32,38 @@ class Plan:
     structured_rounds: int
 
 
-QUICK = Plan(decode_rounds=3, decode_tokens=48, overhead_rounds=1, ttft_sizes={1024: 1}, streams=(1, 4),
-             concurrency_rounds=1, concurrency_tokens=32, replay_turns=3, replay_tokens=2500, dashboard_rounds=1,
-             ranks_rounds=1, families_turns=3, families_tokens=3000, structured_rounds=2)
-FULL = Plan(decode_rounds=10, decode_tokens=64, overhead_rounds=2, ttft_sizes={1024: 3, 4096: 2, 8192: 1},
-            streams=(1, 2, 4, 8), concurrency_rounds=3, concurrency_tokens=64, replay_turns=10, replay_tokens=2500,
-            dashboard_rounds=3, ranks_rounds=3, families_turns=6, families_tokens=6000, structured_rounds=6)
+QUICK = Plan(
+    decode_rounds=3,
+    decode_tokens=48,
+    overhead_rounds=1,
+    ttft_sizes={1024: 1},
+    streams=(1, 4),
+    concurrency_rounds=1,
+    concurrency_tokens=32,
+    replay_turns=3,
+    replay_tokens=2500,
+    dashboard_rounds=1,
+    ranks_rounds=1,
+    families_turns=3,
+    families_tokens=3000,
+    structured_rounds=2,
+)
+FULL = Plan(
+    decode_rounds=10,
+    decode_tokens=64,
+    overhead_rounds=2,
+    ttft_sizes={1024: 3, 4096: 2, 8192: 1},
+    streams=(1, 2, 4, 8),
+    concurrency_rounds=3,
+    concurrency_tokens=64,
+    replay_turns=10,
+    replay_tokens=2500,
+    dashboard_rounds=3,
+    ranks_rounds=3,
+    families_turns=6,
+    families_tokens=6000,
+    structured_rounds=6,
+)
 SECTIONS = ("decode", "overhead", "ttft", "concurrency", "replay", "dashboard", "families", "ranks", "structured")
 CONCURRENCY = 8  # both servers decode up to this many streams together
 
@@ -46,9 +72,15 @@ def plan_for(args) -> Plan:
     plan = QUICK if args.quick else FULL
     if args.rounds:
         plan = dataclasses.replace(
-            plan, decode_rounds=args.rounds, overhead_rounds=args.rounds, concurrency_rounds=args.rounds,
-            dashboard_rounds=args.rounds, ranks_rounds=args.rounds, structured_rounds=args.rounds,
-            ttft_sizes={k: args.rounds for k in plan.ttft_sizes})
+            plan,
+            decode_rounds=args.rounds,
+            overhead_rounds=args.rounds,
+            concurrency_rounds=args.rounds,
+            dashboard_rounds=args.rounds,
+            ranks_rounds=args.rounds,
+            structured_rounds=args.rounds,
+            ttft_sizes={k: args.rounds for k in plan.ttft_sizes},
+        )
     if args.replay_tokens is not None:
         plan = dataclasses.replace(plan, replay_tokens=args.replay_tokens)
     return plan
@@ -70,8 +102,13 @@ async def run(args, blas: str) -> int:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    results = {"meta": meta, "model": describe(model_dir) if set(sections) != {"families"} else None, "plan": dataclasses.asdict(plan), "sections": list(sections),
-               "mode": "quick" if args.quick else "full"}
+    results = {
+        "meta": meta,
+        "model": describe(model_dir) if set(sections) != {"families"} else None,
+        "plan": dataclasses.asdict(plan),
+        "sections": list(sections),
+        "mode": "quick" if args.quick else "full",
+    }
     workdir = Path(tempfile.mkdtemp(prefix="mlx-tui-bench-"))
     cache_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 5  # our default RAM budget
     needs_servers = bool(set(sections) - {"ranks", "families", "structured"})
@@ -97,8 +134,15 @@ async def run(args, blas: str) -> int:
                 from mlx_tui.engine.client import EngineClient
                 from mlx_tui.engine.config import EngineConfig
 
-                engine = EngineClient(EngineConfig(model=str(model_dir), transcripts_dir=None, cache_dir=None,
-                                                   loop_window=0, max_concurrency=CONCURRENCY))
+                engine = EngineClient(
+                    EngineConfig(
+                        model=str(model_dir),
+                        transcripts_dir=None,
+                        cache_dir=None,
+                        loop_window=0,
+                        max_concurrency=CONCURRENCY,
+                    )
+                )
                 await engine.start()
             if "decode" in sections:
                 contestants = {
@@ -122,19 +166,23 @@ async def run(args, blas: str) -> int:
             if "concurrency" in sections:
                 contestants = [ours, theirs, concurrency.EngineContestant(engine)]
                 results["concurrency"] = await concurrency.run(
-                    client, contestants, plan.streams, plan.concurrency_rounds, plan.concurrency_tokens)
+                    client, contestants, plan.streams, plan.concurrency_rounds, plan.concurrency_tokens
+                )
             if engine is not None:
                 await engine.stop()
                 engine = None
             if "replay" in sections:
                 results["replay"] = await replay.run(
-                    client, [ours, theirs], tokenizer, plan.replay_turns, plan.replay_tokens, args.sample)
+                    client, [ours, theirs], tokenizer, plan.replay_turns, plan.replay_tokens, args.sample
+                )
             if tui:
                 results["dashboard"] = await dashboard.run(
-                    client, ours, tui, plan.dashboard_rounds, plan.concurrency_tokens)
+                    client, ours, tui, plan.dashboard_rounds, plan.concurrency_tokens
+                )
             if "families" in sections:
                 results["families"] = await families.run(
-                    client, workdir, CONCURRENCY, cache_bytes, plan.families_turns, plan.families_tokens, args.sample)
+                    client, workdir, CONCURRENCY, cache_bytes, plan.families_turns, plan.families_tokens, args.sample
+                )
             if "ranks" in sections:
                 results["ranks"] = await ranks.run(model_dir, tokenizer, plan.ranks_rounds, plan.decode_tokens, 1024)
             if "structured" in sections:

@@ -64,8 +64,9 @@ class Server:
         master, slave = pty.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
         env = {**os.environ, **self.env, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40"}
-        self.process = subprocess.Popen(self.args, stdin=slave, stdout=slave, stderr=slave, env=env,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            self.args, stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True
+        )
         os.close(slave)
         threading.Thread(target=self._drain, args=(master,), daemon=True).start()
 
@@ -83,8 +84,10 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"{self.label} exited with code {self.process.returncode}; see {self.log}:\n"
-                                   + self.log.read_text()[-2000:])
+                raise RuntimeError(
+                    f"{self.label} exited with code {self.process.returncode}; see {self.log}:\n"
+                    + self.log.read_text()[-2000:]
+                )
             try:
                 r = httpx.get(self.url + "/health", timeout=2.0)
                 if r.status_code == 200 and r.json().get("status") in ("ok", None):
@@ -123,8 +126,19 @@ def ours(model: Path, workdir: Path, concurrency: int, extra: list[str] = (), da
     """`mlx-tui --serve`, or with `dashboard` the full `mlx-tui` (engine + API + dashboard) in a terminal."""
     port = free_port()
     args = [
-        sys.executable, "-m", "mlx_tui.tui.cli", *([] if dashboard else ["--serve"]), "--model", str(model),
-        "--port", str(port), "--max-concurrency", str(concurrency), "--loop-window", "0", *extra,
+        sys.executable,
+        "-m",
+        "mlx_tui.tui.cli",
+        *([] if dashboard else ["--serve"]),
+        "--model",
+        str(model),
+        "--port",
+        str(port),
+        "--max-concurrency",
+        str(concurrency),
+        "--loop-window",
+        "0",
+        *extra,
     ]
     name = "ours-dashboard" if dashboard else "ours"
     # a private cache and data directory: the disk tier must not carry entries between runs
@@ -136,8 +150,22 @@ def ours(model: Path, workdir: Path, concurrency: int, extra: list[str] = (), da
 def mlx_lm(model: Path, workdir: Path, concurrency: int, cache_bytes: int) -> Server:
     port = free_port()
     args = [
-        sys.executable, "-m", "mlx_lm.server", "--model", str(model), "--port", str(port),
-        "--decode-concurrency", str(concurrency), "--prompt-concurrency", str(concurrency),
-        "--prompt-cache-bytes", str(cache_bytes), "--max-tokens", "4096", "--log-level", "WARNING",
+        sys.executable,
+        "-m",
+        "mlx_lm.server",
+        "--model",
+        str(model),
+        "--port",
+        str(port),
+        "--decode-concurrency",
+        str(concurrency),
+        "--prompt-concurrency",
+        str(concurrency),
+        "--prompt-cache-bytes",
+        str(cache_bytes),
+        "--max-tokens",
+        "4096",
+        "--log-level",
+        "WARNING",
     ]
     return Server("mlx_lm", "mlx_lm.server", port, args, workdir / "mlx_lm.log", model_name="default_model")

@@ -71,11 +71,20 @@ class Soak:
         leave = self.rng.random() < self.args.disconnect_rate
         prompt = self.rng.choice(PROMPTS)
         if protocol == "anthropic":
-            body = {"model": "m", "max_tokens": self.args.max_tokens, "stream": True, "system": SYSTEM,
-                    "messages": [{"role": "user", "content": prompt}]}
+            body = {
+                "model": "m",
+                "max_tokens": self.args.max_tokens,
+                "stream": True,
+                "system": SYSTEM,
+                "messages": [{"role": "user", "content": prompt}],
+            }
         else:
-            body = {"model": "m", "max_tokens": self.args.max_tokens, "stream": True,
-                    "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]}
+            body = {
+                "model": "m",
+                "max_tokens": self.args.max_tokens,
+                "stream": True,
+                "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}],
+            }
         self.counts["sent"] += 1
         lines: list[str] = []
         try:
@@ -156,19 +165,24 @@ async def main(args: argparse.Namespace) -> int:
         elapsed = time.monotonic() - began
     c = soak.counts
     refused = sum(v for k, v in c.items() if k.startswith("refused"))
-    print(json.dumps({
-        "seconds": round(elapsed, 1),
-        "requests sent": c["sent"],
-        "completed": c["done"],
-        "ended with an error event": c["error"],
-        "refused with a status": refused,
-        "refusals": {k: v for k, v in c.items() if k.startswith("refused")},
-        "client disconnects": c["disconnected"],
-        "faults injected (SIGKILL)": c["faults injected"],
-        "ended without a terminal event": len(soak.lost),
-        "restarts": engine.restarts,
-        "server back to ok": back,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "seconds": round(elapsed, 1),
+                "requests sent": c["sent"],
+                "completed": c["done"],
+                "ended with an error event": c["error"],
+                "refused with a status": refused,
+                "refusals": {k: v for k, v in c.items() if k.startswith("refused")},
+                "client disconnects": c["disconnected"],
+                "faults injected (SIGKILL)": c["faults injected"],
+                "ended without a terminal event": len(soak.lost),
+                "restarts": engine.restarts,
+                "server back to ok": back,
+            },
+            indent=2,
+        )
+    )
     for lost in soak.lost[:10]:
         print("LOST", lost)
     return 0 if not soak.lost and back else 1

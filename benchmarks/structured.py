@@ -68,8 +68,12 @@ def big_vocab_tokenizer(size: int):
     bpe.add_special_tokens(SPECIAL_TOKENS)
     bpe.add_tokens([AddedToken(t, special=False, normalized=False) for t in MARKUP_TOKENS])
     return PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=chat_template(),
-        model_max_length=MODEL_ARGS["max_position_embeddings"], clean_up_tokenization_spaces=False,
+        tokenizer_object=bpe,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=chat_template(),
+        model_max_length=MODEL_ARGS["max_position_embeddings"],
+        clean_up_tokenization_spaces=False,
     )
 
 
@@ -93,13 +97,16 @@ def build_big_vocab(path: Path) -> Path:
     weights = dict(tree_flatten(model.parameters()))
     mx.eval(weights)
     mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
-    (path / "config.json").write_text(json.dumps(dict(args, torch_dtype="float32", eos_token_id=tokenizer.eos_token_id), indent=2))
+    (path / "config.json").write_text(
+        json.dumps(dict(args, torch_dtype="float32", eos_token_id=tokenizer.eos_token_id), indent=2)
+    )
     tokenizer.save_pretrained(str(path))
     return path
 
 
 async def streams(measure, n: int, max_tokens: int) -> tuple[float | None, float, int]:
-    """Aggregate decode tokens/s of `n` streams run together, the worker's CPU ms per generated token, and the tokens."""
+    """Aggregate decode tokens/s of `n` streams run together, the worker's CPU ms per generated token, and the
+    tokens."""
     before = cpu_seconds(measure.engine.pid)
     results = await asyncio.gather(*(measure(PROMPT, max_tokens) for _ in range(n)))
     for r in results:
@@ -115,8 +122,11 @@ async def one_model(model_dir: Path, rounds: int, max_tokens: int) -> dict:
     from mlx_tui.engine.client import EngineClient
     from mlx_tui.engine.config import EngineConfig
 
-    engine = EngineClient(EngineConfig(model=str(model_dir), transcripts_dir=None, cache_dir=None, loop_window=0,
-                                       max_concurrency=max(STREAMS)))
+    engine = EngineClient(
+        EngineConfig(
+            model=str(model_dir), transcripts_dir=None, cache_dir=None, loop_window=0, max_concurrency=max(STREAMS)
+        )
+    )
     await engine.start()
     try:
         from mlx_tui.engine.request import Constraint
@@ -136,19 +146,23 @@ async def one_model(model_dir: Path, rounds: int, max_tokens: int) -> dict:
         cpu: dict[str, list] = {f"{kind} x{n}": [] for kind, n in cases}
         tokens: dict[str, list] = {f"{kind} x{n}": [] for kind, n in cases}
         for i in range(rounds):
-            for kind, n in cases[i % len(cases):] + cases[: i % len(cases)]:
+            for kind, n in cases[i % len(cases) :] + cases[: i % len(cases)]:
                 rate, cpu_ms, generated = await streams(kinds[kind], n, max_tokens)
                 tps[f"{kind} x{n}"].append(rate)
                 cpu[f"{kind} x{n}"].append(cpu_ms)
                 tokens[f"{kind} x{n}"].append(generated)
-            progress(f"structured: {model_dir.name}, round {i + 1}/{rounds}: " + ", ".join(
-                f"{k} {v[-1]:.1f} tok/s {cpu[k][-1]:.1f} CPU ms/tok" for k, v in tps.items() if v[-1] is not None))
+            progress(
+                f"structured: {model_dir.name}, round {i + 1}/{rounds}: "
+                + ", ".join(
+                    f"{k} {v[-1]:.1f} tok/s {cpu[k][-1]:.1f} CPU ms/tok" for k, v in tps.items() if v[-1] is not None
+                )
+            )
     finally:
         await engine.stop()
     pairs = {str(n): (f"json_schema x{n}", f"free x{n}") for n in STREAMS}
     pairs |= {f"tools {n}": (f"tools_strict x{n}", f"tools x{n}") for n in STREAMS}
-    ratios = {k: [ratio(c, f) for c, f in zip(tps[a], tps[b])] for k, (a, b) in pairs.items()}
-    cpu_ratios = {k: [ratio(f, c) for c, f in zip(cpu[a], cpu[b])] for k, (a, b) in pairs.items()}
+    ratios = {k: [ratio(c, f) for c, f in zip(tps[a], tps[b], strict=False)] for k, (a, b) in pairs.items()}
+    cpu_ratios = {k: [ratio(f, c) for c, f in zip(cpu[a], cpu[b], strict=False)] for k, (a, b) in pairs.items()}
     return {
         "tps": tps,
         "cpu_ms_per_token": cpu,

@@ -34,11 +34,22 @@ KEEP = CHAT_TEMPLATE
 DROP = CHAT_TEMPLATE.replace(
     "{%- set system = messages[0]",
     "{%- set ns = namespace(last_query=-1) -%}\n"
-    "{%- for m in messages -%}{%- if m.role == 'user' -%}{%- set ns.last_query = loop.index0 -%}{%- endif -%}{%- endfor -%}\n"
+    "{%- for m in messages -%}{%- if m.role == 'user' -%}{%- set ns.last_query = loop.index0 -%}"
+    "{%- endif -%}{%- endfor -%}\n"
     "{%- set system = messages[0]",
-).replace("{%- if message.reasoning_content -%}", "{%- if message.reasoning_content and loop.index0 > ns.last_query -%}")
-TOOLS = [{"type": "function", "function": {"name": "Bash", "description": "Run a shell command.",
-                                           "parameters": {"type": "object", "properties": {"command": {"type": "string"}}}}}]
+).replace(
+    "{%- if message.reasoning_content -%}", "{%- if message.reasoning_content and loop.index0 > ns.last_query -%}"
+)
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "Bash",
+            "description": "Run a shell command.",
+            "parameters": {"type": "object", "properties": {"command": {"type": "string"}}},
+        },
+    }
+]
 
 
 def session(tokenizer, tasks: int, steps: int, reasoning: int, result: int, seed: int = 5) -> list[list[dict]]:
@@ -52,12 +63,29 @@ def session(tokenizer, tasks: int, steps: int, reasoning: int, result: int, seed
             requests.append(list(messages))
             thought = filler(tokenizer, reasoning, seed=rng.randrange(10**6))
             if step < steps:
-                call = {"id": f"c{task}{step}", "type": "function",
-                        "function": {"name": "Bash", "arguments": {"command": f"ls step{step}"}}}
-                messages.append({"role": "assistant", "content": "", "reasoning_content": thought, "tool_calls": [call]})
-                messages.append({"role": "tool", "tool_call_id": call["id"], "content": filler(tokenizer, result, seed=rng.randrange(10**6))})
+                call = {
+                    "id": f"c{task}{step}",
+                    "type": "function",
+                    "function": {"name": "Bash", "arguments": {"command": f"ls step{step}"}},
+                }
+                messages.append(
+                    {"role": "assistant", "content": "", "reasoning_content": thought, "tool_calls": [call]}
+                )
+                messages.append(
+                    {
+                        "role": "tool",
+                        "tool_call_id": call["id"],
+                        "content": filler(tokenizer, result, seed=rng.randrange(10**6)),
+                    }
+                )
             else:
-                messages.append({"role": "assistant", "content": filler(tokenizer, 40, seed=rng.randrange(10**6)), "reasoning_content": thought})
+                messages.append(
+                    {
+                        "role": "assistant",
+                        "content": filler(tokenizer, 40, seed=rng.randrange(10**6)),
+                        "reasoning_content": thought,
+                    }
+                )
     requests.append(list(messages) + [{"role": "user", "content": "Thanks."}])
     return requests
 
@@ -84,18 +112,32 @@ def replay(tokenizer, template: str, requests: list[list[dict]]) -> list[dict]:
     rendering = Rendering(tokenizer, template)
 
     def render(messages, template, prompt):
-        return tokenizer.apply_chat_template(messages, tools=TOOLS, chat_template=template, tokenize=False,
-                                             add_generation_prompt=prompt, enable_thinking=True)
+        return tokenizer.apply_chat_template(
+            messages,
+            tools=TOOLS,
+            chat_template=template,
+            tokenize=False,
+            add_generation_prompt=prompt,
+            enable_thinking=True,
+        )
 
     rows, previous, snapshots = [], "", {0}
     for i, messages in enumerate(requests):
         text = render(messages, template, True)
-        common = next((k for k, (a, b) in enumerate(zip(text, previous)) if a != b), min(len(text), len(previous)))
+        common = next(
+            (k for k, (a, b) in enumerate(zip(text, previous, strict=False)) if a != b), min(len(text), len(previous))
+        )
         tokens = tokenizer.encode(text, add_special_tokens=False)
         reused = len(tokenizer.encode(text[:common], add_special_tokens=False))
         resumed = max(p for p in snapshots if p <= reused)
-        rows.append({"request": i + 1, "prompt": len(tokens), "prefilled": len(tokens) - reused,
-                     "prefilled_snapshots": len(tokens) - resumed})
+        rows.append(
+            {
+                "request": i + 1,
+                "prompt": len(tokens),
+                "prefilled": len(tokens) - reused,
+                "prefilled_snapshots": len(tokens) - resumed,
+            }
+        )
         snapshots = {p for p in snapshots if p <= resumed} | {len(tokens) - 1}
         snapshots |= {boundaries.system_end(rendering, messages, TOOLS, text, tokens)}
         snapshots |= set(boundaries.around_last_user(rendering, messages, TOOLS, text, tokens))
@@ -111,15 +153,25 @@ def main():
     tokenizer = AutoTokenizer.from_pretrained(str(MODEL_DIR))
     requests = session(tokenizer, tasks=3, steps=3, reasoning=150, result=200)
     keep, drop = replay(tokenizer, KEEP, requests), replay(tokenizer, DROP, requests)
-    print("| request | prompt tokens, kept / dropped | prefilled, reasoning kept | prefilled, reasoning dropped "
-          "(Qwen3-style) | same, resumed at snapshots (hybrid) |")
+    print(
+        "| request | prompt tokens, kept / dropped | prefilled, reasoning kept | prefilled, reasoning dropped "
+        "(Qwen3-style) | same, resumed at snapshots (hybrid) |"
+    )
     print("|---|---|---|---|---|")
-    for k, d in zip(keep, drop):
-        print(f"| {k['request']} | {k['prompt']} / {d['prompt']} | {k['prefilled']} | {d['prefilled']} | "
-              f"{d['prefilled_snapshots']} |")
-    after_first = {name: sum(r[column] for r in rows[1:]) for name, rows, column in (
-        ("kept", keep, "prefilled"), ("dropped", drop, "prefilled"), ("dropped, snapshots", drop, "prefilled_snapshots"),
-        ("kept, snapshots", keep, "prefilled_snapshots"))}
+    for k, d in zip(keep, drop, strict=False):
+        print(
+            f"| {k['request']} | {k['prompt']} / {d['prompt']} | {k['prefilled']} | {d['prefilled']} | "
+            f"{d['prefilled_snapshots']} |"
+        )
+    after_first = {
+        name: sum(r[column] for r in rows[1:])
+        for name, rows, column in (
+            ("kept", keep, "prefilled"),
+            ("dropped", drop, "prefilled"),
+            ("dropped, snapshots", drop, "prefilled_snapshots"),
+            ("kept, snapshots", keep, "prefilled_snapshots"),
+        )
+    }
     print(json.dumps({"prefilled after the first request": after_first}))
 
 

@@ -37,21 +37,32 @@ async def run(client, servers: list, tokenizer, sizes: dict[int, int]) -> dict:
                 for r in (cold, warm):
                     if r.error:
                         raise RuntimeError(f"{server.label}: {r.error}")
-                rows.append({
-                    "server": server.label, "size": size, "round": i,
-                    "prompt_tokens": cold.prompt_tokens,
-                    "cold_s": cold.ttft, "warm_s": warm.ttft, "ratio": ratio(warm.ttft, cold.ttft),
-                    "cold_cached": cold.cached_tokens, "warm_cached": warm.cached_tokens,
-                })
-                progress(f"ttft: {size} tokens, round {i + 1}/{rounds}, {server.label}: "
-                         f"cold {cold.ttft:.2f} s, warm {warm.ttft:.2f} s "
-                         f"(cached {warm.cached_tokens}/{warm.prompt_tokens})")
+                rows.append(
+                    {
+                        "server": server.label,
+                        "size": size,
+                        "round": i,
+                        "prompt_tokens": cold.prompt_tokens,
+                        "cold_s": cold.ttft,
+                        "warm_s": warm.ttft,
+                        "ratio": ratio(warm.ttft, cold.ttft),
+                        "cold_cached": cold.cached_tokens,
+                        "warm_cached": warm.cached_tokens,
+                    }
+                )
+                progress(
+                    f"ttft: {size} tokens, round {i + 1}/{rounds}, {server.label}: "
+                    f"cold {cold.ttft:.2f} s, warm {warm.ttft:.2f} s "
+                    f"(cached {warm.cached_tokens}/{warm.prompt_tokens})"
+                )
     summary = {}
     for server in servers:
         for size in sizes:
             mine = [r for r in rows if r["server"] == server.label and r["size"] == size]
             summary[f"{server.label}|{size}"] = {
-                "server": server.label, "size": size, "rounds": len(mine),
+                "server": server.label,
+                "size": size,
+                "rounds": len(mine),
                 "prompt_tokens": median(r["prompt_tokens"] for r in mine),
                 "cold_s": median(r["cold_s"] for r in mine),
                 "warm_s": median(r["warm_s"] for r in mine),

@@ -19,7 +19,7 @@ class CircuitBreaker:
         max_cooldown: float = 120.0,
         clock: Callable[[], float] = time.monotonic,
         on_change: Callable[[str], None] | None = None,
-    ):
+    ) -> None:
         self.threshold = threshold
         self.base_cooldown = cooldown
         self.max_cooldown = max_cooldown
@@ -57,14 +57,14 @@ class CircuitBreaker:
             return True
         return False
 
-    def success(self):
+    def success(self) -> None:
         self.failures = 0
         self.probing = False
         if self._state != CLOSED:
             self.trips = 0
             self._set(CLOSED)
 
-    def failure(self):
+    def failure(self) -> None:
         self.failures += 1
         self.probing = False
         if self._state == HALF_OPEN or (self._state == CLOSED and self.failures >= self.threshold):
@@ -72,13 +72,13 @@ class CircuitBreaker:
             self.opened_at = self.clock()
             self._set(OPEN)
 
-    def release(self):
+    def release(self) -> None:
         """The probe ended with neither success nor failure (a client error or a cancel)."""
         self.probing = False
 
     def snapshot(self) -> dict:
         return {"state": self.state, "failures": self.failures, "next_probe_s": self.next_probe_s()}
 
-    def _set(self, state: str):
+    def _set(self, state: str) -> None:
         self._state = state
         self.on_change(state)

@@ -7,6 +7,8 @@ state was kept: a *snapshot*, one entry per layer, where a `KVCache` with no arr
 for "cut the stored KV here" so that snapshots never copy the KV that grows with tokens.
 """
 
+from typing import Any, cast
+
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
@@ -16,11 +18,11 @@ from mlx_lm.models.cache import ArraysCache, BatchKVCache, CacheList, KVCache, R
 BATCHABLE = (KVCache, RotatingKVCache, ArraysCache, CacheList)
 
 
-def is_kv(layer) -> bool:
+def is_kv(layer: Any) -> bool:
     return type(layer) is KVCache
 
 
-def cuttable(layer) -> bool:
+def cuttable(layer: Any) -> bool:
     """Whether the layer's state at any earlier token can be had by cutting it."""
     if is_kv(layer):
         return True
@@ -31,8 +33,9 @@ def cuttable(layer) -> bool:
     return False
 
 
-def cut(layer, n: int):
+def cut(layer: Any, n: int) -> Any:
     """The layer's state after its first `n` tokens, sharing the stored arrays (a cuttable layer only)."""
+    out: Any
     if is_kv(layer):
         out = KVCache()
         out.keys, out.values, out.offset = layer.keys, layer.values, n
@@ -46,10 +49,12 @@ def cut(layer, n: int):
     raise ValueError(f"a {type(layer).__name__} layer cannot be cut")
 
 
-def owned(layer):
+def owned(layer: Any) -> Any:
     """A copy of the layer in arrays of its own, holding its state and nothing more."""
     if isinstance(layer, (KVCache, RotatingKVCache)) and layer.keys is None:
-        return KVCache() if is_kv(layer) else RotatingKVCache(layer.max_size, layer.keep)
+        # not is_kv: a RotatingKVCache (isinstance above cannot tell mypy which)
+        return KVCache() if is_kv(layer) else RotatingKVCache(layer.max_size, layer.keep)  # type: ignore[union-attr]
+    out: Any
     if is_kv(layer):
         out = KVCache()
         out.keys, out.values = (mx.contiguous(a[..., : layer.offset, :]) for a in (layer.keys, layer.values))
@@ -70,7 +75,7 @@ def owned(layer):
     raise ValueError(f"a {type(layer).__name__} layer cannot be kept")
 
 
-def snapshot(layer):
+def snapshot(layer: Any) -> Any:
     """What a snapshot keeps of a layer: a copy of it, with `KVCache()` in place of any KV."""
     if is_kv(layer):
         return KVCache()
@@ -79,10 +84,10 @@ def snapshot(layer):
     return owned(layer)
 
 
-def snapshot_row(generator, uid: int) -> list:
+def snapshot_row(generator: BatchGenerator, uid: int) -> list:
     """A snapshot of one row of mlx-lm's batch, read from the batch caches so that no KV is copied."""
 
-    def row(layer):
+    def row(layer: Any) -> Any:
         if isinstance(layer, BatchKVCache):
             return KVCache()
         if isinstance(layer, CacheList):
@@ -96,16 +101,16 @@ def snapshot_row(generator, uid: int) -> list:
     return kept
 
 
-def resume(end, kept, n: int):
+def resume(end: Any, kept: Any, n: int) -> Any:
     """The layer's state after `n` tokens, from its state at the entry's end and a snapshot's `kept` part."""
     if is_kv(kept):
         return cut(end, n)
     if isinstance(kept, CacheList):
-        return CacheList(*(resume(e, k, n) for e, k in zip(end.caches, kept.caches)))
+        return CacheList(*(resume(e, k, n) for e, k in zip(end.caches, kept.caches, strict=False)))
     return kept
 
 
-def arrays(layer) -> list[mx.array]:
+def arrays(layer: Any) -> list[mx.array]:
     """Every array the layer holds."""
     if is_kv(layer) or isinstance(layer, RotatingKVCache):
         return [] if layer.keys is None else [layer.keys, layer.values]
@@ -120,10 +125,10 @@ def nbytes(layers: list) -> int:
     return sum(seen.values())
 
 
-def kinds(model) -> list[str]:
+def kinds(model: Any) -> list[str]:
     """The cache kind of each layer, as `make_prompt_cache` builds them."""
 
-    def kind(layer) -> str:
+    def kind(layer: Any) -> str:
         if isinstance(layer, CacheList):
             return "+".join(kind(c) for c in layer.caches)
         return type(layer).__name__
@@ -131,10 +136,10 @@ def kinds(model) -> list[str]:
     return [kind(layer) for layer in make_prompt_cache(model)]
 
 
-def unbatchable(model) -> str | None:
+def unbatchable(model: Any) -> str | None:
     """Why mlx-lm's BatchGenerator cannot run this model's cache, or None."""
 
-    def bad(layer):
+    def bad(layer: Any) -> str | None:
         if isinstance(layer, CacheList):
             return next((b for c in layer.caches if (b := bad(c))), None)
         return None if type(layer) in BATCHABLE else type(layer).__name__
@@ -143,11 +148,11 @@ def unbatchable(model) -> str | None:
     return found and f"its {found} layers cannot be batched by mlx-lm's BatchGenerator"
 
 
-def mode(model) -> str:
+def mode(model: Any) -> str:
     """How the prefix cache can reuse this model's state, in a few words for people."""
     cache = make_prompt_cache(model)
 
-    def flat(layer):
+    def flat(layer: Any) -> list:
         return [x for c in layer.caches for x in flat(c)] if isinstance(layer, CacheList) else [layer]
 
     layers = [x for layer in cache for x in flat(layer)]
@@ -161,7 +166,7 @@ def mode(model) -> str:
     return f"snapshots at message boundaries ({', '.join(parts)})"
 
 
-def kv_bytes_per_token(model) -> int:
+def kv_bytes_per_token(model: Any) -> int:
     """Bytes of cache one more token adds, counting only the layers that grow with tokens.
 
     Measured by running the model on one token: sliding-window and recurrent layers hold a
@@ -171,7 +176,7 @@ def kv_bytes_per_token(model) -> int:
     cache = make_prompt_cache(model)
     model(mx.array([[0]]), cache=cache)
 
-    def grows(layer) -> list:
+    def grows(layer: Any) -> list:
         if isinstance(layer, CacheList):
             return [x for c in layer.caches for x in grows(c)]
         return [layer] if is_kv(layer) and layer.keys is not None else []
@@ -181,7 +186,7 @@ def kv_bytes_per_token(model) -> int:
     return sum((x.keys.nbytes + x.values.nbytes) // x.keys.shape[2] for x in kv)
 
 
-def padded_prefill_sound(model) -> bool:
+def padded_prefill_sound(model: Any) -> bool:
     """Whether mlx-lm prefills prompts of different lengths together as it does each alone.
 
     Prompts in one prefill batch are right-padded, and a recurrent layer that does not stop
@@ -193,7 +198,7 @@ def padded_prefill_sound(model) -> bool:
     def first_logprobs(batch: list) -> list:
         generator = BatchGenerator(model, max_tokens=1, completion_batch_size=2, prefill_batch_size=2)
         uids = generator.insert(batch)
-        out = {}
+        out: dict[int, np.ndarray] = {}
         while len(out) < len(uids):
             out |= {r.uid: np.array(r.logprobs.astype(mx.float32)) for r in generator.next_generated()}
         generator.close()
@@ -202,8 +207,9 @@ def padded_prefill_sound(model) -> bool:
     together = first_logprobs(prompts)
     alone = [first_logprobs([p])[0] for p in prompts]
     tolerance = 1e-3 if _dtype(model) == mx.float32 else 5e-2
-    return all(np.allclose(a, b, atol=tolerance) for a, b in zip(together, alone))
+    return all(np.allclose(a, b, atol=tolerance) for a, b in zip(together, alone, strict=False))
 
 
-def _dtype(model) -> mx.Dtype:
-    return next(v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating))
+def _dtype(model: Any) -> mx.Dtype:
+    flat = cast(list[tuple[str, mx.array]], tree_flatten(model.parameters()))  # typed as a dict too
+    return next(v.dtype for _, v in flat if mx.issubdtype(v.dtype, mx.floating))

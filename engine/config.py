@@ -98,8 +98,10 @@ def misread_folder(ref: str) -> str | None:
         return None
     if not near:
         return None
-    return (f"{ref}: not a folder here (did you mean {org}/{near[0]}?), and as a Hugging Face repo id it would be "
-            f"downloaded; give the folder's path, or for the hub run from a folder without {org}/")
+    return (
+        f"{ref}: not a folder here (did you mean {org}/{near[0]}?), and as a Hugging Face repo id it would be "
+        f"downloaded; give the folder's path, or for the hub run from a folder without {org}/"
+    )
 
 
 HEARTBEAT = "mlx-tui rank alive:"  # each rank of a group says so on stderr once a second, with its CPU seconds
@@ -117,5 +119,5 @@ def hostfile_hosts(path: str, backend: str) -> list[str]:
     if not hosts:
         raise ValueError(f"--hostfile {path}: no hosts")
     if backend == "ring" and any(not h.ips for h in hosts):
-        raise ValueError(f"--hostfile {path}: the ring backend needs \"ips\" for every host")
+        raise ValueError(f'--hostfile {path}: the ring backend needs "ips" for every host')
     return [h.ssh_hostname for h in hosts]

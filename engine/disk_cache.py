@@ -19,6 +19,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import mlx.core as mx
 import numpy as np
@@ -76,15 +77,21 @@ def serialisable(caches: list, metadata: dict) -> tuple[dict, dict]:
 
     The writer thread then only copies finished buffers to disk, running no MLX computation.
     """
-    arrays, scalars = {}, [""]
-    for name, value in tree_flatten([c.state for c in caches]):
+    arrays: dict[str, mx.array] = {}
+    scalars: list[str | tuple[str, str]] = [""]
+    flat = cast(list[tuple[str, Any]], tree_flatten([c.state for c in caches]))  # typed as a dict too
+    for name, value in flat:
         if isinstance(value, mx.array):
             arrays[name] = mx.contiguous(value)
             continue
         kind = "none" if value is None else "string" if isinstance(value, str) else "scalar"
         scalars.append((name, kind))
         arrays[name] = (
-            mx.array([]) if value is None else mx.array([ord(c) for c in value]) if kind == "string" else mx.array(value)
+            mx.array([])
+            if value is None
+            else mx.array([ord(c) for c in value])
+            if kind == "string"
+            else mx.array(value)
         )
     mx.eval(list(arrays.values()))
     return arrays, dict(tree_flatten([metadata, [type(c).__name__ for c in caches], scalars]))
@@ -132,7 +139,7 @@ class DiskCache:
     PENDING_BYTES = 2**30
     FLUSH_S = 5.0  # how long `flush` waits, less than the front process gives a stopping worker
 
-    def __init__(self, directory: Path, budget: int, model_id: str):
+    def __init__(self, directory: Path, budget: int, model_id: str) -> None:
         self.directory = directory
         self.budget = budget
         self.model_id = model_id
@@ -155,7 +162,7 @@ class DiskCache:
         with self._lock:
             return sum(e.nbytes for e in self.index)
 
-    def _scan(self):
+    def _scan(self) -> None:
         for leftover in self.directory.glob("*.partial.safetensors"):
             leftover.unlink(missing_ok=True)
         for path in sorted(self.directory.glob("*.safetensors"), key=os.path.getmtime):
@@ -171,11 +178,11 @@ class DiskCache:
                 continue
             self.index.append(found)
 
-    def _reject(self, path: Path):
+    def _reject(self, path: Path) -> None:
         self.rejected += 1
         path.unlink(missing_ok=True)
 
-    def save(self, entry: Entry):
+    def save(self, entry: Entry) -> None:
         """Queue the entry to be written soon, in the background."""
         positions = sorted(entry.snapshots)
         metadata = {
@@ -207,7 +214,7 @@ class DiskCache:
     def _idle(self) -> bool:
         return not self._pending and not self._writing
 
-    def _write_behind(self):
+    def _write_behind(self) -> None:
         while True:
             with self._changed:
                 self._changed.wait_for(lambda: self._pending)
@@ -223,14 +230,18 @@ class DiskCache:
                     self._writing = False
                     self._changed.notify_all()
 
-    def _write_failed(self, error: Exception):
+    def _write_failed(self, error: Exception) -> None:
         """Count the failure, and say so on stderr the first time."""
         self.write_errors += 1
         if self.write_errors == 1:
-            print(f"disk cache: cannot write to {self.directory} ({error}); entries are dropped "
-                  "while it fails (counted in /metrics)", file=sys.stderr, flush=True)
+            print(
+                f"disk cache: cannot write to {self.directory} ({error}); entries are dropped "
+                "while it fails (counted in /metrics)",
+                file=sys.stderr,
+                flush=True,
+            )
 
-    def _write(self, tokens: np.ndarray, arrays: dict, header: dict):
+    def _write(self, tokens: np.ndarray, arrays: dict, header: dict) -> None:
         name = hashlib.sha256(tokens.tobytes()).hexdigest()[:32]
         path = self.directory / f"{name}.safetensors"
         header["0.sha256"] = array_digest = digest(arrays)
@@ -246,10 +257,12 @@ class DiskCache:
             raise
         with self._lock:
             self.index = [e for e in self.index if e.path != path]
-            self.index.append(described(path, {k.removeprefix("0."): v for k, v in header.items() if k.startswith("0.")}))
+            self.index.append(
+                described(path, {k.removeprefix("0."): v for k, v in header.items() if k.startswith("0.")})
+            )
             self._evict()
 
-    def _evict(self):
+    def _evict(self) -> None:
         total = sum(e.nbytes for e in self.index)
         while total > self.budget and len(self.index) > 1:
             oldest = self.index.pop(0)
@@ -269,12 +282,12 @@ class DiskCache:
     def fetch(self, tokens: np.ndarray, beyond: int, clock: float) -> Entry | None:
         """The sound entry holding the longest prefix of `tokens` on disk, if that is longer than `beyond`."""
         found, n = self.longest(tokens)
-        return self.load(found, clock) if n > beyond else None
+        return self.load(found, clock) if found is not None and n > beyond else None  # n is 0 without one
 
     def load(self, found: DiskEntry, clock: float) -> Entry | None:
         """The entry from its file, or None (and the file removed) if it is not sound."""
         try:
-            arrays = mx.load(str(found.path))
+            arrays = cast(dict[str, mx.array], mx.load(str(found.path)))  # a safetensors file: a dict
             caches, meta = load_prompt_cache(str(found.path), return_metadata=True)
             tokens = np.asarray(json.loads(meta["tokens"]), dtype=np.int64)
             positions = [int(p) for p in json.loads(meta.get("snapshots", "[]"))]

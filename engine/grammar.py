@@ -13,6 +13,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import llguidance
 import llguidance.hf
@@ -24,10 +25,12 @@ from .request import Request
 from .schemas import LIMITS, first_line, inline_json, tool_name, tool_schema
 
 FREE_TEXT = r"/(.|\n)*/"
-ANY_OBJECT = {"type": "object"}
+ANY_OBJECT: dict[str, Any] = {"type": "object"}
 # A byte of a bitmask as the bias of its 8 tokens: 0 where the bit is set, -inf where not.
 BYTE_BIAS = np.where(
-    np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little"), np.float32(0), np.float32(-np.inf)
+    np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little"),
+    np.float32(0),
+    np.float32(-np.inf),
 )
 
 
@@ -48,7 +51,8 @@ class Writer:
     rules: list[str]
 
     def raw(self, low: int, high: int | None, close: str) -> str:
-        """Raw text of `low` to `high` characters, then `close`: it ends at the first `close`, as the parsers' regexes do."""
+        """Raw text of `low` to `high` characters, then `close`: it ends at the first `close`, as the parsers'
+        regexes do."""
         name = f"raw_{len(self.rules)}"
         bounds = f"{{{low},{'' if high is None else high}}}"
         closing = self.markup(close)
@@ -70,7 +74,8 @@ def json_tools_call(name: str, schema: dict, w: Writer) -> str:
 
 
 def xml_value(schema: dict, close: str, w: Writer) -> str:
-    """One parameter's value up to and including `close`: raw text for strings, JSON otherwise (as the parsers read them)."""
+    """One parameter's value up to and including `close`: raw text for strings, JSON otherwise (as the parsers read
+    them)."""
     if isinstance(schema.get("const"), str):
         return f"{literal(schema['const'])} {w.markup(close)}"
     if "enum" in schema and all(isinstance(v, str) for v in schema["enum"]):
@@ -154,7 +159,9 @@ class GrammarProcessor:
     token and computes the next mask while the step runs, then masks the logits.
     """
 
-    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int, eos: list[int], description: str, begins: str):
+    def __init__(
+        self, matcher: llguidance.LLMatcher, vocab_size: int, eos: list[int], description: str, begins: str
+    ) -> None:
         self.matcher = matcher
         self.eos = eos
         self.description = description
@@ -166,7 +173,13 @@ class GrammarProcessor:
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
         mx.async_eval(logits)
-        if not self.first and not self.error and not self.matcher.consume_token(int(tokens[-1].item())):
+        if (
+            not self.first
+            and not self.error
+            and not self.matcher.consume_token(
+                int(tokens[-1].item())  # type: ignore[arg-type]  # item() is typed to allow complex; a token id is an int
+            )
+        ):
             self.error = self.matcher.get_error()
         self.first = False
         if not self.error:
@@ -188,15 +201,26 @@ class Grammars:
 
     CACHE = 64
 
-    def __init__(self, tokenizer, vocab_size: int, think, tool, parser: str | None, constrain_tools: bool = False):
+    def __init__(
+        self,
+        tokenizer: Any,
+        vocab_size: int,
+        think: tuple[str, str] | None,
+        tool: tuple[str, str] | None,
+        parser: str | None,
+        constrain_tools: bool = False,
+    ) -> None:
         self.eos = sorted(tokenizer.eos_token_ids)
         self.unavailable = ""  # why this tokenizer cannot be constrained ("" when it can)
+        self.tokenizer: llguidance.LLTokenizer | None
         try:
             self.tokenizer = llguidance.hf.from_tokenizer(tokenizer._tokenizer, n_vocab=vocab_size, eos_token=self.eos)
         except Exception as e:  # only Hugging Face fast tokenizers are supported
             self.tokenizer, self.unavailable = None, f"{type(e).__name__}: {e}"
         added = getattr(tokenizer._tokenizer, "added_tokens_decoder", {}) if self.tokenizer else {}
-        self.specials = {t.content: i for i, t in added.items() if self.tokenizer.is_special_token(i)}
+        self.specials = {
+            t.content: i for i, t in added.items() if self.tokenizer and self.tokenizer.is_special_token(i)
+        }
         pattern = "|".join(re.escape(t) for t in sorted(self.specials, key=len, reverse=True))
         self.special_re = re.compile(f"({pattern})") if pattern else None
         self.think = think
@@ -222,7 +246,8 @@ class Grammars:
         return " ".join(elements) or '""'
 
     def grammar(self, request: Request, reasoning: bool) -> tuple[str, str, str] | None:
-        """The request's Lark grammar, a line describing it and the markup after which it binds; None when nothing binds it."""
+        """The request's Lark grammar, a line describing it and the markup after which it binds; None when nothing
+        binds it."""
         constraint = request.constraint
         tools = request.tools if request.tool_choice != "none" else None
         strict = set(constraint.strict_tools) if constraint and tools else set()
@@ -230,7 +255,9 @@ class Grammars:
             raise GrammarError(f"structured output is not available for this model's tokenizer ({self.unavailable})")
         if strict and self.call is None:
             name = self.parser or "none"
-            raise GrammarError(f"strict tools need a grammar for this model's tool-call format ({name}), which has none here")
+            raise GrammarError(
+                f"strict tools need a grammar for this model's tool-call format ({name}), which has none here"
+            )
         reply = constraint.schema if constraint and constraint.format else None
         forced = bool(tools) and request.tool_choice != "auto" and self.call is not None
         lazy = bool(tools) and not forced and self.call is not None and (self.constrain_tools or bool(strict))
@@ -246,6 +273,7 @@ class Grammars:
             what.append(f"free until {self.think[1]}" if reasoning else f"free inside {self.think[0]}{self.think[1]}")
         calls = 'call ("\\n" call)*' if request.parallel_tool_calls else "call"
         if forced:
+            assert tools is not None  # forced only with tools
             chosen = [t for t in tools if request.tool_choice == "required" or tool_name(t) == request.tool_choice]
             rules += self.call_rules(chosen, lambda t: True, strict)
             body = calls
@@ -253,12 +281,14 @@ class Grammars:
         elif reply is not None:
             rules.append(f"reply: {inline_json(reply)}")
             body = "reply"
+            assert constraint is not None  # a reply schema comes from the constraint
             what.append(f"a {constraint.format} reply")
             if tools and self.call is not None:  # or the model's calls instead of the reply
                 rules += self.call_rules(tools, lambda t: self.constrain_tools or tool_name(t) in strict, strict)
                 body = f"reply | {calls}"
                 what[-1] += f" or calls ({self.parser})"
         else:
+            assert tools is not None and self.tool is not None  # lazy only with tools and a call format
             rules += self.call_rules(tools, lambda t: self.constrain_tools or tool_name(t) in strict, strict)
             start = self.markup(self.tool[0])
             lazy_mark = "" if "<[" in start else "[lazy]"  # a special token ends free text by itself
@@ -275,9 +305,10 @@ class Grammars:
         A tool's arguments follow its schema where `bound`, any object elsewhere; keywords
         llguidance lacks are refused only for the `strict` tools, and ignored for the rest.
         """
+        assert self.call is not None and self.tool is not None  # call rules only for a known call format
         names = [f"call_{i}" for i in range(len(tools))]
         w = Writer(self.markup, [f"call_body: {' | '.join(names)}", f"call: {self.markup(self.tool[0])} call_body"])
-        for name, tool in zip(names, tools):
+        for name, tool in zip(names, tools, strict=False):
             schema = tool_schema(tool) if bound(tool) else ANY_OBJECT
             if tool_name(tool) not in strict:
                 schema = {**schema, "x-guidance": {"lenient": True, **(schema.get("x-guidance") or {})}}
@@ -293,14 +324,20 @@ class Grammars:
         if found is None:
             return None
         lark, description, begins = found
-        return GrammarProcessor(self.compile(lark).deep_copy(), self.tokenizer.vocab_size, self.eos, description, begins)
+        assert self.tokenizer is not None  # without one, grammar() refuses or finds nothing to bind
+        return GrammarProcessor(
+            self.compile(lark).deep_copy(), self.tokenizer.vocab_size, self.eos, description, begins
+        )
 
     def compile(self, lark: str) -> llguidance.LLMatcher:
         if (matcher := self.compiled.get(lark)) is not None:
             self.compiled.move_to_end(lark)
             return matcher
+        assert self.tokenizer is not None  # without one, grammar() refuses or finds nothing to bind
         grammar = llguidance.LLMatcher.grammar_from_lark(lark)
-        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer, limits=self.limits)
+        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
+            grammar, self.tokenizer, limits=self.limits
+        )
         if failed:
             raise GrammarError(f"the schema cannot be used: {first_line(messages[0])}")
         matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0, limits=self.limits)
@@ -310,4 +347,3 @@ class Grammars:
         if len(self.compiled) > self.CACHE:
             self.compiled.popitem(last=False)
         return matcher
-

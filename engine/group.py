@@ -13,6 +13,8 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
+from typing import Any, cast
 
 import mlx.core as mx
 import numpy as np
@@ -37,11 +39,11 @@ def launch_rank() -> int | None:
     return None
 
 
-def init(backend: str, on_timeout) -> mx.distributed.Group:
+def init(backend: str, on_timeout: Callable[[], None]) -> mx.distributed.Group:
     """Join the group; `on_timeout()` is called (and the process ends) if the ranks have not met in time."""
     met = threading.Event()
 
-    def expire():
+    def expire() -> None:
         if not met.wait(CONNECT_TIMEOUT):
             on_timeout()
             os._exit(1)
@@ -53,24 +55,25 @@ def init(backend: str, on_timeout) -> mx.distributed.Group:
     return group
 
 
-def share(group: mx.distributed.Group, obj=None):
+# mlx's stubs are narrower than mlx: arrays from bytes, scalars for arrays, buffers of arrays, item() as int
+def share(group: mx.distributed.Group, obj: Any = None) -> Any:
     """Rank 0's `obj`, on every rank (the others pass None)."""
     if group.rank() == 0:
-        data = mx.array(pickle.dumps(obj))
-        mx.eval(mx.distributed.all_sum(data.size, group=group, stream=generation_stream))
+        data = mx.array(pickle.dumps(obj))  # type: ignore[arg-type]  # see above
+        mx.eval(mx.distributed.all_sum(data.size, group=group, stream=generation_stream))  # type: ignore[arg-type]
         mx.eval(mx.distributed.all_sum(data, group=group, stream=generation_stream))
         return obj
-    size = mx.distributed.all_sum(0, group=group, stream=generation_stream).item()
-    data = mx.distributed.all_sum(mx.zeros(size, dtype=mx.uint8), group=group, stream=generation_stream)
-    return pickle.loads(data)
+    size = mx.distributed.all_sum(0, group=group, stream=generation_stream).item()  # type: ignore[arg-type]
+    data = mx.distributed.all_sum(mx.zeros(size, dtype=mx.uint8), group=group, stream=generation_stream)  # type: ignore[arg-type]
+    return pickle.loads(data)  # type: ignore[arg-type]  # see above
 
 
-def gather(group: mx.distributed.Group, obj) -> list:
+def gather(group: mx.distributed.Group, obj: Any) -> list:
     """Every rank's `obj`, in rank order, on every rank."""
     data = pickle.dumps(obj)
     n, rank = group.size(), group.rank()
     mine = mx.array([len(data) if r == rank else 0 for r in range(n)])
-    sizes = mx.distributed.all_sum(mine, group=group, stream=generation_stream).tolist()
+    sizes = cast(list[int], mx.distributed.all_sum(mine, group=group, stream=generation_stream).tolist())
     rows = mx.zeros((n, max(sizes)), dtype=mx.uint8)
     rows[rank, : len(data)] = mx.array(list(data), dtype=mx.uint8)
     rows = mx.distributed.all_sum(rows, group=group, stream=generation_stream)
@@ -79,12 +82,16 @@ def gather(group: mx.distributed.Group, obj) -> list:
 
 def least(group: mx.distributed.Group, *values: int) -> list[int]:
     """Each value's smallest over the ranks, on every rank."""
-    return mx.distributed.all_min(mx.array([int(v) for v in values]), group=group, stream=generation_stream).tolist()
+    return cast(
+        list[int],
+        mx.distributed.all_min(mx.array([int(v) for v in values]), group=group, stream=generation_stream).tolist(),
+    )
 
 
 def whole(group: mx.distributed.Group, value: int) -> int:
     """The sum of `value` over the ranks, on every rank."""
-    return int(mx.distributed.all_sum(mx.array(int(value)), group=group, stream=generation_stream).item())
+    total = mx.distributed.all_sum(mx.array(int(value)), group=group, stream=generation_stream)
+    return int(total.item())  # type: ignore[arg-type]  # item() is typed to allow complex; this is an int
 
 
 def cache_budget(group: mx.distributed.Group, budget: int, bytes_per_token: int) -> int:
@@ -97,20 +104,21 @@ def cache_budget(group: mx.distributed.Group, budget: int, bytes_per_token: int)
     return tokens * bytes_per_token
 
 
-def seed(group: mx.distributed.Group):
+def seed(group: mx.distributed.Group) -> None:
     """The same random state on every rank, so sampled tokens agree (as `mlx_lm.server` does)."""
-    state = mx.distributed.all_sum(mx.random.state[0], group=group, stream=generation_stream)
-    mx.random.seed(state.view(mx.uint64).item())
+    # mx.random.state is typed as an object, item() to allow floats: it is a list of key arrays, a uint64 here
+    state = mx.distributed.all_sum(mx.random.state[0], group=group, stream=generation_stream)  # type: ignore[index]
+    mx.random.seed(state.view(mx.uint64).item())  # type: ignore[arg-type]
 
 
-def heartbeat(rank: int):
+def heartbeat(rank: int) -> None:
     """Say on stderr, once a second, that this rank runs and how much CPU time it has used.
 
     mlx.launch passes it on to the front process, which can then tell a rank that has
     stopped (or is starved) from the others while the group waits for it.
     """
 
-    def beat():
+    def beat() -> None:
         while True:
             print(f"{HEARTBEAT} {rank} {time.process_time():.3f}", file=sys.stderr, flush=True)
             time.sleep(HEARTBEAT_S)
@@ -125,7 +133,7 @@ def describe(group: mx.distributed.Group) -> dict:
 class Clock:
     """The prefix cache's clock on every rank: rank 0's time, as shared with each step."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.now = time.monotonic()
 
     def __call__(self) -> float:
@@ -142,7 +150,7 @@ class GroupDiskCache(DiskCache):
     the ranks' memory tiers stay alike), and all fall back to memory if any rank's file is unsound.
     """
 
-    def __init__(self, group: mx.distributed.Group, *args):
+    def __init__(self, group: mx.distributed.Group, *args: Any) -> None:
         self.group = group
         super().__init__(*args)
 
@@ -151,15 +159,16 @@ class GroupDiskCache(DiskCache):
         [agreed] = least(self.group, held)
         if agreed <= beyond:
             return None
+        assert found is not None  # agreed > beyond ≥ 0, so this rank holds one
         loaded = self.load(found, clock)
         whole = loaded is not None and loaded.checkpoint and len(loaded.tokens) == agreed
         sound, checkpoint = least(self.group, loaded is not None, whole)
         if not sound:
             return None
+        assert loaded is not None  # sound: every rank loaded its entry
         if len(loaded.tokens) > agreed:
             if (n := loaded.resumable(agreed)) <= beyond:  # alike on every rank: their entries have one shape
                 return None
             loaded = truncate(loaded, n, clock)
         loaded.checkpoint = bool(checkpoint)
         return loaded
-

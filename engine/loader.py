@@ -4,10 +4,12 @@ import hashlib
 import json
 import os
 import struct
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 from huggingface_hub import snapshot_download
@@ -24,8 +26,8 @@ class ModelError(Exception):
 
 @dataclass(slots=True)
 class Loaded:
-    model: object
-    tokenizer: object
+    model: Any  # an mlx-lm model
+    tokenizer: Any  # mlx-lm's TokenizerWrapper
     context_length: int
     dtype: str
     identity: str
@@ -36,7 +38,8 @@ class Loaded:
 def identity(source: str, config: dict, dtype: str) -> str:
     """A short hash naming what the model's KV state depends on: the weights (see `weights_fingerprint`),
     the config, the dtype they run in, and the versions of mlx and mlx-lm that compute it."""
-    h = hashlib.sha256(f"{source}\0{dtype}\0mlx {mx.__version__}\0mlx-lm {version('mlx-lm')}".encode())
+    mlx_version = mx.__version__  # type: ignore[attr-defined]  # set at import; mlx.core's stubs omit it
+    h = hashlib.sha256(f"{source}\0{dtype}\0mlx {mlx_version}\0mlx-lm {version('mlx-lm')}".encode())
     h.update(json.dumps(config, sort_keys=True, default=str).encode())
     h.update(weights_fingerprint(source))
     return h.hexdigest()[:16]
@@ -93,9 +96,10 @@ def available_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def weights_summary(model, config: dict) -> tuple[str, bool, int]:
+def weights_summary(model: Any, config: dict) -> tuple[str, bool, int]:
     """The weights' floating dtype, whether the model is quantized, and its bytes with every float as float32."""
-    params = [p for _, p in tree_flatten(model.parameters())]
+    flat = typing.cast(list[tuple[str, mx.array]], tree_flatten(model.parameters()))  # typed as a dict too
+    params = [p for _, p in flat]
     floats = [p for p in params if mx.issubdtype(p.dtype, mx.floating)]
     stored = dtype_name(floats[0].dtype) if floats else "float32"
     quantized = "quantization" in config or len(floats) < len(params)
@@ -155,7 +159,9 @@ def load(
     if group is not None:
         return load_shard(ref, source, extra, progress, group, shard, dtype)
     try:
-        model, tokenizer, config = mlx_load(source, tokenizer_config=extra, lazy=True, return_config=True)
+        model, tokenizer, config = mlx_load(  # type: ignore[misc]  # typed without return_config's third value
+            source, tokenizer_config=extra, lazy=True, return_config=True
+        )
         require_template(ref, tokenizer)
         note = cast(model, config, dtype, ref)  # lazily: each layer is read and cast in the loop below
         layers = list(getattr(model, "layers", []))
@@ -175,13 +181,13 @@ def load(
     return Loaded(model, tokenizer, int(context or 4096), running, identity(source, config, running), dtype_note=note)
 
 
-def require_template(ref: str, tokenizer):
+def require_template(ref: str, tokenizer: Any) -> None:
     """A model without a chat template (and none given) would answer nonsense: refuse it."""
     if not tokenizer.chat_template:
         raise ModelError(f"{ref}: the model has no chat template; give one with --chat-template FILE")
 
 
-def cast(model, config: dict, dtype: str, ref: str) -> str:
+def cast(model: Any, config: dict, dtype: str, ref: str) -> str:
     """Set the weights' dtype as `choose_dtype` picks it; the note on why."""
     stored, quantized, float32_bytes = weights_summary(model, config)
     on_gpu = mx.default_device() == mx.gpu
@@ -195,7 +201,13 @@ def cast(model, config: dict, dtype: str, ref: str) -> str:
 
 
 def load_shard(
-    ref: str, source: str, extra: dict, progress, group: mx.distributed.Group, shard: str | None, dtype: str
+    ref: str,
+    source: str,
+    extra: dict,
+    progress: Callable[[str, float], None],
+    group: mx.distributed.Group,
+    shard: str | None,
+    dtype: str,
 ) -> Loaded:
     """This rank's part of the model, split by mlx-lm's `sharded_load` across `group`."""
     try:

@@ -2,26 +2,28 @@
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from .events import Done, Started
+from .events import Done, Event, Started
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 
 
 class Metrics:
-    def __init__(self):
+    def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
         self.prompt_tokens = Counter("mlx_tui:prompt_tokens", "Prompt tokens of admitted requests.", registry=r)
         self.generation_tokens = Counter("mlx_tui:generation_tokens", "Generated tokens.", registry=r)
         self.cache_queries = Counter(
             "mlx_tui:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", registry=r
         )
-        self.cache_hits = Counter("mlx_tui:prefix_cache_hits", "Prompt tokens served from the prefix cache.", registry=r)
-        self.requests = Counter("mlx_tui:request_success", "Finished requests by stop reason.", ["finished_reason"], registry=r)
-        self.failures = Counter("mlx_tui:request_failure", "Failed requests by error kind.", ["kind"], registry=r)
-        self.repetitions = Counter(
-            "mlx_tui:repetition_stops", "Generations ended by the repetition guard.", registry=r
+        self.cache_hits = Counter(
+            "mlx_tui:prefix_cache_hits", "Prompt tokens served from the prefix cache.", registry=r
         )
+        self.requests = Counter(
+            "mlx_tui:request_success", "Finished requests by stop reason.", ["finished_reason"], registry=r
+        )
+        self.failures = Counter("mlx_tui:request_failure", "Failed requests by error kind.", ["kind"], registry=r)
+        self.repetitions = Counter("mlx_tui:repetition_stops", "Generations ended by the repetition guard.", registry=r)
         self.running = Gauge("mlx_tui:num_requests_running", "Requests in the running batch.", registry=r)
         self.waiting = Gauge("mlx_tui:num_requests_waiting", "Requests waiting for a batch slot.", registry=r)
         self.ttft = Histogram(
@@ -32,22 +34,34 @@ class Metrics:
         )
         self.restarts = Counter("mlx_tui:worker_restarts", "Engine worker restarts.", registry=r)
         self.cache_bytes = Gauge(
-            "mlx_tui:prefix_cache_bytes", "Bytes held by the prefix cache (snapshots: part of ram).", ["tier"], registry=r
+            "mlx_tui:prefix_cache_bytes",
+            "Bytes held by the prefix cache (snapshots: part of ram).",
+            ["tier"],
+            registry=r,
         )
         self.cache_snapshots = Gauge(
             "mlx_tui:prefix_cache_snapshots", "State snapshots of layers that cannot be cut, held in RAM.", registry=r
         )
         self.disk_failures = {
-            "disk_write_errors": Counter("mlx_tui:prefix_cache_disk_write_errors",
-                                         "Prefix cache entries the disk tier failed to write.", registry=r),
-            "disk_dropped": Counter("mlx_tui:prefix_cache_disk_writes_dropped",
-                                    "Prefix cache entries dropped from a full disk write queue.", registry=r),
-            "disk_rejected": Counter("mlx_tui:prefix_cache_disk_rejected",
-                                     "Disk cache files refused: damaged, foreign or not signed by this cache.", registry=r),
+            "disk_write_errors": Counter(
+                "mlx_tui:prefix_cache_disk_write_errors",
+                "Prefix cache entries the disk tier failed to write.",
+                registry=r,
+            ),
+            "disk_dropped": Counter(
+                "mlx_tui:prefix_cache_disk_writes_dropped",
+                "Prefix cache entries dropped from a full disk write queue.",
+                registry=r,
+            ),
+            "disk_rejected": Counter(
+                "mlx_tui:prefix_cache_disk_rejected",
+                "Disk cache files refused: damaged, foreign or not signed by this cache.",
+                registry=r,
+            ),
         }
         self._disk_counts: tuple = (None, {})
 
-    def observe(self, event):
+    def observe(self, event: Event) -> None:
         if isinstance(event, Started):
             self.prompt_tokens.inc(event.prompt_tokens)
             self.cache_queries.inc(event.prompt_tokens)
@@ -59,7 +73,7 @@ class Metrics:
             if event.note == "repetition":
                 self.repetitions.inc()
 
-    def observe_stats(self, stats: dict, pid: int | None):
+    def observe_stats(self, stats: dict, pid: int | None) -> None:
         """Count the disk tier's failures from the worker's running totals (a new worker starts them at 0)."""
         worker, seen = self._disk_counts
         if pid != worker:

@@ -33,7 +33,7 @@ def held_prefix(text: str, markers: list[str]) -> int:
 class StopMatcher:
     """Finds stop strings in streamed text, holding back anything that may begin one."""
 
-    def __init__(self, stops: list[str]):
+    def __init__(self, stops: list[str]) -> None:
         self.stops = [s for s in stops if s]
         self.pending = ""
 
@@ -77,7 +77,7 @@ class JsonArgumentStream:
     are never streamed.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.name: str | None = None
         self.pos = 0  # the next character of the body to scan
         self.released = 0  # where the text released so far ends
@@ -205,7 +205,7 @@ class JsonArgumentStream:
         self._mark()
         return True
 
-    def _mark(self):
+    def _mark(self) -> None:
         """The text up to this character may be sent: `completion` makes it valid JSON."""
         self.safe = self.pos + 1
         closers = "".join("}" if b == "{" else "]" for b in reversed(self.stack))
@@ -229,7 +229,7 @@ class MarkupParser:
         tools: list[dict] | None,
         state: str = TEXT,
         body: str = "",
-    ):
+    ) -> None:
         self.think = think
         self.tool = tool if parse_tool else None
         self.parse_tool = parse_tool
@@ -273,7 +273,9 @@ class MarkupParser:
             self.strip_next = False
         if self.state == self.TOOL:
             return self._step_tool(events)
+        kind: type[TextDelta] | type[ReasoningDelta]
         if self.state == self.REASONING:
+            assert self.think is not None  # reasoning is entered only at the think tag
             tags = {self.think[1]: self.TEXT}
             kind = ReasoningDelta
         else:
@@ -298,6 +300,7 @@ class MarkupParser:
         return False
 
     def _step_tool(self, events: list[Event]) -> bool:
+        assert self.tool is not None  # a tool call is entered only at the tool tag
         end = self.buffer.find(self.tool[1])
         body = self.buffer if end < 0 else self.buffer[:end]
         self._stream_arguments(body, events)
@@ -309,26 +312,27 @@ class MarkupParser:
         self.strip_next = True
         return True
 
-    def _open_call(self):
+    def _open_call(self) -> None:
         self.call = JsonArgumentStream() if self.buffer.lstrip()[:1] in ("", "{") else None
         self.call_id = uuid.uuid4().hex[:24]
         self.streamed = []
 
-    def _stream_arguments(self, body: str, events: list[Event]):
+    def _stream_arguments(self, body: str, events: list[Event]) -> None:
         call = self.call
         if call is None or call.ended:
             return
         if call.name is None:
-            if call.head(body) is None:
+            if (name := call.head(body)) is None:
                 return
-            events.append(ToolCallStart(self.index, self.call_id, call.name))
+            events.append(ToolCallStart(self.index, self.call_id, name))
         if piece := call.advance(body):
             self.streamed.append(piece)
             events.append(ToolCallDelta(self.index, piece))
 
-    def _close_call(self, body: str, events: list[Event]):
+    def _close_call(self, body: str, events: list[Event]) -> None:
         call, self.call = self.call, None
         started = call is not None and call.name is not None
+        assert self.tool is not None and self.parse_tool is not None  # set together, or no tool call is entered
         try:
             parsed = self.parse_tool(body, self.tools)
             name, arguments = parsed["name"], parsed.get("arguments", {})
@@ -336,12 +340,12 @@ class MarkupParser:
                 arguments = json.loads(arguments)
             if not isinstance(arguments, dict):
                 raise ValueError("the arguments are not a JSON object")
-            if self.streamed and not call.ended:
+            if self.streamed and not (call and call.ended):  # arguments stream only with a call
                 raise ValueError("the arguments are not strict JSON")
         except Exception as e:  # the parsers raise anything from ValueError to KeyError
             markup = f"{self.tool[0]}{body}{self.tool[1]}"
             events.append(ParseError(f"tool call did not parse: {e}", markup))
-            if started:
+            if call is not None and call.name is not None:  # started
                 completion = call.completion if self.streamed else "{}"
                 events.append(ToolCallAbandoned(self.index, self.call_id, completion))
                 self.index += 1
@@ -353,14 +357,12 @@ class MarkupParser:
         if not self.streamed:  # arguments given as a JSON string, or not JSON-shaped markup
             self.streamed = [json.dumps(arguments, ensure_ascii=False)]
             events.append(ToolCallDelta(self.index, self.streamed[0]))
-        events.append(
-            ToolCallEnd(self.index, self.call_id, name, arguments, "".join(self.streamed))
-        )
+        events.append(ToolCallEnd(self.index, self.call_id, name, arguments, "".join(self.streamed)))
         self.index += 1
         self.calls += 1
 
     @staticmethod
-    def _emit(kind, text: str, events: list[Event]):
+    def _emit(kind: type[TextDelta] | type[ReasoningDelta], text: str, events: list[Event]) -> None:
         if text:
             events.append(kind(text))
 
@@ -368,7 +370,7 @@ class MarkupParser:
 class OutputStream:
     """One request's tokens in, its events out."""
 
-    def __init__(self, detokenizer, stops: list[str], markup: MarkupParser):
+    def __init__(self, detokenizer: Any, stops: list[str], markup: MarkupParser) -> None:
         self.detokenizer = detokenizer
         self.stop = StopMatcher(stops)
         self.markup = markup

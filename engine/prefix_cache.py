@@ -10,6 +10,7 @@ are never written to.
 """
 
 import time
+from collections.abc import Callable, Set
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -35,11 +36,11 @@ class Entry:
     nbytes: int = field(init=False)
     cuttable: bool = field(init=False)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self.cuttable = all(cache_kinds.cuttable(layer) for layer in self.layers)
         self.count()
 
-    def count(self):
+    def count(self) -> None:
         self.nbytes = cache_kinds.nbytes(self.layers + [x for s in self.snapshots.values() for x in s])
 
     def resumable(self, n: int) -> int:
@@ -54,7 +55,7 @@ class Entry:
             return [layer if not cache_kinds.is_kv(layer) else cache_kinds.cut(layer, n) for layer in self.layers]
         if (kept := self.snapshots.get(n)) is None:
             return [cache_kinds.cut(layer, n) for layer in self.layers]
-        return [cache_kinds.resume(end, k, n) for end, k in zip(self.layers, kept)]
+        return [cache_kinds.resume(end, k, n) for end, k in zip(self.layers, kept, strict=False)]
 
     def value(self, now: float) -> float:
         """Tokens it is expected to save, discounted by how long it has gone unused."""
@@ -102,7 +103,13 @@ class PrefixCache:
     (in a group, where each rank holds a different share, so that all evict alike).
     """
 
-    def __init__(self, budget: int, disk: "DiskCache | None" = None, clock=time.monotonic, bytes_per_token: int = 0):
+    def __init__(
+        self,
+        budget: int,
+        disk: "DiskCache | None" = None,
+        clock: Callable[[], float] = time.monotonic,
+        bytes_per_token: int = 0,
+    ) -> None:
         self.budget = budget
         self.disk = disk
         self.clock = clock
@@ -157,9 +164,10 @@ class PrefixCache:
         layers: list,
         checkpoint: bool = False,
         snapshots: dict[int, list] | None = None,
-        keep: set[int] = frozenset(),
+        keep: Set[int] = frozenset(),
     ) -> Entry | None:
-        """Keep `layers` as the state after `tokens`, with `snapshots` of earlier positions; returns the entry unless it cannot fit.
+        """Keep `layers` as the state after `tokens`, with `snapshots` of earlier positions; returns the entry unless
+        it cannot fit.
 
         Snapshots of entries that share a prefix with the new one are shared into it, and an
         entry the new one extends is dropped (its end state becomes one of the new one's
@@ -188,7 +196,7 @@ class PrefixCache:
             self.disk.save(entry)
         return entry
 
-    def _inherit(self, entry: Entry, keep: set[int]):
+    def _inherit(self, entry: Entry, keep: set[int]) -> None:
         """Share into `entry` the snapshots (and ends) of other entries at positions inside its prefix."""
         found = dict(entry.snapshots)
         for old in self.entries:
@@ -200,7 +208,7 @@ class PrefixCache:
         entry.snapshots = {p: found[p] for p in sorted(found) if p in keep or p in latest}
         entry.count()
 
-    def add(self, entry: Entry):
+    def add(self, entry: Entry) -> None:
         """Take in an entry loaded from elsewhere (the disk tier), making room for it."""
         entry.last_used = self.clock()
         self.entries.append(entry)
@@ -214,7 +222,7 @@ class PrefixCache:
     def _cost(self, entry: Entry) -> int:
         return len(entry.tokens) * self.bytes_per_token if self.bytes_per_token else entry.nbytes
 
-    def _evict(self, now: float, keep: Entry):
+    def _evict(self, now: float, keep: Entry) -> None:
         total = sum(self._cost(e) for e in self.entries)
         for victim in sorted((e for e in self.entries if e is not keep), key=lambda e: e.value(now)):
             if total <= self.budget:
@@ -243,12 +251,12 @@ class TurnMemory:
     rest is encoded.
     """
 
-    def __init__(self, decode, size: int = 8):
+    def __init__(self, decode: Callable[[list[int]], str], size: int = 8) -> None:
         self.decode = decode
         self.size = size
         self.turns: list[Turn] = []
 
-    def remember(self, text: str, tokens: list[int], reply: list[int]):
+    def remember(self, text: str, tokens: list[int], reply: list[int]) -> None:
         """Keep a finished request's prompt and reply where its ids decode to exactly its text.
 
         The reply is kept up to the first id that decodes to a replacement character (a
@@ -260,14 +268,15 @@ class TurnMemory:
         turn = Turn(text, list(tokens), reply[:kept])
         self.turns = [t for t in self.turns if t.text != text][-(self.size - 1) :] + [turn]
 
-    def encode(self, text: str, encode) -> list[int]:
+    def encode(self, text: str, encode: Callable[[str], list[int]]) -> list[int]:
         """`text` as token ids: a remembered turn's ids for the longest part it covers, `encode` for the rest."""
         best_ids, best_chars = None, 0
         for turn in self.turns:
             if not text.startswith(turn.text):
                 continue
             rest = text[len(turn.text) :]
-            kept = longest(len(turn.reply), lambda n: rest.startswith(self.decode(turn.reply[:n])))
+            # longest() calls the lambda within this iteration, so it sees this turn's `rest` and `turn`
+            kept = longest(len(turn.reply), lambda n: rest.startswith(self.decode(turn.reply[:n])))  # noqa: B023
             chars = len(turn.text) + len(self.decode(turn.reply[:kept]))
             if best_ids is None or chars > best_chars:
                 best_ids, best_chars = turn.tokens + turn.reply[:kept], chars
@@ -276,7 +285,7 @@ class TurnMemory:
         return best_ids + (encode(text[best_chars:]) if best_chars < len(text) else [])
 
 
-def longest(n: int, fits) -> int:
+def longest(n: int, fits: Callable[[int], bool]) -> int:
     """The largest k ≤ n with `fits(k)`, for a `fits` that holds up to some k and not after (and for 0)."""
     if fits(n):
         return n

@@ -1,5 +1,7 @@
 """Samplers and logits processors for one request, built from mlx-lm's, and the repetition guard."""
 
+from collections.abc import Callable
+
 import mlx.core as mx
 import numpy as np
 from mlx_lm.sample_utils import (
@@ -36,9 +38,9 @@ def check(s: Sampling, vocab_size: int) -> str | None:
     return None
 
 
-def seeded_sampler(s: Sampling):
+def seeded_sampler(s: Sampling, seed: int) -> Callable[[mx.array], mx.array]:
     """A sampler with its own random key, so a seeded request repeats even inside a batch."""
-    key = mx.random.key(s.seed)
+    key = mx.random.key(seed)
 
     def sample(logprobs: mx.array) -> mx.array:
         nonlocal key
@@ -54,13 +56,13 @@ def seeded_sampler(s: Sampling):
     return sample
 
 
-def sampler(s: Sampling):
+def sampler(s: Sampling) -> Callable[[mx.array], mx.array]:
     if s.seed is not None and s.temperature > 0:
-        return seeded_sampler(s)
+        return seeded_sampler(s, s.seed)
     return make_sampler(s.temperature, top_p=s.top_p, min_p=s.min_p, top_k=s.top_k)
 
 
-def logits_processors(s: Sampling, default_repetition_penalty: float):
+def logits_processors(s: Sampling, default_repetition_penalty: float) -> list[Callable[[mx.array, mx.array], mx.array]]:
     return make_logits_processors(
         logit_bias=s.logit_bias,
         repetition_penalty=s.repetition_penalty or default_repetition_penalty or None,
@@ -74,7 +76,7 @@ class LoopGuard:
 
     CHECK_EVERY = 16
 
-    def __init__(self, window: int, max_period: int):
+    def __init__(self, window: int, max_period: int) -> None:
         self.window = window
         self.max_period = max_period
         self.tokens: list[int] = []

@@ -4,13 +4,14 @@ import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 
 from . import boundaries, cache_kinds, faults, sampling
 from .config import EngineConfig
-from .events import Done, Error, Event, PrefillProgress, Queued, Started, Timings, Usage
+from .events import Done, Error, Event, PrefillProgress, Queued, Started, StopReason, Timings, Usage
 from .grammar import Grammars
 from .loader import Loaded
 from .output import MarkupParser, OutputStream
@@ -66,22 +67,16 @@ class Active:
 class Scheduler:
     """`kv_bytes_per_token`: what one more token of a request adds to the cache (see `cache_kinds`)."""
 
-    def __init__(self, loaded: Loaded, config: EngineConfig, cache: PrefixCache, kv_bytes_per_token: int):
+    def __init__(self, loaded: Loaded, config: EngineConfig, cache: PrefixCache, kv_bytes_per_token: int) -> None:
         self.cache = cache
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.context_length = loaded.context_length
         self.config = config
         self.parser_name = self.tokenizer.init_kwargs.get("tool_parser_type")
-        self.think = (
-            (self.tokenizer.think_start, self.tokenizer.think_end)
-            if self.tokenizer.has_thinking
-            else None
-        )
+        self.think = (self.tokenizer.think_start, self.tokenizer.think_end) if self.tokenizer.has_thinking else None
         self.tool = (
-            (self.tokenizer.tool_call_start, self.tokenizer.tool_call_end)
-            if self.tokenizer.has_tool_calling
-            else None
+            (self.tokenizer.tool_call_start, self.tokenizer.tool_call_end) if self.tokenizer.has_tool_calling else None
         )
         self.active: dict[int, Active] = {}
         self.uid_of: dict[str, int] = {}
@@ -99,7 +94,9 @@ class Scheduler:
             self.cache_mode += "; prompts prefilled one at a time"
         self.turns = TurnMemory(self.tokenizer.decode)
         vocab_size = getattr(getattr(self.model, "args", None), "vocab_size", None) or len(self.tokenizer)
-        self.grammars = Grammars(self.tokenizer, vocab_size, self.think, self.tool, self.parser_name, config.constrain_tools)
+        self.grammars = Grammars(
+            self.tokenizer, vocab_size, self.think, self.tool, self.parser_name, config.constrain_tools
+        )
         self.generator = self._new_generator()
 
     def _new_generator(self) -> BatchGenerator:
@@ -136,6 +133,7 @@ class Scheduler:
             opening = self._forced_call(request)
             if not self.grammars.forces_calls:  # else the grammar writes the whole call
                 state, body = MarkupParser.TOOL, opening
+                assert self.tool is not None  # _forced_call refuses a model without one
                 text += self.tool[0] + body
         tokens = self.turns.encode(text, self._encode)
         system_end = boundaries.system_end(self.tokenizer, request.messages, tools, text, tokens)
@@ -152,7 +150,7 @@ class Scheduler:
             raise RequestError("this model has no tool-call format, so tool_choice cannot force a call")
         if request.tool_choice == "required":
             return "\n"
-        names = [t.get("function", t).get("name") for t in request.tools]
+        names = [t.get("function", t).get("name") for t in request.tools or []]
         if request.tool_choice not in names:
             raise RequestError(f"tool_choice names {request.tool_choice!r}, which is not among the tools")
         if self.parser_name != "json_tools":
@@ -182,9 +180,11 @@ class Scheduler:
         checkpoint_at = prompt.system_end if prompt.system_end > cached else 0
         snapshot_at = set()
         if self.snapshotting:
-            snapshot_at = {n for n in [*prompt.boundaries, prompt.system_end, len(tokens) - 1] if cached < n < len(tokens)}
+            snapshot_at = {
+                n for n in [*prompt.boundaries, prompt.system_end, len(tokens) - 1] if cached < n < len(tokens)
+            }
         cuts = sorted(snapshot_at | {checkpoint_at} - {0})
-        segments = [tokens[a:b] for a, b in zip([cached, *cuts], [*cuts, len(tokens)])]
+        segments = [tokens[a:b] for a, b in zip([cached, *cuts], [*cuts, len(tokens)], strict=False)]
         [uid] = self.generator.insert_segments(
             [segments],
             caches=[hit.layers] if hit.layers else None,
@@ -211,9 +211,7 @@ class Scheduler:
     def _max_tokens(self, request: Request, prompt_tokens: int) -> int:
         room = self.context_length - prompt_tokens
         if room < 1:
-            raise RequestError(
-                f"prompt is too long: {prompt_tokens} tokens > {self.context_length - 1} maximum"
-            )
+            raise RequestError(f"prompt is too long: {prompt_tokens} tokens > {self.context_length - 1} maximum")
         if request.max_tokens is not None and request.max_tokens < 1:
             raise RequestError(f"max_tokens must be at least 1, got {request.max_tokens}")
         max_tokens = min(request.max_tokens or self.config.max_tokens, self.config.max_tokens, room)
@@ -225,7 +223,7 @@ class Scheduler:
             )
         return max_tokens
 
-    def cancel(self, rid: str):
+    def cancel(self, rid: str) -> None:
         if (uid := self.uid_of.get(rid)) is not None:
             self._retire(self.active[uid], still_batched=True)
 
@@ -255,7 +253,7 @@ class Scheduler:
                 events += self._token(a, r, now)
         return events
 
-    def _segment_ended(self, a: Active, position: int):
+    def _segment_ended(self, a: Active, position: int) -> None:
         """Keep the state at a checkpoint or snapshot position the prefill just reached."""
         if position == a.checkpoint_at:
             layers, tokens = self.generator.extract_cache([a.uid])[a.uid]
@@ -264,18 +262,22 @@ class Scheduler:
         if position in a.snapshot_at:
             a.snapshots[position] = cache_kinds.snapshot_row(self.generator, a.uid)
 
-    def _keep(self, a: Active, tokens: list[int], layers: list):
+    def _keep(self, a: Active, tokens: list[int], layers: list) -> None:
         """Store what a request leaves in the batch, with its snapshots, keeping its boundaries before others."""
         keep = {*a.prompt.boundaries, a.prompt.system_end, a.cached_tokens, len(a.prompt.tokens) - 1}
         self.cache.store(list(tokens), layers, snapshots=a.snapshots, keep=keep)
 
-    def _token(self, a: Active, r, now: float) -> list[Tagged]:
+    def _token(self, a: Active, r: Any, now: float) -> list[Tagged]:
         a.first_token = a.first_token or now
-        a.generated += r.finish_reason != "stop"  # the end-of-sequence token is not output, as OpenAI and Anthropic count
+        a.generated += (
+            r.finish_reason != "stop"
+        )  # the end-of-sequence token is not output, as OpenAI and Anthropic count
         a.reasoning += a.output.markup.state == MarkupParser.REASONING
         a.reply.append(r.token)
         self.generation_tokens_total += 1
-        reason = note = None
+        reason: StopReason | Literal["error"] | None = None
+        note: str | None = None
+        out: list[Event]
         fault = a.fault[0] if a.fault and a.generated == a.fault[1] else None
         if fault in ("batch_error", "stall", "exit"):
             faults.act(fault)
@@ -310,7 +312,7 @@ class Scheduler:
             tagged.append((a.rid, self._done(a, reason, note, now)))
         return tagged
 
-    def _done(self, a: Active, reason: str, note: str | None, now: float) -> Done:
+    def _done(self, a: Active, reason: StopReason, note: str | None, now: float) -> Done:
         prefill = a.prefill_started or a.submitted
         timings = Timings(
             queued_s=prefill - a.submitted,
@@ -325,7 +327,7 @@ class Scheduler:
             note=note,
         )
 
-    def _retire(self, a: Active, still_batched: bool):
+    def _retire(self, a: Active, still_batched: bool) -> None:
         """Take the request out; what it left in a running batch is kept in the prefix cache, its tokens in `turns`."""
         self.turns.remember(a.prompt.text, a.prompt.tokens, a.reply)
         if still_batched:
@@ -339,7 +341,7 @@ class Scheduler:
     def fail_all(self, message: str) -> list[Tagged]:
         """End every request with an engine error and start from a fresh batch."""
         self.failures.append(message)
-        events = [(a.rid, Error("engine", message)) for a in self.active.values()]
+        events: list[Tagged] = [(a.rid, Error("engine", message)) for a in self.active.values()]
         self.active.clear()
         self.uid_of.clear()
         self.generator.close()
@@ -377,6 +379,9 @@ class Scheduler:
                 "snapshot_bytes": self.cache.snapshot_nbytes,
                 "snapshot_hits": cache.snapshot_hits,
             },
-            "memory": {"active": mx.get_active_memory(), "peak": mx.get_peak_memory(),
-                       "running_kv": self.generator.prompt_cache_nbytes},
+            "memory": {
+                "active": mx.get_active_memory(),
+                "peak": mx.get_peak_memory(),
+                "running_kv": self.generator.prompt_cache_nbytes,
+            },
         }

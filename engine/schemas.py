@@ -8,6 +8,7 @@ import asyncio
 import functools
 import json
 import re
+from typing import Any
 
 import llguidance
 
@@ -18,7 +19,9 @@ from .request import Request
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 # Bounds on the work one grammar may cost (compilation and each mask), well above what real
 # schemas need: a schema past them is refused instead of stalling the batch.
-LIMITS = dict(initial_lexer_fuel=200_000, step_lexer_fuel=200_000, max_grammar_size=200_000, max_lexer_states=50_000)
+LIMITS: dict[str, Any] = dict(
+    initial_lexer_fuel=200_000, step_lexer_fuel=200_000, max_grammar_size=200_000, max_lexer_states=50_000
+)
 CHECK_SECONDS = 5.0
 
 
@@ -40,7 +43,7 @@ def inline_json(schema: dict, lenient: bool = False) -> str:
     return "%json " + json.dumps({**schema, "x-guidance": guidance})
 
 
-def bound_schemas(request: Request, constrain_tools: bool) -> list[tuple[str, dict, bool]]:
+def bound_schemas(request: Request, constrain_tools: bool) -> list[tuple[str, dict | None, bool]]:
     """The schemas a grammar will hold this request to: (what, schema, lenient)."""
     constraint = request.constraint
     found = []

@@ -19,7 +19,6 @@ from mlx_tui.engine.client import EngineClient
 from mlx_tui.engine.config import EngineConfig
 from mlx_tui.engine.demo import MODEL_DIR
 
-
 # a request in the shape of Claude Code's first turn, written for the tests (none of the client's prompt text)
 CLAUDE_CODE_SAMPLE = Path(__file__).parent / "fixtures" / "claude-code-first-turn.json"
 
@@ -135,7 +134,8 @@ def server(loop, engine):
 
 
 def tokens_until(loop: LoopThread, engine: EngineClient, conversation: dict, marker: str) -> int:
-    """How many tokens the demo model generates (greedy, thinking off) for a demo conversation until its raw text holds `marker`."""
+    """How many tokens the demo model generates (greedy, thinking off) for a demo conversation until its raw text
+    holds `marker`."""
     from mlx_tui.engine.events import RawText
     from mlx_tui.engine.request import Request
 

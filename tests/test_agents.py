@@ -33,8 +33,11 @@ def serve(tmp_path_factory):
 
 def require(task: agents.Task):
     """Skip (fail in CI) where the task's CLI or node is missing."""
-    missing = [what for what, there in [("node", shutil.which("node")), (task.binary, agents.binary(task).exists())]
-               if not there]
+    missing = [
+        what
+        for what, there in [("node", shutil.which("node")), (task.binary, agents.binary(task).exists())]
+        if not there
+    ]
     if missing:
         message = f"{' and '.join(missing)} not installed (.ci/run installs the clients into .clients/)"
         if os.environ.get("CI") == "true":
@@ -46,7 +49,9 @@ def transcripts(serve) -> list[dict]:
     """The server's transcripts, oldest first, in full."""
     headers = {"x-api-key": KEY}
     listed = httpx.get(serve.url + "/v1/transcripts", headers=headers, timeout=10).json()["data"]
-    return [httpx.get(f"{serve.url}/v1/transcripts/{t['id']}", headers=headers, timeout=10).json() for t in reversed(listed)]
+    return [
+        httpx.get(f"{serve.url}/v1/transcripts/{t['id']}", headers=headers, timeout=10).json() for t in reversed(listed)
+    ]
 
 
 def final_message(task: agents.Task, stdout: str) -> str:
@@ -98,7 +103,10 @@ def test_the_codex_block_is_a_config_for_this_server():
     config = tomllib.loads(block.replace("\n  ", "\n").strip())
     assert config["model_context_window"] == 4096 and 0 < config["model_auto_compact_token_limit"] < 4096
     assert config["model_providers"]["mlx-tui"] == {
-        "name": "mlx-tui", "base_url": "http://127.0.0.1:8080/v1", "wire_api": "responses", "env_key": "MLX_TUI_API_KEY"
+        "name": "mlx-tui",
+        "base_url": "http://127.0.0.1:8080/v1",
+        "wire_api": "responses",
+        "env_key": "MLX_TUI_API_KEY",
     }
     assert "env_key" not in client_setup("http://127.0.0.1:8080", None, 4096)
 
@@ -109,7 +117,9 @@ def test_training_captures_the_clients_requests_and_varies_what_changes_per_run(
     require(task)
     requests = agents.capture(task, tmp_path)
     assert len(requests) == 2 and (tmp_path / agents.MARKER).exists()
-    call, answer, other = agents.task_conversations(task, requests, str(tmp_path), seed=0, variants=1, questions=["Hello"])
+    call, answer, other = agents.task_conversations(
+        task, requests, str(tmp_path), seed=0, variants=1, questions=["Hello"]
+    )
     assert call["messages"][-1]["tool_calls"][0]["function"] == {"name": task.tool, "arguments": task.arguments}
     assert answer["messages"][-1]["content"] == task.answer and answer["messages"][-2]["role"] == "tool"
     prompt = json.dumps(call["messages"])

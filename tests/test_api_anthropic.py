@@ -10,9 +10,12 @@ from conftest import CLAUDE_CODE_SAMPLE, tokens_until
 from mlx_tui.api.anthropic import sign
 from mlx_tui.engine.demo.conversations import CONVERSATIONS, FALLBACK_REPLY, TOOLS
 
-
 ANTHROPIC_TOOLS = [
-    {"name": t["function"]["name"], "description": t["function"]["description"], "input_schema": t["function"]["parameters"]}
+    {
+        "name": t["function"]["name"],
+        "description": t["function"]["description"],
+        "input_schema": t["function"]["parameters"],
+    }
     for t in TOOLS
 ]
 THINKING = {"type": "enabled", "budget_tokens": 1024}
@@ -88,7 +91,9 @@ def test_replays_conversation(client, conversation, thinking, stream):
     message = generate(client, body, stream)
     expected = conversation["messages"][-1]
     assert texts(message) == expected["content"]
-    assert calls(message) == [(c["function"]["name"], c["function"]["arguments"]) for c in expected.get("tool_calls", [])]
+    assert calls(message) == [
+        (c["function"]["name"], c["function"]["arguments"]) for c in expected.get("tool_calls", [])
+    ]
     assert all(b.id.startswith("toolu_") for b in message.content if b.type == "tool_use")
     reasoning = [b for b in message.content if b.type == "thinking"]
     if thinking and expected.get("reasoning_content"):
@@ -177,7 +182,9 @@ def test_claude_code_sample_as_is(server):
     skip = {"host", "content-length", "connection", "accept-encoding"}
     headers = {k: v for k, v in sample["headers"].items() if k.lower() not in skip}
     events = []
-    with httpx.stream("POST", server.url + sample["path"], headers=headers, json=sample["body"], timeout=300) as response:
+    with httpx.stream(
+        "POST", server.url + sample["path"], headers=headers, json=sample["body"], timeout=300
+    ) as response:
         assert response.status_code == 200
         for line in response.iter_lines():
             if line.startswith("data: "):
@@ -188,7 +195,10 @@ def test_claude_code_sample_as_is(server):
     assert text == FALLBACK_REPLY
     counted = httpx.post(f"{server.url}/v1/messages/count_tokens", headers=headers, json=sample["body"], timeout=60)
     prompt = counted.json()["input_tokens"]
-    assert events[0]["message"]["usage"]["input_tokens"] + events[0]["message"]["usage"]["cache_read_input_tokens"] == prompt
+    assert (
+        events[0]["message"]["usage"]["input_tokens"] + events[0]["message"]["usage"]["cache_read_input_tokens"]
+        == prompt
+    )
 
 
 def test_models_in_anthropic_shape(client):
@@ -217,7 +227,9 @@ def test_tool_arguments_stream_in_pieces(client):
         stop = next(i for i, e in enumerate(events) if e.type == "content_block_stop" and e.index == index)
         assert len(pieces) > 1 and all(e.type != "content_block_delta" or e.index != index for e in events[stop:])
         assert json.loads("".join(pieces)) == block.input
-    assert calls(message) == [(c["function"]["name"], c["function"]["arguments"]) for c in parallel["messages"][-1]["tool_calls"]]
+    assert calls(message) == [
+        (c["function"]["name"], c["function"]["arguments"]) for c in parallel["messages"][-1]["tool_calls"]
+    ]
     assert without_ids(message) == without_ids(generate(client, body, stream=False))
 
 

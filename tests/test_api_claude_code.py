@@ -22,7 +22,15 @@ def claude() -> Path:
     if shutil.which("npm") is None:
         skip_unless_ci("node/npm is not installed, so the Claude Code CLI cannot be run")
     done = subprocess.run(
-        ["npm", "install", "--prefix", str(INSTALL_DIR), "--no-audit", "--no-fund", f"@anthropic-ai/claude-code@{VERSION}"],
+        [
+            "npm",
+            "install",
+            "--prefix",
+            str(INSTALL_DIR),
+            "--no-audit",
+            "--no-fund",
+            f"@anthropic-ai/claude-code@{VERSION}",
+        ],
         capture_output=True,
         text=True,
         timeout=600,

@@ -42,7 +42,12 @@ def post(server, protocol, content=None, **changes):
 @pytest.mark.parametrize("protocol", ["anthropic", "openai"])
 @pytest.mark.parametrize(
     "content",
-    [b"{not json", b'{"model": "m", "messages": [{"role": "user", "content": "\xff\xfe"}]}', b"", b"[" * 10000 + b"]" * 10000],
+    [
+        b"{not json",
+        b'{"model": "m", "messages": [{"role": "user", "content": "\xff\xfe"}]}',
+        b"",
+        b"[" * 10000 + b"]" * 10000,
+    ],
     ids=["bad-json", "not-utf8", "empty", "deep"],
 )
 def test_unreadable_bodies(server, protocol, content):
@@ -65,7 +70,19 @@ def test_unreadable_bodies(server, protocol, content):
         {"model": None},
         {"stop": 7, "stop_sequences": 7},
     ],
-    ids=["messages-str", "no-messages", "empty", "unknown-role", "content-int", "block-untyped", "max-str", "max-zero", "temp", "no-model", "stop"],
+    ids=[
+        "messages-str",
+        "no-messages",
+        "empty",
+        "unknown-role",
+        "content-int",
+        "block-untyped",
+        "max-str",
+        "max-zero",
+        "temp",
+        "no-model",
+        "stop",
+    ],
 )
 def test_invalid_requests(server, protocol, changes):
     assert_error(post(server, protocol, **changes), protocol, 400, "invalid_request_error")
@@ -130,7 +147,9 @@ def test_api_key_lets_any_host_in(keyed):
     assert response.status_code == 200
 
 
-@pytest.mark.parametrize("host, status", [("evil.example.com", 403), ("localhost:1234", 200), ("127.0.0.1", 200), ("[::1]:80", 200)])
+@pytest.mark.parametrize(
+    "host, status", [("evil.example.com", 403), ("localhost:1234", 200), ("127.0.0.1", 200), ("[::1]:80", 200)]
+)
 def test_host_header_without_key(server, host, status):
     response = httpx.get(server.url + "/v1/models", headers={"host": host})
     if status == 403:

@@ -45,7 +45,11 @@ def generate(client, body: dict, stream: bool, **settings) -> tuple[dict, str, d
         message = choice.message
         calls = [(c.id, c.function.name, c.function.arguments) for c in message.tool_calls or []]
         reasoning = getattr(message, "reasoning_content", None)
-        return {"content": message.content or "", "reasoning": reasoning, "calls": calls}, choice.finish_reason, completion.usage
+        return (
+            {"content": message.content or "", "reasoning": reasoning, "calls": calls},
+            choice.finish_reason,
+            completion.usage,
+        )
     message = {"content": "", "reasoning": None, "calls": []}
     finish_reason = usage = None
     chunks = client.chat.completions.create(**body, **settings, stream=True, stream_options={"include_usage": True})
@@ -188,4 +192,3 @@ def test_a_call_cut_off_by_the_length_ends_well_formed(client, loop, engine):
         [choice] = stream.current_completion_snapshot.choices
     assert "tool_calls.function.arguments.delta" in kinds and choice.finish_reason == "length"
     assert choice.message.tool_calls[0].function.arguments == message["calls"][0][1]
-

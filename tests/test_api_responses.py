@@ -1,21 +1,21 @@
-"""The OpenAI Responses API (what Codex CLI speaks) with the official SDK, whose stream accumulator checks the event order."""
+"""The OpenAI Responses API (what Codex CLI speaks) with the official SDK, whose stream accumulator checks the event
+order."""
 
 import json
 
 import httpx
 import openai
 import pytest
+from conftest import Server
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
-
-from conftest import Server
 
 from mlx_tui.api import responses
 from mlx_tui.api.responses import seal, to_request
 from mlx_tui.api.responses_models import ResponsesRequest
 from mlx_tui.api.server import create_app
 from mlx_tui.api.warm import warm_request
-from mlx_tui.engine.demo.conversations import FALLBACK_REPLY, TOOLS
+from mlx_tui.engine.demo.conversations import TOOLS
 from mlx_tui.engine.events import Done, PrefillProgress, Started, TextDelta, Timings, Usage
 from mlx_tui.engine.request import Request
 from mlx_tui.tui.requests import cells
@@ -33,7 +33,8 @@ def client(server):
 
 
 def ask(client, stream: bool, **body):
-    """The final Response, from `responses.create` or from `responses.stream` (which checks each event against the last)."""
+    """The final Response, from `responses.create` or from `responses.stream` (which checks each event against the
+    last)."""
     body = {"model": "any-name", "temperature": 0, "max_output_tokens": 256} | body
     if not stream:
         return client.responses.create(**body)
@@ -104,7 +105,11 @@ def test_reasoning(client, stream):
     [
         {"input": "Good morning!"},
         {"input": "Is 17 a prime number?", "reasoning": {"effort": "low", "summary": "auto"}},
-        {"input": "What are the weather and the time in Berlin?", "tools": [NAMESPACE], "reasoning": {"effort": "none"}},
+        {
+            "input": "What are the weather and the time in Berlin?",
+            "tools": [NAMESPACE],
+            "reasoning": {"effort": "none"},
+        },
         {"input": "Good morning!", "max_output_tokens": 2},
     ],
     ids=["text", "reasoning", "calls", "incomplete"],
@@ -126,7 +131,11 @@ def reasoning_turns(reasoning: dict) -> list:
     return [
         {"role": "user", "content": "Is 17 a prime number?"},
         reasoning,
-        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Yes, 17 is a prime number."}]},
+        {
+            "type": "message",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": "Yes, 17 is a prime number."}],
+        },
         {"role": "user", "content": "And 18?"},
     ]
 
@@ -151,13 +160,23 @@ def test_single_tool_call(client, stream):
     response = ask(client, stream, input=PARIS, tools=FUNCTIONS, reasoning={"effort": "none"})
     [call] = response.output
     assert call.type == "function_call" and call.name == "get_weather" and call.namespace is None
-    assert json.loads(call.arguments) == {"city": "Paris"} and call.call_id.startswith("call_") and call.status == "completed"
+    assert (
+        json.loads(call.arguments) == {"city": "Paris"}
+        and call.call_id.startswith("call_")
+        and call.status == "completed"
+    )
     assert response.status == "completed" and response.tools[0].name == "get_weather"
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 def test_parallel_tool_calls(client, stream):
-    response = ask(client, stream, input="What are the weather and the time in Berlin?", tools=FUNCTIONS, reasoning={"effort": "none"})
+    response = ask(
+        client,
+        stream,
+        input="What are the weather and the time in Berlin?",
+        tools=FUNCTIONS,
+        reasoning={"effort": "none"},
+    )
     assert [(c.name, json.loads(c.arguments)) for c in calls(response)] == [
         ("get_weather", {"city": "Berlin"}),
         ("get_time", {"timezone": "Europe/Berlin"}),
@@ -166,7 +185,11 @@ def test_parallel_tool_calls(client, stream):
 
 
 def test_parallel_tool_calls_off_keeps_the_first(client):
-    body = {"input": "What are the weather and the time in Berlin?", "tools": FUNCTIONS, "reasoning": {"effort": "none"}}
+    body = {
+        "input": "What are the weather and the time in Berlin?",
+        "tools": FUNCTIONS,
+        "reasoning": {"effort": "none"},
+    }
     response = ask(client, True, parallel_tool_calls=False, **body)
     assert [c.name for c in calls(response)] == ["get_weather"] and response.parallel_tool_calls is False
 
@@ -175,14 +198,22 @@ def test_arguments_stream_in_pieces(server):
     events = raw_events(server, {"input": PARIS, "tools": FUNCTIONS, "reasoning": {"effort": "none"}})
     pieces = [e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta"]
     [done] = [e for e in events if e["type"] == "response.function_call_arguments.done"]
-    assert len(pieces) > 1 and "".join(pieces) == done["arguments"] and json.loads(done["arguments"]) == {"city": "Paris"}
+    assert (
+        len(pieces) > 1 and "".join(pieces) == done["arguments"] and json.loads(done["arguments"]) == {"city": "Paris"}
+    )
 
 
-@pytest.mark.parametrize("output", [PARIS_RESULT, [{"type": "input_text", "text": PARIS_RESULT}]], ids=["string", "parts"])
+@pytest.mark.parametrize(
+    "output", [PARIS_RESULT, [{"type": "input_text", "text": PARIS_RESULT}]], ids=["string", "parts"]
+)
 def test_tool_result_round_trip(client, output):
     first = ask(client, False, input=PARIS, tools=FUNCTIONS, reasoning={"effort": "none"})
     [call] = calls(first)
-    turns = [{"role": "user", "content": PARIS}, call.model_dump(exclude_none=True), {"type": "function_call_output", "call_id": call.call_id, "output": output}]
+    turns = [
+        {"role": "user", "content": PARIS},
+        call.model_dump(exclude_none=True),
+        {"type": "function_call_output", "call_id": call.call_id, "output": output},
+    ]
     second = ask(client, True, input=turns, tools=FUNCTIONS, reasoning={"effort": "none"})
     assert second.output_text == "It is sunny in Paris, 18°C."
     # the second prompt starts with the first (but for its empty thinking block), so it comes from the prefix cache
@@ -194,14 +225,25 @@ def test_parallel_results_round_trip(client):
     first = ask(client, False, input=question, tools=FUNCTIONS, reasoning={"effort": "none"})
     weather, time = calls(first)
     results = [
-        {"type": "function_call_output", "call_id": weather.call_id, "output": '{"city": "Berlin", "temperature_c": 12, "condition": "cloudy"}'},
-        {"type": "function_call_output", "call_id": time.call_id, "output": '{"timezone": "Europe/Berlin", "time": "14:05"}'},
+        {
+            "type": "function_call_output",
+            "call_id": weather.call_id,
+            "output": '{"city": "Berlin", "temperature_c": 12, "condition": "cloudy"}',
+        },
+        {
+            "type": "function_call_output",
+            "call_id": time.call_id,
+            "output": '{"timezone": "Europe/Berlin", "time": "14:05"}',
+        },
     ]
-    turns = [{"role": "user", "content": question}, weather.model_dump(exclude_none=True), time.model_dump(exclude_none=True), *results]
+    turns = [
+        {"role": "user", "content": question},
+        weather.model_dump(exclude_none=True),
+        time.model_dump(exclude_none=True),
+        *results,
+    ]
     second = ask(client, False, input=turns, tools=FUNCTIONS, reasoning={"effort": "none"})
     assert second.output_text == "In Berlin it is cloudy and 12°C; the local time is 14:05."
-
-
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
@@ -209,16 +251,29 @@ def test_namespace_call_maps_back(client, server, stream):
     tools = [NAMESPACE, {"type": "web_search"}, {"type": "file_search", "vector_store_ids": ["vs_1"]}]
     response = ask(client, stream, input=PARIS, tools=tools, reasoning={"effort": "none"})
     [call] = calls(response)
-    assert (call.namespace, call.name, json.loads(call.arguments)) == ("weather_service", "get_weather", {"city": "Paris"})
+    assert (call.namespace, call.name, json.loads(call.arguments)) == (
+        "weather_service",
+        "get_weather",
+        {"city": "Paris"},
+    )
     # the namespaced call goes back in the next turn as the model saw it
-    turns = [{"role": "user", "content": PARIS}, call.model_dump(exclude_none=True), {"type": "function_call_output", "call_id": call.call_id, "output": PARIS_RESULT}]
-    assert ask(client, False, input=turns, tools=tools, reasoning={"effort": "none"}).output_text == "It is sunny in Paris, 18°C."
+    turns = [
+        {"role": "user", "content": PARIS},
+        call.model_dump(exclude_none=True),
+        {"type": "function_call_output", "call_id": call.call_id, "output": PARIS_RESULT},
+    ]
+    assert (
+        ask(client, False, input=turns, tools=tools, reasoning={"effort": "none"}).output_text
+        == "It is sunny in Paris, 18°C."
+    )
     assert "web_search" not in prompt_of(server, response.id)
 
 
 def test_namespace_names_taken_at_the_top_are_prefixed(server):
     tools = [FUNCTIONS[0], NAMESPACE]
-    response = httpx.post(server.url + "/v1/responses", json={"model": "m", "input": PARIS, "tools": tools, "max_output_tokens": 1})
+    response = httpx.post(
+        server.url + "/v1/responses", json={"model": "m", "input": PARIS, "tools": tools, "max_output_tokens": 1}
+    )
     prompt = prompt_of(server, response.json()["id"])
     assert '"name": "get_weather"' in prompt and '"name": "weather_service__get_weather"' in prompt
     assert '"name": "get_time"' in prompt and "weather_service__get_time" not in prompt
@@ -226,7 +281,9 @@ def test_namespace_names_taken_at_the_top_are_prefixed(server):
 
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "name": "get_time"}], ids=["required", "named"])
 def test_tool_choice_forces_a_call(client, choice):
-    response = ask(client, False, input="Good morning!", tools=FUNCTIONS, tool_choice=choice, reasoning={"effort": "none"})
+    response = ask(
+        client, False, input="Good morning!", tools=FUNCTIONS, tool_choice=choice, reasoning={"effort": "none"}
+    )
     assert len(calls(response)) >= 1 and (choice == "required" or calls(response)[0].name == "get_time")
 
 
@@ -236,27 +293,55 @@ def test_tool_choice_none_leaves_the_tools_out(client, server):
 
 
 def test_usage_sums(client, loop, engine):
-    response = ask(client, False, input=[{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Good morning!"}], reasoning={"effort": "none"})
-    request = Request([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Good morning!"}], enable_thinking=False)
+    response = ask(
+        client,
+        False,
+        input=[{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Good morning!"}],
+        reasoning={"effort": "none"},
+    )
+    request = Request(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Good morning!"}],
+        enable_thinking=False,
+    )
     used = response.usage
     assert used.input_tokens == loop.run(engine.count_tokens(request))
     assert used.total_tokens == used.input_tokens + used.output_tokens and used.output_tokens > 0
-    again = ask(client, False, input=[{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Good morning!"}], reasoning={"effort": "none"})
+    again = ask(
+        client,
+        False,
+        input=[{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Good morning!"}],
+        reasoning={"effort": "none"},
+    )
     assert again.usage.input_tokens_details.cached_tokens == used.input_tokens - 1  # all but the last prompt token
     assert again.usage.input_tokens_details.cache_write_tokens == 0
 
 
 def test_instructions_and_leading_developer_turns_are_one_system_message(client, server):
-    body = {"instructions": "You are a pirate.", "input": [{"role": "developer", "content": [{"type": "input_text", "text": "Answer like one."}]}, {"role": "user", "content": "Who are you?"}]}
+    body = {
+        "instructions": "You are a pirate.",
+        "input": [
+            {"role": "developer", "content": [{"type": "input_text", "text": "Answer like one."}]},
+            {"role": "user", "content": "Who are you?"},
+        ],
+    }
     response = ask(client, False, **body, max_output_tokens=2)
-    assert prompt_of(server, response.id).startswith("<|im_start|>system\nYou are a pirate.\n\nAnswer like one.<|im_end|>\n<|im_start|>user\nWho are you?")
+    assert prompt_of(server, response.id).startswith(
+        "<|im_start|>system\nYou are a pirate.\n\nAnswer like one.<|im_end|>\n<|im_start|>user\nWho are you?"
+    )
 
 
 def test_images_and_files_become_placeholders(client, server):
-    content = [{"type": "input_text", "text": "Look:"}, {"type": "input_image", "image_url": "data:image/png;base64,AA=="}, {"type": "input_file", "file_id": "f"}]
+    content = [
+        {"type": "input_text", "text": "Look:"},
+        {"type": "input_image", "image_url": "data:image/png;base64,AA=="},
+        {"type": "input_file", "file_id": "f"},
+    ]
     response = ask(client, False, input=[{"role": "user", "content": content}], max_output_tokens=2)
     prompt = prompt_of(server, response.id)
-    assert "Look:\n[input_image: not shown, this model reads text only]\n[input_file: not shown, this model reads text only]" in prompt
+    assert (
+        "Look:\n[input_image: not shown, this model reads text only]\n"
+        "[input_file: not shown, this model reads text only]" in prompt
+    )
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
@@ -275,7 +360,15 @@ def test_max_output_tokens_is_incomplete(client, server, stream):
 
 
 def test_store_and_prompt_cache_key_are_accepted(client):
-    response = ask(client, False, input="Good morning!", store=True, prompt_cache_key="k1", include=["reasoning.encrypted_content"], metadata={"a": "b"})
+    response = ask(
+        client,
+        False,
+        input="Good morning!",
+        store=True,
+        prompt_cache_key="k1",
+        include=["reasoning.encrypted_content"],
+        metadata={"a": "b"},
+    )
     assert response.status == "completed"
 
 
@@ -329,16 +422,47 @@ CODEX_BODY = {
     "model": "local-model",
     "stream": True,
     "input": [
-        {"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "<permissions>Read-only sandbox.</permissions>"}]},
-        {"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "You are a coding agent."}, {"type": "input_text", "text": "Be concise."}]},
-        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "<environment_context>cwd: /tmp</environment_context>"}]},
+        {
+            "type": "message",
+            "role": "developer",
+            "content": [{"type": "input_text", "text": "<permissions>Read-only sandbox.</permissions>"}],
+        },
+        {
+            "type": "message",
+            "role": "developer",
+            "content": [
+                {"type": "input_text", "text": "You are a coding agent."},
+                {"type": "input_text", "text": "Be concise."},
+            ],
+        },
+        {
+            "type": "message",
+            "role": "user",
+            "content": [{"type": "input_text", "text": "<environment_context>cwd: /tmp</environment_context>"}],
+        },
         {"type": "message", "role": "user", "content": [{"type": "input_text", "text": PARIS}]},
     ],
     "tools": [
         {"type": "function", "strict": False, **FUNCTIONS[0]},
-        {"type": "namespace", "name": "agents_v1", "description": "Sub-agents.", "tools": [
-            {"type": "function", "name": "spawn_agent", "description": "Start one.", "strict": False, "parameters": {"type": "object", "properties": {"task": {"type": "string"}}, "required": ["task"], "additionalProperties": False}},
-        ]},
+        {
+            "type": "namespace",
+            "name": "agents_v1",
+            "description": "Sub-agents.",
+            "tools": [
+                {
+                    "type": "function",
+                    "name": "spawn_agent",
+                    "description": "Start one.",
+                    "strict": False,
+                    "parameters": {
+                        "type": "object",
+                        "properties": {"task": {"type": "string"}},
+                        "required": ["task"],
+                        "additionalProperties": False,
+                    },
+                },
+            ],
+        },
         {"type": "function", "strict": False, **FUNCTIONS[1]},
         {"type": "web_search", "external_web_access": False},
     ],
@@ -356,47 +480,71 @@ STREAM_EVENT = TypeAdapter(ResponseStreamEvent)
 
 
 def check_order(events: list[dict]):
-    """The invariants of a Responses stream that the SDK and Codex rely on; each event validated against the SDK's type."""
+    """The invariants of a Responses stream that the SDK and Codex rely on; each event validated against the SDK's
+    type."""
     for event in events:
         STREAM_EVENT.validate_python(event)
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
     assert [e["type"] for e in events[:2]] == ["response.created", "response.in_progress"]
     assert events[-1]["type"] in ("response.completed", "response.incomplete")
     lifecycle = [e["response"] for e in events if "response" in e]
-    assert len({r["id"] for r in lifecycle}) == 1 and lifecycle[0]["output"] == [] and lifecycle[0]["status"] == "in_progress"
+    assert (
+        len({r["id"] for r in lifecycle}) == 1
+        and lifecycle[0]["output"] == []
+        and lifecycle[0]["status"] == "in_progress"
+    )
     items = [e for e in events if "output_index" in e]
     added = [e["output_index"] for e in items if e["type"] == "response.output_item.added"]
     done = [e for e in items if e["type"] == "response.output_item.done"]
     assert added == list(range(len(added))) == [e["output_index"] for e in done]
     for index in added:  # each item's events: added first, done last, not interleaved with another item's
         own = [i for i, e in enumerate(events) if e.get("output_index") == index]
-        assert events[own[0]]["type"] == "response.output_item.added" and events[own[-1]]["type"] == "response.output_item.done"
+        assert (
+            events[own[0]]["type"] == "response.output_item.added"
+            and events[own[-1]]["type"] == "response.output_item.done"
+        )
         assert own == list(range(own[0], own[-1] + 1))
         kinds = [events[i]["type"] for i in own]
         for part, deltas in [("content_part", "text.delta"), ("reasoning_summary_part", "summary_text.delta")]:
             opened = [k for k, kind in enumerate(kinds) if kind == f"response.{part}.added"]
-            streamed = [k for k, kind in enumerate(kinds) if kind.endswith(deltas) and ("summary" in kind) == ("summary" in part)]
+            streamed = [
+                k
+                for k, kind in enumerate(kinds)
+                if kind.endswith(deltas) and ("summary" in kind) == ("summary" in part)
+            ]
             closed = [k for k, kind in enumerate(kinds) if kind == f"response.{part}.done"]
             assert not streamed or (opened and opened[0] < streamed[0] and streamed[-1] < closed[0])
         item = done[added.index(index)]["item"]
-        text = "".join(events[i]["delta"] for i in own if events[i]["type"] in ("response.output_text.delta", "response.reasoning_text.delta"))
+        text = "".join(
+            events[i]["delta"]
+            for i in own
+            if events[i]["type"] in ("response.output_text.delta", "response.reasoning_text.delta")
+        )
         if item["type"] in ("message", "reasoning"):
             assert item["content"][0]["text"] == text
         if item["type"] == "function_call":
-            arguments = "".join(events[i]["delta"] for i in own if events[i]["type"] == "response.function_call_arguments.delta")
+            arguments = "".join(
+                events[i]["delta"] for i in own if events[i]["type"] == "response.function_call_arguments.delta"
+            )
             assert arguments == item["arguments"] and json.loads(arguments) is not None
     final = events[-1]["response"]
     assert final["output"] == [e["item"] for e in done]
     used = final["usage"]
     assert used["total_tokens"] == used["input_tokens"] + used["output_tokens"]
-    assert {"cached_tokens", "cache_write_tokens"} <= set(used["input_tokens_details"]) and "reasoning_tokens" in used["output_tokens_details"]
+    assert {"cached_tokens", "cache_write_tokens"} <= set(used["input_tokens_details"]) and "reasoning_tokens" in used[
+        "output_tokens_details"
+    ]
 
 
 def test_codex_shaped_request(server, engine):
     events = raw_events(server, CODEX_BODY, CODEX_HEADERS)
     check_order(events)
     final = events[-1]["response"]
-    assert final["model"] == "local-model" and final["tools"][1]["type"] == "namespace" and final["parallel_tool_calls"] is True
+    assert (
+        final["model"] == "local-model"
+        and final["tools"][1]["type"] == "namespace"
+        and final["parallel_tool_calls"] is True
+    )
     [summary] = [t for t in httpx.get(server.url + "/v1/transcripts").json()["data"] if t["id"] == final["id"]]
     assert summary["source"] == "responses" and summary["client"] == "codex_exec/0.171.0"
     state = State()  # the dashboard, from the same bus events
@@ -404,7 +552,10 @@ def test_codex_shaped_request(server, engine):
         state.apply(event)
     assert cells(state.requests[final["id"]])[2:4] == ("responses", "codex_exec/0.171.0")
     prompt = prompt_of(server, final["id"])
-    assert prompt.startswith("<|im_start|>system\n<permissions>Read-only sandbox.</permissions>\n\nYou are a coding agent.\nBe concise.\n\n# Tools")
+    assert prompt.startswith(
+        "<|im_start|>system\n<permissions>Read-only sandbox.</permissions>\n\n"
+        "You are a coding agent.\nBe concise.\n\n# Tools"
+    )
     assert '"name": "spawn_agent"' in prompt and "web_search" not in prompt
 
 
@@ -424,28 +575,55 @@ def test_event_order(server, body):
     assert len({e["type"] for e in events}) > 6
 
 
-CUSTOM = {"type": "namespace", "name": "editing", "description": "Edit files.", "tools": [{"type": "custom", "name": "apply_patch", "description": "Apply a patch."}]}
+CUSTOM = {
+    "type": "namespace",
+    "name": "editing",
+    "description": "Edit files.",
+    "tools": [{"type": "custom", "name": "apply_patch", "description": "Apply a patch."}],
+}
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 def test_custom_tool_in_a_namespace(client, server, stream):
     choice = {"type": "custom", "name": "apply_patch"}
     # the call is bound to the tool's grammar: its free-text input may run to max_output_tokens on the demo model
-    response = ask(client, stream, input="Good morning!", tools=[CUSTOM], tool_choice=choice, reasoning={"effort": "none"}, max_output_tokens=40)
+    response = ask(
+        client,
+        stream,
+        input="Good morning!",
+        tools=[CUSTOM],
+        tool_choice=choice,
+        reasoning={"effort": "none"},
+        max_output_tokens=40,
+    )
     call = response.output[0]
-    assert (call.type, call.name, call.namespace) == ("custom_tool_call", "apply_patch", "editing") and isinstance(call.input, str)
-    assert '"name": "apply_patch", "description": "Apply a patch.", "parameters": {"type": "object", "properties": {"input"' in prompt_of(server, response.id)
+    assert (call.type, call.name, call.namespace) == ("custom_tool_call", "apply_patch", "editing") and isinstance(
+        call.input, str
+    )
+    assert (
+        '"name": "apply_patch", "description": "Apply a patch.", '
+        '"parameters": {"type": "object", "properties": {"input"' in prompt_of(server, response.id)
+    )
 
 
 def test_custom_tool_call_goes_back_as_its_input(client, server):
     turns = [
         {"role": "user", "content": "Patch it."},
-        {"type": "custom_tool_call", "call_id": "call_9", "name": "apply_patch", "namespace": "editing", "input": "*** Begin Patch"},
+        {
+            "type": "custom_tool_call",
+            "call_id": "call_9",
+            "name": "apply_patch",
+            "namespace": "editing",
+            "input": "*** Begin Patch",
+        },
         {"type": "custom_tool_call_output", "call_id": "call_9", "output": "Done."},
     ]
     response = ask(client, False, input=turns, tools=[CUSTOM], max_output_tokens=2)
     prompt = prompt_of(server, response.id)
-    assert '{"name": "apply_patch", "arguments": {"input": "*** Begin Patch"}}' in prompt and "<tool_response>\nDone.\n</tool_response>" in prompt
+    assert (
+        '{"name": "apply_patch", "arguments": {"input": "*** Begin Patch"}}' in prompt
+        and "<tool_response>\nDone.\n</tool_response>" in prompt
+    )
 
 
 @pytest.fixture(scope="module")
@@ -467,7 +645,12 @@ def test_failure_after_the_stream_began_is_response_failed(faulty):
 
 
 def test_failure_of_a_whole_response_is_an_error_status(faulty):
-    response = httpx.post(faulty.url + "/v1/responses", json={"model": "m", "input": "Hi"}, headers={"x-mlx-tui-fault": "request_error@3"}, timeout=60)
+    response = httpx.post(
+        faulty.url + "/v1/responses",
+        json={"model": "m", "input": "Hi"},
+        headers={"x-mlx-tui-fault": "request_error@3"},
+        timeout=60,
+    )
     assert_openai_error(response, 500)
 
 
@@ -487,7 +670,13 @@ def test_items_of_one_assistant_turn_make_one_message():
         {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": seal("Two calls.")},
         {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Checking."}]},
         {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
-        {"type": "function_call", "call_id": "c2", "name": "get_weather", "namespace": "weather_service", "arguments": '{"city": "Rome"}'},
+        {
+            "type": "function_call",
+            "call_id": "c2",
+            "name": "get_weather",
+            "namespace": "weather_service",
+            "arguments": '{"city": "Rome"}',
+        },
         {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
         {"type": "function_call_output", "call_id": "c2", "output": [{"type": "input_text", "text": "rainy"}]},
         {"type": "reasoning", "id": "rs_2", "summary": [], "encrypted_content": seal("Both known.")},
@@ -495,7 +684,9 @@ def test_items_of_one_assistant_turn_make_one_message():
         {"type": "web_search_call", "id": "ws_1", "status": "completed"},
         {"role": "developer", "content": "Now in French."},
     ]
-    request, _ = to_request(ResponsesRequest.model_validate({"model": "m", "instructions": "Hi.", "input": items, "tools": [NAMESPACE]}))
+    request, _ = to_request(
+        ResponsesRequest.model_validate({"model": "m", "instructions": "Hi.", "input": items, "tools": [NAMESPACE]})
+    )
 
     def call(call_id: str, city: str) -> dict:
         return {"id": call_id, "type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}
@@ -503,7 +694,12 @@ def test_items_of_one_assistant_turn_make_one_message():
     assert request.messages == [
         {"role": "system", "content": "Hi.\n\nBe brief."},
         {"role": "user", "content": "Weather in Paris and Rome?"},
-        {"role": "assistant", "content": "Checking.", "reasoning_content": "Two calls.", "tool_calls": [call("c1", "Paris"), call("c2", "Rome")]},
+        {
+            "role": "assistant",
+            "content": "Checking.",
+            "reasoning_content": "Two calls.",
+            "tool_calls": [call("c1", "Paris"), call("c2", "Rome")],
+        },
         {"role": "tool", "tool_call_id": "c1", "content": "sunny", "name": "get_weather"},
         {"role": "tool", "tool_call_id": "c2", "content": "rainy", "name": "get_weather"},
         {"role": "assistant", "content": "Sunny and rainy.", "reasoning_content": "Both known."},
@@ -519,8 +715,17 @@ def test_a_long_prefill_repeats_in_progress(monkeypatch):
     events = stream.start(Started(4000, 0))
     assert stream.feed(PrefillProgress(512, 4000)) == []  # too soon
     monkeypatch.setattr(responses, "PROGRESS_SECONDS", 0)
-    events += stream.feed(PrefillProgress(1024, 4000)) + stream.feed(TextDelta("Hello")) + stream.feed(Done("end", Usage(4000, 0, 1), Timings(0, 0, 0)))
-    assert [e["type"] for e in events][:4] == ["response.created", "response.in_progress", "response.in_progress", "response.output_item.added"]
+    events += (
+        stream.feed(PrefillProgress(1024, 4000))
+        + stream.feed(TextDelta("Hello"))
+        + stream.feed(Done("end", Usage(4000, 0, 1), Timings(0, 0, 0)))
+    )
+    assert [e["type"] for e in events][:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.in_progress",
+        "response.output_item.added",
+    ]
     check_order(events)
 
 

@@ -8,16 +8,19 @@ from mlx_tui.engine.request import Request
 def test_health(server, engine):
     """The contract's fields (later issues may add more, never rename)."""
     health = httpx.get(server.url + "/health").json()
-    assert health.items() >= {
-        "status": "ok",
-        "model": "mlx-tui-demo",
-        "breaker": {"state": "closed", "failures": 0, "next_probe_s": None},
-        "worker": {"pid": engine.pid, "restarts": engine.restarts},
-        "ranks": 1,
-        "blas": engine.blas,
-        "dtype": engine.info["dtype"],
-        "tool_parser": engine.info["tool_parser"],
-    }.items()
+    assert (
+        health.items()
+        >= {
+            "status": "ok",
+            "model": "mlx-tui-demo",
+            "breaker": {"state": "closed", "failures": 0, "next_probe_s": None},
+            "worker": {"pid": engine.pid, "restarts": engine.restarts},
+            "ranks": 1,
+            "blas": engine.blas,
+            "dtype": engine.info["dtype"],
+            "tool_parser": engine.info["tool_parser"],
+        }.items()
+    )
 
 
 def test_models_shape_follows_the_protocol_header(server):

@@ -12,7 +12,6 @@ from mlx_tui.api.openai_models import ChatRequest
 from mlx_tui.engine import events as ev
 from mlx_tui.engine.request import Constraint
 
-
 USAGE = ev.Usage(prompt_tokens=30, cached_tokens=10, generated_tokens=7)
 TIMINGS = ev.Timings(0.0, 0.1, 0.2)
 
@@ -68,7 +67,9 @@ def test_anthropic_tool_results_become_tool_messages():
         {
             "role": "assistant",
             "content": "Let me look.",
-            "tool_calls": [{"id": "toolu_1", "type": "function", "function": {"name": "Read", "arguments": {"path": "a"}}}],
+            "tool_calls": [
+                {"id": "toolu_1", "type": "function", "function": {"name": "Read", "arguments": {"path": "a"}}}
+            ],
         },
         {
             "role": "tool",
@@ -84,7 +85,10 @@ def test_anthropic_tool_results_become_tool_messages():
 def test_anthropic_thinking_comes_back_only_when_signed():
     def history(signature):
         thinking = {"type": "thinking", "thinking": "hmm", "signature": signature}
-        messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": [thinking, {"type": "text", "text": "a"}]}]
+        messages = [
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": [thinking, {"type": "text", "text": "a"}]},
+        ]
         return anthropic_request(messages=messages).messages[1]
 
     assert history(anthropic.sign("hmm"))["reasoning_content"] == "hmm"
@@ -92,7 +96,13 @@ def test_anthropic_thinking_comes_back_only_when_signed():
 
 
 @pytest.mark.parametrize(
-    "thinking, enabled", [(None, False), ({"type": "disabled"}, False), ({"type": "enabled", "budget_tokens": 9}, True), ({"type": "adaptive"}, True)]
+    "thinking, enabled",
+    [
+        (None, False),
+        ({"type": "disabled"}, False),
+        ({"type": "enabled", "budget_tokens": 9}, True),
+        ({"type": "adaptive"}, True),
+    ],
 )
 def test_anthropic_thinking_setting(thinking, enabled):
     body = {"messages": [{"role": "user", "content": "q"}]}
@@ -102,7 +112,13 @@ def test_anthropic_thinking_setting(thinking, enabled):
 
 
 @pytest.mark.parametrize(
-    "choice, expected", [({"type": "auto"}, "auto"), ({"type": "any"}, "required"), ({"type": "none"}, "none"), ({"type": "tool", "name": "f"}, "f")]
+    "choice, expected",
+    [
+        ({"type": "auto"}, "auto"),
+        ({"type": "any"}, "required"),
+        ({"type": "none"}, "none"),
+        ({"type": "tool", "name": "f"}, "f"),
+    ],
 )
 def test_anthropic_tool_choice(choice, expected):
     assert anthropic_request(messages=[{"role": "user", "content": "q"}], tool_choice=choice).tool_choice == expected
@@ -141,7 +157,8 @@ def test_anthropic_frames_follow_the_protocol():
     names = [name for name, _ in frames]
     assert names == [
         "message_start",
-        "content_block_start", "content_block_delta", "content_block_delta", "content_block_delta", "content_block_stop",
+        "content_block_start", "content_block_delta", "content_block_delta", "content_block_delta",
+        "content_block_stop",
         "content_block_start", "content_block_delta", "content_block_delta", "content_block_stop",
         "content_block_start", "content_block_delta", "content_block_delta", "content_block_stop",
         "content_block_start", "content_block_delta", "content_block_stop",
@@ -155,7 +172,12 @@ def test_anthropic_frames_follow_the_protocol():
         {"type": "tool_use", "id": "toolu_def", "name": "get_time", "input": {}},
     ]
     assert message["stop_reason"] == "tool_use"
-    assert message["usage"] == {"input_tokens": 20, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 10, "output_tokens": 7}
+    assert message["usage"] == {
+        "input_tokens": 20,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 10,
+        "output_tokens": 7,
+    }
 
 
 def test_anthropic_leaves_reasoning_out_when_thinking_is_off():
@@ -168,14 +190,20 @@ def test_anthropic_stop_sequence_and_error_frames():
     [(_, delta), _] = stream.feed(ev.Done("stop_sequence", USAGE, TIMINGS, stop_sequence="END"))[-2:]
     assert delta["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": "END"}
     [(name, data)] = stream.feed(ev.Error("engine", "the worker died"))
-    assert (name, data) == ("error", {"type": "error", "error": {"type": "overloaded_error", "message": "the worker died"}})
+    assert (name, data) == (
+        "error",
+        {"type": "error", "error": {"type": "overloaded_error", "message": "the worker died"}},
+    )
 
 
 def test_openai_request_translates():
     request = openai_request(
         messages=[
             {"role": "developer", "content": "Be brief."},
-            {"role": "user", "content": [{"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": "x"}}]},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": "x"}}],
+            },
             {
                 "role": "assistant",
                 "content": None,
@@ -197,16 +225,33 @@ def test_openai_request_translates():
     assert request.messages == [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "look\n[image_url: not shown, this model reads text only]"},
-        {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"a": 1}}}]},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"a": 1}}}],
+        },
         {"role": "tool", "content": "done", "tool_call_id": "c1"},
     ]
-    assert request.tools == [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    assert request.tools == [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    ]
     assert (request.tool_choice, request.max_tokens, request.stop) == ("f", 5, ["END"])
-    assert (request.sampling.seed, request.sampling.logit_bias, request.sampling.presence_penalty) == (2**64 - 1, {3: 2.0}, 0.5)
+    assert (request.sampling.seed, request.sampling.logit_bias, request.sampling.presence_penalty) == (
+        2**64 - 1,
+        {3: 2.0},
+        0.5,
+    )
 
 
 @pytest.mark.parametrize(
-    "extra", [{"n": 2}, {"logprobs": True}, {"response_format": {"type": "json_schema"}}, {"functions": []}, {"logit_bias": {"x": 1}}]
+    "extra",
+    [
+        {"n": 2},
+        {"logprobs": True},
+        {"response_format": {"type": "json_schema"}},
+        {"functions": []},
+        {"logit_bias": {"x": 1}},
+    ],
 )
 def test_openai_refuses_what_it_cannot_do(extra):
     with pytest.raises(ApiError) as caught:
@@ -219,19 +264,38 @@ def test_openai_chunks_and_fold():
     chunks = stream.start(ev.Started(30, 10))
     for event in events_with_everything():
         chunks += stream.feed(event)
-    calls = [c["choices"][0]["delta"]["tool_calls"][0] for c in chunks if c["choices"] and "tool_calls" in c["choices"][0]["delta"]]
-    assert calls[0] == {"index": 0, "id": "call_abc", "type": "function", "function": {"name": "get_weather", "arguments": ""}}
-    assert calls[1:3] == [{"index": 0, "function": {"arguments": '{"city": '}}, {"index": 0, "function": {"arguments": '"Paris"}'}}]
+    calls = [
+        c["choices"][0]["delta"]["tool_calls"][0]
+        for c in chunks
+        if c["choices"] and "tool_calls" in c["choices"][0]["delta"]
+    ]
+    assert calls[0] == {
+        "index": 0,
+        "id": "call_abc",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": ""},
+    }
+    assert calls[1:3] == [
+        {"index": 0, "function": {"arguments": '{"city": '}},
+        {"index": 0, "function": {"arguments": '"Paris"}'}},
+    ]
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["prompt_tokens"] == 30
     completion = openai.fold(stream, chunks)
     message = completion["choices"][0]["message"]
     assert message["content"] == "Sure, checking." and message["reasoning_content"] == "think more"
-    assert [(c["id"], c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message["tool_calls"]] == [
+    assert [
+        (c["id"], c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message["tool_calls"]
+    ] == [
         ("call_abc", "get_weather", {"city": "Paris"}),
         ("call_def", "get_time", {}),
     ]
     assert completion["choices"][0]["finish_reason"] == "tool_calls"
-    assert completion["usage"] == {"prompt_tokens": 30, "completion_tokens": 7, "total_tokens": 37, "prompt_tokens_details": {"cached_tokens": 10}}
+    assert completion["usage"] == {
+        "prompt_tokens": 30,
+        "completion_tokens": 7,
+        "total_tokens": 37,
+        "prompt_tokens_details": {"cached_tokens": 10},
+    }
 
 
 def abandoned_call():
@@ -252,7 +316,9 @@ def test_anthropic_closes_an_abandoned_call_with_valid_json():
         "content_block_stop", "message_delta", "message_stop",
     ]  # fmt: skip
     message = anthropic.fold(frames)
-    assert message["content"] == [{"type": "tool_use", "id": "toolu_abc", "name": "get_weather", "input": {"city": "Pa"}}]
+    assert message["content"] == [
+        {"type": "tool_use", "id": "toolu_abc", "name": "get_weather", "input": {"city": "Pa"}}
+    ]
     assert message["stop_reason"] == "max_tokens"
 
 
@@ -283,10 +349,24 @@ SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}}
         ({}, None),
         ({"response_format": {"type": "text"}}, None),
         ({"response_format": {"type": "json_object"}}, Constraint("json_object", {"type": "object"})),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA, "strict": False}}},
-         Constraint("json_schema", SCHEMA)),
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": SCHEMA, "strict": True}},
-                    {"type": "function", "function": {"name": "g"}}]}, Constraint(strict_tools=["f"])),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": SCHEMA, "strict": False},
+                }
+            },
+            Constraint("json_schema", SCHEMA),
+        ),
+        (
+            {
+                "tools": [
+                    {"type": "function", "function": {"name": "f", "parameters": SCHEMA, "strict": True}},
+                    {"type": "function", "function": {"name": "g"}},
+                ]
+            },
+            Constraint(strict_tools=["f"]),
+        ),
     ],
     ids=["none", "text", "json_object", "json_schema", "strict_tool"],
 )
@@ -300,8 +380,10 @@ def test_openai_structured_output(extra, expected):
         ({"output_config": {"effort": "high"}}, None),
         ({"output_config": {"format": {"type": "json_schema", "schema": SCHEMA}}}, Constraint("json_schema", SCHEMA)),
         ({"output_format": {"type": "json_schema", "schema": SCHEMA}}, Constraint("json_schema", SCHEMA)),
-        ({"tools": [{"name": "f", "input_schema": SCHEMA, "strict": True}, {"name": "g", "input_schema": SCHEMA}]},
-         Constraint(strict_tools=["f"])),
+        (
+            {"tools": [{"name": "f", "input_schema": SCHEMA, "strict": True}, {"name": "g", "input_schema": SCHEMA}]},
+            Constraint(strict_tools=["f"]),
+        ),
     ],
     ids=["effort_only", "output_config", "beta_output_format", "strict_tool"],
 )

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from families import FAMILIES, build
 
+from mlx_tui.engine import cache_kinds
 from mlx_tui.engine.config import EngineConfig
 from mlx_tui.engine.demo.conversations import TOOLS, user
 from mlx_tui.engine.disk_cache import DiskCache
@@ -21,7 +22,6 @@ from mlx_tui.engine.loader import load
 from mlx_tui.engine.prefix_cache import PrefixCache
 from mlx_tui.engine.request import Request
 from mlx_tui.engine.scheduler import Scheduler
-from mlx_tui.engine import cache_kinds
 
 SYSTEM = {"role": "system", "content": "You are a careful assistant who checks the weather. " * 6}
 TOLERANCE = 2e-3
@@ -69,7 +69,7 @@ def cached(events: list) -> int:
 
 
 def same_logits(a: list, b: list) -> bool:
-    return len(a) == len(b) and all(np.allclose(x, y, atol=TOLERANCE) for x, y in zip(a, b))
+    return len(a) == len(b) and all(np.allclose(x, y, atol=TOLERANCE) for x, y in zip(a, b, strict=False))
 
 
 def ask(messages: list, **changes) -> Request:
@@ -182,8 +182,10 @@ def test_an_agent_session_is_served_from_the_cache_turn_after_turn(loop, make_en
         side = Request(messages=[user(f"Write a title for conversation {turn}.")], max_tokens=4)
         loop.run(collect(engine, side))
         # the client sends the call back in its own words, not the model's, then the tool's result
-        messages += [{"role": "assistant", "content": "", "tool_calls": [call(turn)]},
-                     {"role": "tool", "tool_call_id": f"call_{turn}", "content": f"{10 + turn} degrees"}]
+        messages += [
+            {"role": "assistant", "content": "", "tool_calls": [call(turn)]},
+            {"role": "tool", "tool_call_id": f"call_{turn}", "content": f"{10 + turn} degrees"},
+        ]
     stats = loop.run(engine.stats())["cache"]
     assert stats["snapshots"] > 0 and stats["snapshot_bytes"] > 0 and stats["mode"].startswith("snapshots")
 
@@ -205,7 +207,8 @@ def text_of(events: list) -> str:
 
 
 def test_a_group_agrees_on_snapshot_hits_from_disk(loop, make_engine, tmp_path_factory, tmp_path):
-    """Two tensor-parallel ranks of a hybrid model: the same output as one worker, and a disk hit on both after a restart."""
+    """Two tensor-parallel ranks of a hybrid model: the same output as one worker, and a disk hit on both after a
+    restart."""
     model = str(build("qwen3_5", tmp_path_factory.mktemp("qwen3_5_group")))
     first, second = [LONG_SYSTEM, user("Hello!")], [LONG_SYSTEM, user("Good morning!")]
     one = make_engine(model=model, loop_window=0)

@@ -1,5 +1,6 @@
 """The checks that keep the house in order: the layers' imports, lint, formatting and types."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -7,30 +8,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
-# The files ruff and mypy hold to the project's settings today; widen it as files are brought in line.
-CLEAN = [
-    "engine/bus.py",
-    "engine/client.py",
-    "engine/events.py",
-    "engine/faults.py",
-    "engine/inflight.py",
-    "engine/observer.py",
-    "engine/protocol.py",
-    "engine/rank_monitor.py",
-    "engine/supervisor.py",
-    "engine/transcripts.py",
-    "engine/worker.py",
-    "engine/worker_process.py",
-    "api/embedded.py",
-    "api/headless.py",
-    "api/observe.py",
-    "api/server.py",
-    "api/startup.py",
-    "tui/changes.py",
-    "tui/local.py",
-    "tui/remote.py",
-    "tui/state.py",
-]
+# The files the `agents` branch changes: the lead formats and checks them after merging it, then empties this list.
+# Textual types App.BINDINGS as Binding-or-tuple and query_one's overloads refuse a str-or-class selector, so the
+# app's help screen and tab focus do not type-check without casts; the rest of tui/ does.
+UNTYPED = ["tui/app.py"]
+
+
+def excluded(paths: list[str]) -> str:
+    """A mypy --exclude pattern for exactly these files."""
+    return "^(" + "|".join(re.escape(p) for p in paths) + ")$"
 
 
 def run(*command: str) -> subprocess.CompletedProcess:
@@ -44,13 +30,14 @@ def test_the_layers_hold():
 
 
 def test_lint_and_format():
-    result = run(str(BIN / "ruff"), "check", *CLEAN)
+    """ruff's lint and format on the whole tree."""
+    result = run(str(BIN / "ruff"), "check", ".")
     assert result.returncode == 0, result.stdout + result.stderr
-    result = run(str(BIN / "ruff"), "format", "--check", *CLEAN)
+    result = run(str(BIN / "ruff"), "format", "--check", ".")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_types():
-    engine_and_api = [f for f in CLEAN if f.startswith(("engine/", "api/"))]
-    result = run(str(BIN / "mypy"), "--follow-imports=silent", *engine_and_api)
+    """mypy on the engine, the API and the dashboard, each package as a whole."""
+    result = run(str(BIN / "mypy"), "--follow-imports=silent", "--exclude", excluded(UNTYPED), "engine", "api", "tui")
     assert result.returncode == 0, result.stdout + result.stderr

@@ -51,7 +51,7 @@ def test_a_removed_folder_costs_the_entries_not_the_writer(tmp_path, capfd):
     assert disk.flush(10), "flush must end once the failed writes are dropped"
     assert time.monotonic() - began < 5
     assert disk.write_errors == 3 and len(disk.index) == 1
-    [line] = [l for l in capfd.readouterr().err.splitlines() if "disk cache" in l]  # said once, not per entry
+    [line] = [s for s in capfd.readouterr().err.splitlines() if "disk cache" in s]  # said once, not per entry
     assert line.startswith(f"disk cache: cannot write to {tmp_path / 'model'}")
     (tmp_path / "model").mkdir()
     disk.save(entry(16, first=1000))
@@ -60,7 +60,8 @@ def test_a_removed_folder_costs_the_entries_not_the_writer(tmp_path, capfd):
 
 @pytest.fixture
 def blocked_write(tmp_path):
-    """A disk tier whose next write blocks (its temporary file is a FIFO no one reads yet), and the way to unblock it."""
+    """A disk tier whose next write blocks (its temporary file is a FIFO no one reads yet), and the way to unblock
+    it."""
     disk = DiskCache(tmp_path / "model", 2**30, "m")
     first = entry(64)
     os.mkfifo(partial_path(disk, first))
@@ -109,7 +110,9 @@ def full_tmpfs(tmp_path):
     """A 64 KiB tmpfs mounted for the test (needs root, as CI runs), almost full."""
     mount = tmp_path / "small"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here to fill ({done.stderr.strip() or 'mount failed'})")
     try:
@@ -208,8 +211,10 @@ def test_random_files_are_never_loaded(data):
 
 
 @FUZZ
-@given(st.lists(st.tuples(st.integers(0, 2**31), st.integers(1, 255)), min_size=1, max_size=8),
-       st.one_of(st.none(), st.integers(0, 2**31)))
+@given(
+    st.lists(st.tuples(st.integers(0, 2**31), st.integers(1, 255)), min_size=1, max_size=8),
+    st.one_of(st.none(), st.integers(0, 2**31)),
+)
 def test_mutated_files_are_never_loaded_as_anything_else(flips, cut):
     data, _, e = original()
     mutated = bytearray(data)

@@ -15,13 +15,12 @@ import pytest
 from conftest import Server, letter_token, start_engine
 
 from mlx_tui.api.server import create_app
-
-from mlx_tui.engine.demo import MODEL_DIR
-from mlx_tui.engine.disk_cache import read_metadata
-from mlx_tui.engine.demo.conversations import CONVERSATIONS
 from mlx_tui.engine.bus import WorkerChange
-from mlx_tui.engine.group import CONNECT_TIMEOUT
+from mlx_tui.engine.demo import MODEL_DIR
+from mlx_tui.engine.demo.conversations import CONVERSATIONS
+from mlx_tui.engine.disk_cache import read_metadata
 from mlx_tui.engine.events import Done, Error, RawText, Started, TextDelta, ToolCallEnd
+from mlx_tui.engine.group import CONNECT_TIMEOUT
 from mlx_tui.engine.request import Constraint, Request, Sampling
 
 BY_NAME = {c["name"]: c for c in CONVERSATIONS}
@@ -89,7 +88,7 @@ async def test_the_dashboard_shows_the_ranks(loop, group):
     try:
         async with app.run_test(size=SIZE) as pilot:
             await until(pilot, lambda: "ranks" in shown(app, "#engine-info"))
-            line = next(l for l in shown(app, "#engine-info").splitlines() if l.strip().startswith("ranks"))
+            line = next(s for s in shown(app, "#engine-info").splitlines() if s.strip().startswith("ranks"))
             assert all(f"{r['rank']} {r['host']}" in line for r in group.info["ranks"])
     finally:
         await app.backend.stop()
@@ -107,8 +106,10 @@ def test_greedy_output_is_the_same_as_one_rank(loop, engine, group, name):
 
 
 RECORD = {
-    "type": "object", "properties": {"name": {"type": "string", "maxLength": 12}, "n": {"type": "integer", "minimum": 3, "maximum": 300}},
-    "required": ["name", "n"], "additionalProperties": False,
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 12}, "n": {"type": "integer", "minimum": 3, "maximum": 300}},
+    "required": ["name", "n"],
+    "additionalProperties": False,
 }
 
 
@@ -144,7 +145,7 @@ def test_two_concurrent_requests_decode_in_one_batch(loop, engine, group):
         return await asyncio.gather(*(collect(group, request_for(n, max_tokens=40)) for n in names))
 
     results = loop.run(together())
-    for name, events in zip(names, results):
+    for name, events in zip(names, results, strict=False):
         assert raw(events) == raw(loop.run(collect(engine, request_for(name, max_tokens=40))))
     assert loop.run(group.stats())["batch_sizes"].get(2, 0) > before.get(2, 0)
 
@@ -216,7 +217,7 @@ def mlx_tui(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 
 def error_line(done: subprocess.CompletedProcess) -> str:
-    [line] = [l for l in done.stderr.splitlines() if l.startswith("mlx-tui:")]
+    [line] = [s for s in done.stderr.splitlines() if s.startswith("mlx-tui:")]
     return line
 
 
@@ -251,8 +252,16 @@ def test_an_unreachable_host_fails_the_start_in_bounded_time(tmp_path):
 
 
 def test_a_model_that_cannot_be_split_is_named(tmp_path):
-    config = {"model_type": "gpt2", "n_ctx": 64, "n_embd": 32, "n_head": 2, "n_layer": 2, "n_positions": 64,
-              "layer_norm_epsilon": 1e-5, "vocab_size": 100}
+    config = {
+        "model_type": "gpt2",
+        "n_ctx": 64,
+        "n_embd": 32,
+        "n_head": 2,
+        "n_layer": 2,
+        "n_positions": 64,
+        "layer_norm_epsilon": 1e-5,
+        "vocab_size": 100,
+    }
     (tmp_path / "config.json").write_text(json.dumps(config))
     done = mlx_tui("--model", str(tmp_path), "--local-ranks", "2")
     assert done.returncode == 1
@@ -266,11 +275,24 @@ def tiny_pipeline_model(path: Path, layers: int = 4) -> Path:
     from mlx_lm.models import ministral3
     from mlx_lm.utils import save_model
 
-    config = {"model_type": "ministral3", "hidden_size": 64, "num_hidden_layers": layers, "intermediate_size": 128,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "vocab_size": 400,
-              "max_position_embeddings": 4096, "tie_word_embeddings": True,
-              "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "llama_4_scaling_beta": 0.1,
-                                  "original_max_position_embeddings": 4096}}
+    config = {
+        "model_type": "ministral3",
+        "hidden_size": 64,
+        "num_hidden_layers": layers,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5,
+        "vocab_size": 400,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": True,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "llama_4_scaling_beta": 0.1,
+            "original_max_position_embeddings": 4096,
+        },
+    }
     mx.random.seed(0)
     model = ministral3.Model(ministral3.ModelArgs.from_dict(config))
     # weights large enough that greedy decoding wanders over the vocabulary instead of repeating one token

@@ -9,6 +9,7 @@ import httpx
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
+from conftest import Server
 from mlx.utils import tree_flatten
 from mlx_lm.models.llama import Model, ModelArgs
 
@@ -20,11 +21,16 @@ from mlx_tui.engine.events import Done, TextDelta
 from mlx_tui.engine.loader import choose_dtype
 from mlx_tui.engine.request import Request
 
-from conftest import Server
-
 # the benchmark model's architecture at a size that loads in a moment, with the demo model's tokenizer
-TINY = dict(MODEL_ARGS, hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=json.loads((MODEL_DIR / "config.json").read_text())["vocab_size"])
+TINY = dict(
+    MODEL_ARGS,
+    hidden_size=64,
+    num_hidden_layers=2,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=json.loads((MODEL_DIR / "config.json").read_text())["vocab_size"],
+)
 
 
 def tiny_model(path, dtype: str, quantize: bool = False):
@@ -80,8 +86,11 @@ def test_bfloat16_on_request_serves_and_health_says_so(loop, make_engine):
     try:
         health = httpx.get(server.url + "/health").json()
         assert (health["dtype"], health["dtype_note"]) == ("bfloat16", "cast from float32 (--dtype bfloat16)")
-        reply = httpx.post(server.url + "/v1/chat/completions", json={
-            "model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}, timeout=60)
+        reply = httpx.post(
+            server.url + "/v1/chat/completions",
+            json={"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8},
+            timeout=60,
+        )
         assert reply.status_code == 200
         assert reply.json()["usage"]["completion_tokens"] > 0
     finally:
@@ -99,13 +108,17 @@ def test_an_explicit_dtype_for_a_quantized_model_is_refused(make_engine, tmp_pat
     path = tiny_model(tmp_path / "q4", "bfloat16", quantize=True)
     with pytest.raises(ModelLoadError) as refused:
         make_engine(model=str(path), dtype="float32")
-    assert str(refused.value) == f"{path}: --dtype float32: the model is quantized and runs as stored (use --dtype auto)"
+    assert (
+        str(refused.value) == f"{path}: --dtype float32: the model is quantized and runs as stored (use --dtype auto)"
+    )
 
 
 def test_auto_keeps_the_stored_dtype_where_float32_does_not_fit_or_on_a_gpu():
     gib = 2**30
     assert choose_dtype("auto", "bfloat16", False, 10 * gib, 16 * gib, on_gpu=False) == (
-        "bfloat16", "kept: as float32 it would take 10.0 GiB of the 16.0 GiB available")
+        "bfloat16",
+        "kept: as float32 it would take 10.0 GiB of the 16.0 GiB available",
+    )
     assert choose_dtype("auto", "bfloat16", False, gib, 16 * gib, on_gpu=True) == ("bfloat16", "")
     assert choose_dtype("auto", "bfloat16", False, gib, 16 * gib, on_gpu=False)[0] == "float32"
 

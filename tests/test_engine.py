@@ -59,9 +59,7 @@ def reply_of(events) -> dict:
 def expected_reply(conversation: dict) -> dict:
     message = dict(conversation["messages"][-1])
     if "tool_calls" in message:
-        message["tool_calls"] = [
-            (c["function"]["name"], c["function"]["arguments"]) for c in message["tool_calls"]
-        ]
+        message["tool_calls"] = [(c["function"]["name"], c["function"]["arguments"]) for c in message["tool_calls"]]
     return message
 
 
@@ -141,14 +139,15 @@ def test_four_concurrent_requests_decode_in_one_batch(loop, engine):
     names = ["capital", "weather_paris", "reasoning", "text_then_call"]
     before = loop.run(engine.stats())["batch_sizes"]
     results = loop.run(run_together(engine, [request_for(BY_NAME[n]) for n in names]))
-    for name, events in zip(names, results):
+    for name, events in zip(names, results, strict=False):
         assert reply_of(events) == expected_reply(BY_NAME[name])
     after = loop.run(engine.stats())["batch_sizes"]
     assert after.get(4, 0) > before.get(4, 0)
 
 
 def test_output_tokens_are_the_replys_tokens_without_the_end_of_sequence(loop, engine):
-    """As OpenAI's completion_tokens and Anthropic's output_tokens count: what was generated and sent, not the end token."""
+    """As OpenAI's completion_tokens and Anthropic's output_tokens count: what was generated and sent, not the end
+    token."""
     tokenizer = Tokenizer.from_file(str(MODEL_DIR / "tokenizer.json"))
     events = loop.run(collect(engine, request_for(BY_NAME["capital"])))
     done = events[-1]
@@ -158,21 +157,24 @@ def test_output_tokens_are_the_replys_tokens_without_the_end_of_sequence(loop, e
 
 def test_a_request_left_while_generating_is_forgotten(loop, engine):
     async def start_then_leave():
-        stream = engine.generate(request_for(BY_NAME["greeting"], max_tokens=5000,
-                                             sampling=Sampling(logit_bias={letter_token(): 50.0})), request_id="left-1")
+        stream = engine.generate(
+            request_for(BY_NAME["greeting"], max_tokens=5000, sampling=Sampling(logit_bias={letter_token(): 50.0})),
+            request_id="left-1",
+        )
         async for event in stream:
             if isinstance(event, TextDelta):
                 break
         await stream.aclose()
 
     loop.run(start_then_leave())
-    assert "left-1" not in engine._generating, "one id kept per client disconnect"
+    assert "left-1" not in engine.observer._generating, "one id kept per client disconnect"
 
 
 def test_cancelled_request_leaves_the_batch(loop, engine):
     async def start_then_leave():
-        stream = engine.generate(request_for(BY_NAME["greeting"], max_tokens=5000,
-                                             sampling=Sampling(logit_bias={letter_token(): 50.0})))
+        stream = engine.generate(
+            request_for(BY_NAME["greeting"], max_tokens=5000, sampling=Sampling(logit_bias={letter_token(): 50.0}))
+        )
         async for event in stream:
             if isinstance(event, TextDelta):
                 break
@@ -248,7 +250,10 @@ def test_model_path_to_a_copy_of_the_demo_model(loop, tmp_path):
     copy = tmp_path / "my-model"
     shutil.copytree(MODEL_DIR, copy)
     phases = []
-    engine = EngineClient(EngineConfig(model=str(copy), transcripts_dir=None, cache_dir=None), on_progress=lambda p, f: phases.append((p, f)))
+    engine = EngineClient(
+        EngineConfig(model=str(copy), transcripts_dir=None, cache_dir=None),
+        on_progress=lambda p, f: phases.append((p, f)),
+    )
     loop.run(engine.start())
     try:
         conversation = BY_NAME["weather_tokyo"]

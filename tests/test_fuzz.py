@@ -27,7 +27,12 @@ SEEDS = {
             "system": [{"type": "text", "text": "Be brief."}],
             "messages": [
                 {"role": "user", "content": [{"type": "text", "text": "What is the weather in Paris?"}]},
-                {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}]},
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}
+                    ],
+                },
                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "Sunny"}]},
             ],
             "tools": [{"name": "get_weather", "description": "Weather", "input_schema": WEATHER_SCHEMA}],
@@ -43,8 +48,20 @@ SEEDS = {
             "metadata": {"user_id": "u"},
             "messages": [
                 {"role": "user", "content": [{"type": "text", "text": "Hi", "cache_control": {"type": "ephemeral"}}]},
-                {"role": "assistant", "content": [{"type": "thinking", "thinking": "hm", "signature": "x"}, {"type": "text", "text": "Hello"}]},
-                {"role": "user", "content": [{"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": ""}}, {"type": "text", "text": "And?"}]},
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "thinking", "thinking": "hm", "signature": "x"},
+                        {"type": "text", "text": "Hello"},
+                    ],
+                },
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": ""}},
+                        {"type": "text", "text": "And?"},
+                    ],
+                },
             ],
         },
     ],
@@ -56,7 +73,17 @@ SEEDS = {
             "messages": [
                 {"role": "system", "content": "Be brief."},
                 {"role": "user", "content": [{"type": "text", "text": "What is the weather in Paris?"}]},
-                {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": "call_1",
+                            "type": "function",
+                            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                        }
+                    ],
+                },
                 {"role": "tool", "tool_call_id": "call_1", "content": "Sunny"},
             ],
             "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER_SCHEMA}}],
@@ -73,7 +100,10 @@ SEEDS = {
             "stream_options": {"include_usage": True},
             "messages": [
                 {"role": "developer", "content": "Answer in French."},
-                {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "image_url", "image_url": {"url": "data:,"}}]},
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "Hi"}, {"type": "image_url", "image_url": {"url": "data:,"}}],
+                },
             ],
         },
     ],
@@ -84,14 +114,39 @@ SEEDS = {
             "max_output_tokens": FEW,
             "instructions": "Be brief.",
             "input": [
-                {"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "Answer in French."}]},
-                {"role": "user", "content": [{"type": "input_text", "text": "What is the weather in Paris?"}, {"type": "input_image", "image_url": "data:,"}]},
-                {"type": "function_call", "call_id": "call_1", "name": "get_weather", "namespace": "weather", "arguments": "{\"city\": \"Paris\"}"},
-                {"type": "function_call_output", "call_id": "call_1", "output": [{"type": "input_text", "text": "Sunny"}]},
+                {
+                    "type": "message",
+                    "role": "developer",
+                    "content": [{"type": "input_text", "text": "Answer in French."}],
+                },
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "input_text", "text": "What is the weather in Paris?"},
+                        {"type": "input_image", "image_url": "data:,"},
+                    ],
+                },
+                {
+                    "type": "function_call",
+                    "call_id": "call_1",
+                    "name": "get_weather",
+                    "namespace": "weather",
+                    "arguments": '{"city": "Paris"}',
+                },
+                {
+                    "type": "function_call_output",
+                    "call_id": "call_1",
+                    "output": [{"type": "input_text", "text": "Sunny"}],
+                },
                 {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "aGk=.AAAA"},
             ],
             "tools": [
-                {"type": "namespace", "name": "weather", "description": "Weather", "tools": [{"type": "function", "name": "get_weather", "parameters": WEATHER_SCHEMA}]},
+                {
+                    "type": "namespace",
+                    "name": "weather",
+                    "description": "Weather",
+                    "tools": [{"type": "function", "name": "get_weather", "parameters": WEATHER_SCHEMA}],
+                },
                 {"type": "custom", "name": "apply_patch"},
                 {"type": "web_search"},
             ],
@@ -114,14 +169,58 @@ SEEDS = {
 }
 
 # Leaves chosen to hurt: huge and tiny numbers, empty and odd strings, lone surrogates.
-NAMES = ["", " ", "\x00", "\ud800", "user", "assistant", "tool", "wizard", "text", "tool_use", "tool_result", "function", "type"]
-EDGES = st.sampled_from(
-    [0, -1, 1, 2**31, 2**63, 2**64, -(2**63), 10**30, 1e308, -1e308, 5e-324, -0.0, 0.5, 2, True, False, None,
-     [], {}, [[]], {"type": "text"}, {"type": None}] + NAMES
-) | st.builds(lambda n: "a" * n, st.just(5000)) | st.builds(lambda n: 10**n, st.just(400))
+NAMES = [
+    "",
+    " ",
+    "\x00",
+    "\ud800",
+    "user",
+    "assistant",
+    "tool",
+    "wizard",
+    "text",
+    "tool_use",
+    "tool_result",
+    "function",
+    "type",
+]
+EDGES = (
+    st.sampled_from(
+        [
+            0,
+            -1,
+            1,
+            2**31,
+            2**63,
+            2**64,
+            -(2**63),
+            10**30,
+            1e308,
+            -1e308,
+            5e-324,
+            -0.0,
+            0.5,
+            2,
+            True,
+            False,
+            None,
+            [],
+            {},
+            [[]],
+            {"type": "text"},
+            {"type": None},
+        ]
+        + NAMES
+    )
+    | st.builds(lambda n: "a" * n, st.just(5000))
+    | st.builds(lambda n: 10**n, st.just(400))
+)
 LEAVES = EDGES | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20)
 VALUES = st.recursive(
-    LEAVES, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8) | st.sampled_from(NAMES), inner, max_size=3),
+    LEAVES,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8) | st.sampled_from(NAMES), inner, max_size=3)
+    ),
     max_leaves=8,
 )
 
@@ -150,7 +249,10 @@ def surely_invalid(protocol: str):
         wrong_content += [[{"type": "tool_use", "id": "x"}], [{"type": "tool_result"}], [{"type": "text", "text": 5}]]
     if protocol == "responses":
         return st.one_of(
-            st.tuples(st.just(("input",)), st.sampled_from([None, [], {}, 5, [None], [[]], [{"role": "wizard", "content": "x"}]])),
+            st.tuples(
+                st.just(("input",)),
+                st.sampled_from([None, [], {}, 5, [None], [[]], [{"role": "wizard", "content": "x"}]]),
+            ),
             st.tuples(st.just(("model",)), st.sampled_from([None, 5, ["m"]])),
             st.tuples(st.just(("max_output_tokens",)), st.sampled_from([0, -1, "3", 1.5, 1e308, [3]])),
             st.tuples(st.just(("temperature",)), st.sampled_from([-1, "hot", [0]])),
@@ -185,7 +287,9 @@ def bodies(draw, protocol: str) -> tuple[bytes, bool]:
         if op == "add":  # an unknown field, anywhere a field can go
             dicts = [()] + [p for p in places if isinstance(parent(body, p + (None,)), dict)]
             target = parent(body, draw(st.sampled_from(dicts)) + (None,))
-            target[draw(st.text(max_size=8))] = copy.deepcopy(draw(VALUES))  # sampled objects are shared: never mutate them
+            target[draw(st.text(max_size=8))] = copy.deepcopy(
+                draw(VALUES)
+            )  # sampled objects are shared: never mutate them
             continue
         if not places:
             break
@@ -230,7 +334,9 @@ def bodies(draw, protocol: str) -> tuple[bytes, bool]:
 def check(client: httpx.Client, protocol: str, data: bytes, invalid: bool, fuzzing: bool = True):
     """Post the body; the answer must be a protocol-shaped 4xx (surely so when `invalid`) or a complete 2xx."""
     try:
-        with client.stream("POST", PATHS[protocol], content=data, headers={"content-type": "application/json"}) as response:
+        with client.stream(
+            "POST", PATHS[protocol], content=data, headers={"content-type": "application/json"}
+        ) as response:
             content = response.read()
     except httpx.HTTPError as e:  # a dropped connection or a hang (the client's timeout)
         pytest.fail(f"{type(e).__name__} for body {data[:2000]!r}")
@@ -252,17 +358,28 @@ def check(client: httpx.Client, protocol: str, data: bytes, invalid: bool, fuzzi
     text = content.decode()
     if response.headers["content-type"].startswith("text/event-stream"):
         data_lines = [line.removeprefix("data: ") for line in text.splitlines() if line.startswith("data: ")]
-        failed = "event: response.failed" in text if protocol == "responses" else '"error"' in data_lines[-2 if protocol == "openai" else -1]
+        failed = (
+            "event: response.failed" in text
+            if protocol == "responses"
+            else '"error"' in data_lines[-2 if protocol == "openai" else -1]
+        )
         assert "event: error" not in text and not failed, (
             f"a stream ended with an error for body {data[:2000]!r}: {text[-500:]}"
         )
         last = data_lines[-1]
-        ends = {"openai": lambda: last == "[DONE]", "anthropic": lambda: json.loads(last)["type"] == "message_stop",
-                "responses": lambda: json.loads(last)["type"] in ("response.completed", "response.incomplete")}
+        ends = {
+            "openai": lambda: last == "[DONE]",
+            "anthropic": lambda: json.loads(last)["type"] == "message_stop",
+            "responses": lambda: json.loads(last)["type"] in ("response.completed", "response.incomplete"),
+        }
         assert ends[protocol](), text[-500:]
     else:
         answer = json.loads(text)
-        kinds = {"anthropic": ("type", "message"), "openai": ("object", "chat.completion"), "responses": ("object", "response")}
+        kinds = {
+            "anthropic": ("type", "message"),
+            "openai": ("object", "chat.completion"),
+            "responses": ("object", "response"),
+        }
         field, kind = kinds[protocol]
         assert answer[field] == kind
 
@@ -274,9 +391,18 @@ def client(server):
 
 
 # CI replays the same 1000 bodies each run (a red CI names a body to fix); elsewhere each run explores new ones.
-FUZZ = settings(max_examples=1000, deadline=None, database=None, derandomize=bool(os.environ.get("CI")),
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much,
-                                       HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=1000,
+    deadline=None,
+    database=None,
+    derandomize=bool(os.environ.get("CI")),
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.filter_too_much,
+        HealthCheck.function_scoped_fixture,
+    ],
+)
 
 
 @FUZZ

@@ -23,7 +23,7 @@ TOOL = ("<tool_call>", "</tool_call>")
 
 def chunks(text: str, cuts: list[int]) -> list[str]:
     points = sorted({c % (len(text) + 1) for c in cuts} | {0, len(text)})
-    return [text[a:b] for a, b in zip(points, points[1:])]
+    return [text[a:b] for a, b in zip(points, points[1:], strict=False)]
 
 
 def run(text: str, cuts: list[int], **kwargs):
@@ -106,8 +106,9 @@ def test_arguments_stream_before_the_call_closes():
 
 
 def test_forced_call_starts_inside_the_markup():
-    parser = MarkupParser(THINK, TOOL, parse_tool_call, None, state=MarkupParser.TOOL,
-                          body='\n{"name": "get_time", "arguments": ')
+    parser = MarkupParser(
+        THINK, TOOL, parse_tool_call, None, state=MarkupParser.TOOL, body='\n{"name": "get_time", "arguments": '
+    )
     events = parser.feed('{"timezone": "UTC"}}\n</tool_call>') + parser.finish()
     end = next(e for e in events if isinstance(e, ToolCallEnd))
     assert (end.name, end.arguments) == ("get_time", {"timezone": "UTC"})

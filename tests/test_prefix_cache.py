@@ -62,7 +62,9 @@ def test_reasoning_turns_are_reused_too(loop, make_engine):
     assert started(second).cached_tokens == done.usage.prompt_tokens + done.usage.generated_tokens + 1
 
 
-@pytest.mark.parametrize("names", [["multi_turn", "greeting", "tool_result", "parallel_results", "reasoning_multi_turn"]])
+@pytest.mark.parametrize(
+    "names", [["multi_turn", "greeting", "tool_result", "parallel_results", "reasoning_multi_turn"]]
+)
 def test_greedy_output_is_the_same_with_and_without_the_cache(loop, make_engine, names):
     cached = make_engine()
     uncached = make_engine(cache_ram_gb=1e-9)
@@ -81,23 +83,30 @@ def as_message(events) -> dict:
     if reasoning := "".join(e.text for e in events if isinstance(e, ReasoningDelta)):
         message["reasoning_content"] = reasoning
     if calls:
-        message["tool_calls"] = [{"id": f"call_{i}", "type": "function", "function": {"name": n, "arguments": a}}
-                                 for i, (n, a) in enumerate(calls)]
+        message["tool_calls"] = [
+            {"id": f"call_{i}", "type": "function", "function": {"name": n, "arguments": a}}
+            for i, (n, a) in enumerate(calls)
+        ]
     return message
 
 
 TOOL_TURNS = [
     [user("What are the weather and the time in Berlin?")],
-    [result("call_0", '{"city": "Berlin", "temperature_c": 12, "condition": "cloudy"}'),
-     result("call_1", '{"timezone": "Europe/Berlin", "time": "14:05"}')],
+    [
+        result("call_0", '{"city": "Berlin", "temperature_c": 12, "condition": "cloudy"}'),
+        result("call_1", '{"timezone": "Europe/Berlin", "time": "14:05"}'),
+    ],
     [user("What is the weather in Paris?")],
 ]
 REASONING_TURNS = [[user("Is 17 a prime number?")], [user("And 18?")], [user("Good morning!")]]
 
 
-@pytest.mark.parametrize("steps, tools", [(TOOL_TURNS, TOOLS), (REASONING_TURNS, None)], ids=["tool_calls", "reasoning"])
+@pytest.mark.parametrize(
+    "steps, tools", [(TOOL_TURNS, TOOLS), (REASONING_TURNS, None)], ids=["tool_calls", "reasoning"]
+)
 def test_a_conversation_built_from_its_replies_reuses_each_whole_turn(loop, make_engine, steps, tools):
-    """Each turn resends the replies as parsed (calls as JSON, reasoning): the next prompt starts with all of the last turn's tokens."""
+    """Each turn resends the replies as parsed (calls as JSON, reasoning): the next prompt starts with all of the
+    last turn's tokens."""
     cached, uncached = make_engine(), make_engine(cache_ram_gb=1e-9)
     messages, previous = [], None
     for step in steps:
@@ -118,12 +127,16 @@ def test_a_reply_that_tokenises_differently_as_text_is_reused_whole(loop, make_e
     """A reply of ids that encoding its text would merge differently: the next turn keeps the generated ids."""
     tokenizer = Tokenizer.from_file(str(MODEL_DIR / "tokenizer.json"))
     token, piece = next(
-        (i, text) for i in range(tokenizer.get_vocab_size()) if (text := tokenizer.decode([i])).isalpha()
+        (i, text)
+        for i in range(tokenizer.get_vocab_size())
+        if (text := tokenizer.decode([i])).isalpha()
         and tokenizer.encode(text * 4, add_special_tokens=False).ids != [i] * 4
     )
     engine = make_engine()
     messages = [user("Hiss like a snake.")]
-    first = loop.run(collect(engine, Request(messages=messages, sampling=Sampling(logit_bias={token: 100.0}), max_tokens=4)))
+    first = loop.run(
+        collect(engine, Request(messages=messages, sampling=Sampling(logit_bias={token: 100.0}), max_tokens=4))
+    )
     text, _ = reply(first)
     assert text == piece * 4
     follow = messages + [{"role": "assistant", "content": text}, user("Again?")]
@@ -148,10 +161,21 @@ def test_system_prompt_and_tools_are_a_checkpoint_of_their_own(loop, make_engine
     engine = make_engine()
     tools = BY_NAME["weather_paris"]["tools"]
     head = loop.run(engine.count_tokens(Request(messages=[SYSTEM, {"role": "user", "content": "x"}], tools=tools)))
-    loop.run(collect(engine, Request(messages=[SYSTEM, {"role": "user", "content": "What is the weather in Paris?"}],
-                                    tools=tools, max_tokens=8)))
-    other = loop.run(collect(engine, Request(messages=[SYSTEM, {"role": "user", "content": "Good morning!"}],
-                                            tools=tools, max_tokens=8)))
+    loop.run(
+        collect(
+            engine,
+            Request(
+                messages=[SYSTEM, {"role": "user", "content": "What is the weather in Paris?"}],
+                tools=tools,
+                max_tokens=8,
+            ),
+        )
+    )
+    other = loop.run(
+        collect(
+            engine, Request(messages=[SYSTEM, {"role": "user", "content": "Good morning!"}], tools=tools, max_tokens=8)
+        )
+    )
     assert head - 10 < started(other).cached_tokens < head
 
 
@@ -160,7 +184,9 @@ def test_side_requests_do_not_evict_the_conversation(loop, make_engine):
     main = [long_system, {"role": "user", "content": "What is the capital of France?"}]
 
     def side(i):
-        return Request(messages=[{"role": "user", "content": f"Write a short title for chat number {i}."}], max_tokens=8)
+        return Request(
+            messages=[{"role": "user", "content": f"Write a short title for chat number {i}."}], max_tokens=8
+        )
 
     sizing = make_engine()
     loop.run(collect(sizing, Request(messages=main, max_tokens=16)))
@@ -186,7 +212,7 @@ def test_ram_budget_is_never_exceeded(loop, make_engine):
 
     async def traffic():
         peaks = []
-        for i in range(12):
+        for _i in range(12):
             words = " ".join(rng.choice(["alpha", "beta", "gamma", "delta"]) for _ in range(rng.randint(20, 120)))
             await collect(engine, Request(messages=[{"role": "user", "content": words}], max_tokens=4))
             peaks.append((await engine.stats())["cache"])
@@ -318,7 +344,7 @@ def test_concurrent_conversations_each_hit(loop, make_engine):
 
     first = loop.run(together(["weather_paris", "reasoning"]))
     follow = loop.run(together(["tool_result", "reasoning_multi_turn"]))
-    for f, s in zip(first, follow):
+    for f, s in zip(first, follow, strict=False):
         assert started(s).cached_tokens == f[-1].usage.prompt_tokens + f[-1].usage.generated_tokens + 1
 
 
@@ -330,8 +356,15 @@ def test_warm_up_makes_the_first_request_hit(loop, make_engine, tmp_path):
     engine = make_engine()
     line = loop.run(warm(engine, tmp_path / "system.txt"))
     assert line.startswith("warmed the prefix cache with ")
-    first = loop.run(collect(engine, Request(messages=[{"role": "system", "content": system_prompt},
-                                                       {"role": "user", "content": "Good morning!"}], max_tokens=8)))
+    first = loop.run(
+        collect(
+            engine,
+            Request(
+                messages=[{"role": "system", "content": system_prompt}, {"role": "user", "content": "Good morning!"}],
+                max_tokens=8,
+            ),
+        )
+    )
     assert started(first).cached_tokens > 300
 
 

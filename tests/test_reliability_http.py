@@ -161,8 +161,13 @@ def test_sigkill_mid_stream(serve, loop, tmp_path, protocol):
 
 def test_200_disconnects_leave_nothing_running(serve, loop):
     engine, server = serve(loop_window=0)
-    openai_body = body("openai", [{"role": "user", "content": "Good morning!"}], stream=True,
-                       max_tokens=100_000, logit_bias={str(letter_token()): 50})
+    openai_body = body(
+        "openai",
+        [{"role": "user", "content": "Good morning!"}],
+        stream=True,
+        max_tokens=100_000,
+        logit_bias={str(letter_token()): 50},
+    )
     anthropic_body = body("anthropic", [{"role": "user", "content": "Good morning!"}], stream=True, max_tokens=100_000)
     anthropic_body.pop("system")
 
@@ -198,8 +203,13 @@ def test_200_disconnects_leave_nothing_running(serve, loop):
 
 def test_burst_of_60_over_a_queue_of_16(serve):
     engine, server = serve(loop_window=0, max_queue=16, max_concurrency=4)
-    payload = body("openai", [{"role": "user", "content": "Good morning!"}], stream=True,
-                   max_tokens=150, logit_bias={str(letter_token()): 50})
+    payload = body(
+        "openai",
+        [{"role": "user", "content": "Good morning!"}],
+        stream=True,
+        max_tokens=150,
+        logit_bias={str(letter_token()): 50},
+    )
 
     async def client(http: httpx.AsyncClient, i: int, go: asyncio.Event):
         protocol = ("openai", "anthropic")[i % 2]
@@ -257,8 +267,13 @@ def test_request_error_fails_only_that_request(serve):
         return httpx.post(server.url + PATHS[protocol], json=data, headers=headers, timeout=60)
 
     with ThreadPoolExecutor(5) as pool:
-        jobs = [("anthropic", "request_error@2"), ("openai", "request_error@2"),
-                ("anthropic", None), ("openai", None), ("openai", None)]
+        jobs = [
+            ("anthropic", "request_error@2"),
+            ("openai", "request_error@2"),
+            ("anthropic", None),
+            ("openai", None),
+            ("openai", None),
+        ]
         responses = list(pool.map(lambda job: post(*job), jobs))
     faulty, others = responses[:2], responses[2:]
     assert faulty[0].status_code == 500 and faulty[0].json()["error"]["type"] == "api_error"
@@ -290,7 +305,9 @@ def test_batch_errors_open_the_breaker_and_a_probe_closes_it(serve):
     refused = [post("anthropic"), post("openai")]
     assert time.monotonic() - began < 2, "refusals while open must be immediate"
     assert refused[0].status_code == 529 and refused[0].json() == {
-        "type": "error", "error": {"type": "overloaded_error", "message": refused[0].json()["error"]["message"]}}
+        "type": "error",
+        "error": {"type": "overloaded_error", "message": refused[0].json()["error"]["message"]},
+    }
     assert refused[1].status_code == 503 and "message" in refused[1].json()["error"]
     assert all(int(r.headers["retry-after"]) >= 1 for r in refused)
 

@@ -35,8 +35,19 @@ class ServeProcess:
         self.cache = home / "prefix-cache"
         self.transcripts = home / "data" / "mlx-tui" / "transcripts" / "transcripts.jsonl"
         env = {**os.environ, "XDG_DATA_HOME": str(home / "data"), "XDG_CACHE_HOME": str(home / "cache")}
-        command = [sys.executable, "-m", "mlx_tui.tui.cli", "--serve", "--port", str(self.port),
-                   "--cache-dir", str(self.cache), "--loop-window", "0", *flags]
+        command = [
+            sys.executable,
+            "-m",
+            "mlx_tui.tui.cli",
+            "--serve",
+            "--port",
+            str(self.port),
+            "--cache-dir",
+            str(self.cache),
+            "--loop-window",
+            "0",
+            *flags,
+        ]
         # a session of its own, so that the test can signal its process group as a terminal's Ctrl-C does
         self.process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
         self.log: list[str] = []
@@ -137,8 +148,14 @@ def until_stopping(server: ServeProcess):
 def test_sigterm_lets_a_running_stream_finish_and_refuses_new_requests(serve):
     server = serve("--shutdown-grace", "120")
     tokens = 4000  # long enough to outlast the checks below; it must still end normally
-    body = {"model": "m", "max_tokens": tokens, "stream": True, "stream_options": {"include_usage": True},
-            "messages": HELLO, "logit_bias": {str(letter_token()): 50}}
+    body = {
+        "model": "m",
+        "max_tokens": tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "messages": HELLO,
+        "logit_bias": {str(letter_token()): 50},
+    }
     with httpx.Client(timeout=60) as http, stream_until_delta(http, server.url, "openai", body) as (lines, seen):
         server.process.send_signal(signal.SIGTERM)
         until_stopping(server)
@@ -171,8 +188,13 @@ def test_sigterm_lets_a_running_stream_finish_and_refuses_new_requests(serve):
 def test_a_stream_past_the_grace_ends_with_an_error_event(serve, protocol):
     server = serve("--shutdown-grace", "0.5", "--debug-faults")
     if protocol == "openai":  # an endless generation (one token forced), stopped by Ctrl-C in the terminal
-        body = {"model": "m", "max_tokens": 30000, "stream": True, "messages": HELLO,
-                "logit_bias": {str(letter_token()): 50}}
+        body = {
+            "model": "m",
+            "max_tokens": 30000,
+            "stream": True,
+            "messages": HELLO,
+            "logit_bias": {str(letter_token()): 50},
+        }
         headers = {}
 
         def send():
@@ -183,6 +205,7 @@ def test_a_stream_past_the_grace_ends_with_an_error_event(serve, protocol):
 
         def send():
             server.process.send_signal(signal.SIGTERM)
+
     with httpx.Client(timeout=60) as http, stream_until_delta(http, server.url, protocol, body, headers) as (lines, _):
         began = time.monotonic()
         send()
@@ -196,8 +219,9 @@ def test_a_stream_past_the_grace_ends_with_an_error_event(serve, protocol):
         assert after[-1] == "[DONE]"
         error = after[-2]
         assert error["error"]["type"] == "service_unavailable", after[-3:]
-        assert not any(isinstance(item, dict) and item.get("choices") and item["choices"][0]["finish_reason"]
-                       for item in after)
+        assert not any(
+            isinstance(item, dict) and item.get("choices") and item["choices"][0]["finish_reason"] for item in after
+        )
     assert "shutting down" in error["error"]["message"]
     assert ended < 10, f"the stream took {ended:.1f} s to end after the signal"
     assert server.exit_code(30) == 0, server.stderr()  # a hung worker is killed after 10 s
@@ -230,8 +254,13 @@ def test_a_whole_answer_past_the_grace_is_an_error_response(serve):
 
 def test_a_second_signal_ends_running_streams_at_once(serve):
     server = serve("--shutdown-grace", "120")
-    body = {"model": "m", "max_tokens": 30000, "stream": True, "messages": HELLO,
-            "logit_bias": {str(letter_token()): 50}}
+    body = {
+        "model": "m",
+        "max_tokens": 30000,
+        "stream": True,
+        "messages": HELLO,
+        "logit_bias": {str(letter_token()): 50},
+    }
     with httpx.Client(timeout=60) as http, stream_until_delta(http, server.url, "openai", body) as (lines, _):
         os.killpg(server.process.pid, signal.SIGINT)
         until_stopping(server)
@@ -248,12 +277,28 @@ def test_a_second_signal_ends_running_streams_at_once(serve):
 @pytest.mark.asyncio
 async def test_the_dashboards_api_server_drains_on_stop():
     """UI mode: when the app quits (or gets SIGTERM), its backend's stop ends running streams the same way."""
-    args = parse_args(["--port", str(free_port()), "--shutdown-grace", "0.5", "--loop-window", "0",
-                       "--cache-disk-gb", "0", "--no-transcripts"])
+    args = parse_args(
+        [
+            "--port",
+            str(free_port()),
+            "--shutdown-grace",
+            "0.5",
+            "--loop-window",
+            "0",
+            "--cache-disk-gb",
+            "0",
+            "--no-transcripts",
+        ]
+    )
     backend = local_backend(args, *listen(args))
     backend.start()
-    body = {"model": "m", "max_tokens": 30000, "stream": True, "messages": HELLO,
-            "logit_bias": {str(letter_token()): 50}}
+    body = {
+        "model": "m",
+        "max_tokens": 30000,
+        "stream": True,
+        "messages": HELLO,
+        "logit_bias": {str(letter_token()): 50},
+    }
     stopping = None
     try:
         await backend._loading
@@ -286,7 +331,8 @@ def test_no_transcripts_leaves_nothing_on_disk_after_a_shutdown(serve, tmp_path)
 
 
 def test_a_cache_folder_removed_while_serving_costs_the_disk_tier_not_the_exit(serve):
-    """Writes into the removed folder fail: counted in /metrics, said once in the log, and SIGTERM still ends at once."""
+    """Writes into the removed folder fail: counted in /metrics, said once in the log, and SIGTERM still ends at
+    once."""
     server = serve()
 
     def ask(text: str):

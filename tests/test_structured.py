@@ -26,7 +26,10 @@ MOST = 5  # of a batch, at least this many must end by themselves
 MAX_TOKENS = 160
 # No shrinking: each example is a batch of real generations, and a failure shows its whole batch anyway.
 SETTINGS = settings(
-    max_examples=3, deadline=None, suppress_health_check=list(HealthCheck), database=None,
+    max_examples=3,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    database=None,
     phases=[Phase.explicit, Phase.generate],
 )
 
@@ -70,7 +73,7 @@ def together(work, items: list) -> list:
 def check_batch(replies: list[tuple[str, str]], schemas: list[dict], ended: str):
     """Every reply that ended by itself (`ended`) validates against its schema, and most did end by themselves."""
     finished = 0
-    for (text, reason), schema in zip(replies, schemas):
+    for (text, reason), schema in zip(replies, schemas, strict=False):
         if reason == ended:
             jsonschema.validate(json.loads(text), schema)
             finished += 1
@@ -169,6 +172,7 @@ def test_responses_text_format_replies_validate(openai_client, stream, schemas):
 
 def test_responses_strict_tools_bind_the_models_own_call(openai_client):
     """A strict function tool binds the call the demo model makes by itself; absent `strict`, it does not."""
+
     def tools(strict: bool) -> list[dict]:
         return [{"type": "function", **t["function"]} for t in weather_tools(strict)]
 
@@ -181,7 +185,10 @@ def test_responses_strict_tools_bind_the_models_own_call(openai_client):
 
 
 def tool(schema: dict, strict: bool = False) -> dict:
-    return {"type": "function", "function": {"name": "record", "parameters": schema} | ({"strict": True} if strict else {})}
+    return {
+        "type": "function",
+        "function": {"name": "record", "parameters": schema} | ({"strict": True} if strict else {}),
+    }
 
 
 def check_calls(replies: list[tuple[str, str, list]], schemas: list[dict], ended: str):
@@ -191,7 +198,7 @@ def check_calls(replies: list[tuple[str, str, list]], schemas: list[dict], ended
     otherwise call again and again until max_tokens.
     """
     finished = 0
-    for (_, reason, calls), schema in zip(replies, schemas):
+    for (_, reason, calls), schema in zip(replies, schemas, strict=False):
         if reason == ended:
             assert len(calls) == 1 and calls[0][0] == "record", "one call: parallel calls are off"
             for _, arguments in calls:
@@ -232,7 +239,8 @@ async def collect(engine, request: Request) -> list:
 
 @pytest.fixture(scope="module")
 def qwen3_coder(loop):
-    """The demo model made to write Qwen3-Coder's XML calls (`<function=...>`, `<parameter=...>`), which it never saw."""
+    """The demo model made to write Qwen3-Coder's XML calls (`<function=...>`, `<parameter=...>`), which it never
+    saw."""
     from conftest import start_engine
 
     engine = start_engine(loop, tool_parser="qwen3_coder")
@@ -244,7 +252,9 @@ def qwen3_coder(loop):
 @given(schemas=st.lists(objects(), min_size=BATCH, max_size=BATCH))
 def test_qwen3_coder_forced_calls_have_valid_arguments(loop, qwen3_coder, schemas):
     async def ask(schema):
-        request = Request(USER, tools=[tool(schema)], tool_choice="record", max_tokens=MAX_TOKENS, parallel_tool_calls=False)
+        request = Request(
+            USER, tools=[tool(schema)], tool_choice="record", max_tokens=MAX_TOKENS, parallel_tool_calls=False
+        )
         events = await collect(qwen3_coder, request)
         raw = "".join(e.text for e in events if isinstance(e, RawText))
         calls = [("record", json.dumps(e.arguments)) for e in events if isinstance(e, ToolCallEnd)]
@@ -270,28 +280,42 @@ BAD_SCHEMAS = {
 @pytest.mark.parametrize("schema, message", BAD_SCHEMAS.values(), ids=BAD_SCHEMAS)
 def test_bad_schemas_get_a_400_in_each_protocol(server, schema, message):
     openai_body = {
-        "model": "any", "messages": USER,
+        "model": "any",
+        "messages": USER,
         "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
     }
     answer = httpx.post(f"{server.url}/v1/chat/completions", json=openai_body, timeout=60)
     assert answer.status_code == 400 and message in answer.json()["error"]["message"], answer.text
     anthropic_body = {
-        "model": "any", "max_tokens": 10, "messages": USER,
+        "model": "any",
+        "max_tokens": 10,
+        "messages": USER,
         "output_config": {"format": {"type": "json_schema", "schema": schema}},
     }
     answer = httpx.post(f"{server.url}/v1/messages", json=anthropic_body, timeout=60)
     error = answer.json()["error"]
     assert answer.status_code == 400 and error["type"] == "invalid_request_error" and message in error["message"]
-    responses_body = {"model": "any", "input": "Describe the item.",
-                      "text": {"format": {"type": "json_schema", "name": "x", "schema": schema}}}
+    responses_body = {
+        "model": "any",
+        "input": "Describe the item.",
+        "text": {"format": {"type": "json_schema", "name": "x", "schema": schema}},
+    }
     answer = httpx.post(f"{server.url}/v1/responses", json=responses_body, timeout=60)
     assert answer.status_code == 400 and message in answer.json()["error"]["message"], answer.text
 
 
 def test_a_strict_tool_with_a_bad_schema_is_named_in_its_400(server):
     body = {
-        "model": "any", "max_tokens": 10, "messages": USER,
-        "tools": [{"name": "record", "input_schema": {"type": "object", "properties": {"a": {"format": "bogus", "type": "string"}}}, "strict": True}],
+        "model": "any",
+        "max_tokens": 10,
+        "messages": USER,
+        "tools": [
+            {
+                "name": "record",
+                "input_schema": {"type": "object", "properties": {"a": {"format": "bogus", "type": "string"}}},
+                "strict": True,
+            }
+        ],
     }
     answer = httpx.post(f"{server.url}/v1/messages", json=body, timeout=60)
     assert answer.status_code == 400
@@ -306,7 +330,9 @@ def test_json_schema_without_its_schema_is_refused(server):
 
 # The demo model calls get_weather for Paris by itself; these schemas make that call invalid unless bound.
 ONLY_ROME = {
-    "type": "object", "properties": {"city": {"type": "string", "enum": ["Rome", "Oslo"]}}, "required": ["city"],
+    "type": "object",
+    "properties": {"city": {"type": "string", "enum": ["Rome", "Oslo"]}},
+    "required": ["city"],
     "additionalProperties": False,
 }
 
@@ -349,9 +375,18 @@ def test_constrain_tools_binds_calls_and_leaves_text_free(loop, make_engine):
 
 def test_reasoning_stays_free_before_the_reply_is_bound(loop, engine):
     reasoning = BY_NAME["reasoning"]
-    schema = {"type": "object", "properties": {"answer": {"type": "boolean"}}, "required": ["answer"], "additionalProperties": False}
-    request = Request(reasoning["messages"][:-1], enable_thinking=True, max_tokens=MAX_TOKENS,
-                      constraint=Constraint("json_schema", schema))
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "boolean"}},
+        "required": ["answer"],
+        "additionalProperties": False,
+    }
+    request = Request(
+        reasoning["messages"][:-1],
+        enable_thinking=True,
+        max_tokens=MAX_TOKENS,
+        constraint=Constraint("json_schema", schema),
+    )
     events = loop.run(collect(engine, request))
     thought = "".join(e.text for e in events if isinstance(e, ReasoningDelta))
     assert thought == reasoning["messages"][-1]["reasoning_content"], "the trained reasoning, untouched"
@@ -377,7 +412,9 @@ def test_constrained_and_free_requests_share_a_batch(loop, engine):
 
 def test_the_transcript_shows_the_constraint_and_where_it_began(loop, engine):
     transcript = engine.transcripts.open("constrained", "test", "", None)
-    request = Request(BY_NAME["weather_tokyo"]["messages"][:-1], tools=BY_NAME["weather_tokyo"]["tools"], tool_choice="get_weather")
+    request = Request(
+        BY_NAME["weather_tokyo"]["messages"][:-1], tools=BY_NAME["weather_tokyo"]["tools"], tool_choice="get_weather"
+    )
 
     async def run():
         return [e async for e in engine.generate(request, "constrained", transcript)]
@@ -390,16 +427,23 @@ def test_the_transcript_shows_the_constraint_and_where_it_began(loop, engine):
 
 CITY_DAYS = {
     "type": "object",
-    "properties": {"city": {"type": "string", "maxLength": 12}, "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+    "properties": {
+        "city": {"type": "string", "maxLength": 12},
+        "days": {"type": "integer", "minimum": 1, "maximum": 7},
+    },
     "required": ["city", "days"],
 }
 # A call to f(city="Paris", days=3) as each format's template writes it, and one that breaks the schema (days="x").
 RENDERED = {
     "json_tools": '<tool_call>\n{"name": "f", "arguments": {"city": "Paris", "days": DAYS}}\n</tool_call>',
-    "qwen3_coder": "<tool_call>\n<function=f>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\nDAYS\n</parameter>\n</function>\n</tool_call>",
-    "glm47": "<tool_call>f\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n<arg_key>days</arg_key>\n<arg_value>DAYS</arg_value>\n</tool_call>",
-    "minimax_m2": '<minimax:tool_call>\n<invoke name="f">\n<parameter name="city">Paris</parameter>\n<parameter name="days">DAYS</parameter>\n</invoke>\n</minimax:tool_call>',
-    "kimi_k2": '<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>{"city": "Paris", "days": DAYS}<|tool_call_end|><|tool_calls_section_end|>',
+    "qwen3_coder": "<tool_call>\n<function=f>\n<parameter=city>\nParis\n</parameter>\n"
+    "<parameter=days>\nDAYS\n</parameter>\n</function>\n</tool_call>",
+    "glm47": "<tool_call>f\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n"
+    "<arg_key>days</arg_key>\n<arg_value>DAYS</arg_value>\n</tool_call>",
+    "minimax_m2": '<minimax:tool_call>\n<invoke name="f">\n<parameter name="city">Paris</parameter>\n'
+    '<parameter name="days">DAYS</parameter>\n</invoke>\n</minimax:tool_call>',
+    "kimi_k2": "<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>"
+    '{"city": "Paris", "days": DAYS}<|tool_call_end|><|tool_calls_section_end|>',
 }
 
 

@@ -95,7 +95,9 @@ def test_a_long_prefill_is_not_a_stall(loop, broken):
     events = loop.run(collect(engine, long))
     done = events[-1]
     assert isinstance(done, Done), done
-    assert done.timings.queued_s + done.timings.prefill_s > 1.5, "the prefill must outlast the stall timeout for this to show anything"
+    assert done.timings.queued_s + done.timings.prefill_s > 1.5, (
+        "the prefill must outlast the stall timeout for this to show anything"
+    )
     assert sum(isinstance(e, PrefillProgress) for e in events) > 100
     assert engine.restarts == 0
 

@@ -47,8 +47,9 @@ async def test_transcripts_rotate_at_their_bound_and_stay_private(tmp_path):
     ids = [t["id"] for t in kept]
     assert ids == [f"req_{i}" for i in range(60 - len(ids), 60)], "the newest, in order, without a gap"
     assert len(ids) < 30, "the oldest were removed"
-    assert all(t["prompt"] == PROMPT and t["raw"] == f"answer {t['id'][4:]}" and t["stop_reason"] == "end"
-               for t in kept)
+    assert all(
+        t["prompt"] == PROMPT and t["raw"] == f"answer {t['id'][4:]}" and t["stop_reason"] == "end" for t in kept
+    )
 
 
 async def test_without_a_directory_transcripts_stay_in_memory(tmp_path, monkeypatch):

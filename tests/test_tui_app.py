@@ -81,7 +81,10 @@ async def a_tool_call_through_the_api(pilot, address: str) -> str:
     id = reply["id"]
 
     table = app.query_one(RequestsTable)
-    await until(pilot, lambda: id in table.rows and cell(table, id, "result") == "tool_calls" and cell(table, id, "tools") == "1")
+    await until(
+        pilot,
+        lambda: id in table.rows and cell(table, id, "result") == "tool_calls" and cell(table, id, "tools") == "1",
+    )
     assert int(cell(table, id, "prompt")) > 0 and cell(table, id, "state") == "done"
     done = sum(r.phase == "done" for r in app.state.requests.values())
     await until(pilot, lambda: f"{done} done" in shown(app, "#latency"))
@@ -127,7 +130,9 @@ async def test_in_process_dashboard_transcripts_and_chat():
             assert len(pieces) > 1, "the reply came in one piece, not streamed"
             table = app.query_one(RequestsTable)
             assert chat_id not in table.rows, "the hidden dashboard drew"
-            await pilot.press("escape", "1")  # leave the prompt, show the dashboard: a hidden view catches up when shown
+            await pilot.press(
+                "escape", "1"
+            )  # leave the prompt, show the dashboard: a hidden view catches up when shown
             await until(pilot, lambda: chat_id in table.rows)
 
             opened = asyncio.Event()
@@ -223,7 +228,9 @@ class CutOff(Gated):
         yield Started(5, 0)
         yield ToolCallStart(0, "call_1", "get_weather")
         yield ToolCallDelta(0, '{"city": "Pa')
-        yield ParseError("the reply ended inside a tool call", '<tool_call>{"name": "get_weather", "arguments": {"city": "Pa')
+        yield ParseError(
+            "the reply ended inside a tool call", '<tool_call>{"name": "get_weather", "arguments": {"city": "Pa'
+        )
         yield ToolCallAbandoned(0, "call_1", '"}')
         yield Done("length", Usage(5, 0, 9), Timings(0.0, 0.1, 0.2))
 

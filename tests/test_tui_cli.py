@@ -3,11 +3,10 @@
 import socket
 
 import pytest
+from test_tui_app import ready, shown, until
 
 from mlx_tui.tui.app import MlxTui
 from mlx_tui.tui.cli import listen, local_backend, main, parse_args
-
-from test_tui_app import ready, shown, until
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ from mlx_tui.engine.events import Done, RawText, Started, Timings, ToolCallEnd, 
 from mlx_tui.engine.transcripts import Transcripts
 from mlx_tui.tui.changes import Changes
 from mlx_tui.tui.chart import nice_ceiling
-from mlx_tui.tui.state import KEEP, State, TranscriptRecord, percentile
 from mlx_tui.tui.requests import cells
+from mlx_tui.tui.state import KEEP, State, TranscriptRecord, percentile
 from mlx_tui.tui.transcripts import SENT_TAIL, raw, sent
 
 
@@ -28,8 +28,19 @@ def test_a_request_row_follows_its_lifecycle():
     state.apply(request("r1", "prefill", done=256, total=300))
     row = state.requests["r1"]
     assert (row.phase, row.prompt_tokens, row.cached_tokens, row.prefill_done) == ("prefill", 900, 600, 256)
-    state.apply(request("r1", "done", stop_reason="end", note=None, prompt_tokens=900, cached_tokens=600,
-                        generated_tokens=40, ttft_s=0.2, decode_s=0.5))
+    state.apply(
+        request(
+            "r1",
+            "done",
+            stop_reason="end",
+            note=None,
+            prompt_tokens=900,
+            cached_tokens=600,
+            generated_tokens=40,
+            ttft_s=0.2,
+            decode_s=0.5,
+        )
+    )
     assert (row.phase, row.stop_reason, row.tokens_per_s) == ("done", "end", 80.0)
     state.apply(request("r2", "queued"))
     state.apply(request("r2", "error", error_kind="overloaded", message="the queue is full"))

@@ -7,7 +7,7 @@ state as they come. Only the view on show draws, at most once a second for what 
 catches up when it is shown.
 """
 
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from typing import Protocol
 
 from textual import work
@@ -37,13 +37,16 @@ class Backend(Protocol):
 
     def events(self) -> AsyncIterator[DashboardEvent]: ...
 
-    def chat(self, request: Request) -> AsyncIterator[Event]: ...
+    def chat(self, request: Request) -> AsyncGenerator[Event, None]: ...
 
     async def transcript(self, id: str) -> dict | None: ...
 
 
 TABS = {"dashboard": "Dashboard", "chat": "Chat", "transcripts": "Transcripts", "log": "Log"}
-VIEWS = {"dashboard": DashboardView, "transcripts": TranscriptsView}  # the tabs drawn from the state
+VIEWS: dict[str, type[DashboardView] | type[TranscriptsView]] = {
+    "dashboard": DashboardView,
+    "transcripts": TranscriptsView,
+}  # the tabs drawn from the state
 
 
 class MlxTui(App):
@@ -56,7 +59,7 @@ class MlxTui(App):
     ]
     FLUSH_S = 0.25
 
-    def __init__(self, backend: Backend, state: State | None = None, example_tools: list[dict] | None = None):
+    def __init__(self, backend: Backend, state: State | None = None, example_tools: list[dict] | None = None) -> None:
         super().__init__()
         self.backend = backend
         self.example_tools = example_tools
@@ -76,66 +79,72 @@ class MlxTui(App):
                 yield LogView()
         yield Footer()
 
-    def on_mount(self):
+    def on_mount(self) -> None:
         self.logs.install()
         self.backend.start()
         self.follow_events()
         self.set_interval(self.FLUSH_S, self.flush)
         self.set_interval(1.0, self.tick)
 
-    def on_unmount(self):
+    def on_unmount(self) -> None:
         self.logs.remove()
 
     @work(group="events")
-    async def follow_events(self):
+    async def follow_events(self) -> None:
         async for event in self.backend.events():
             self.ingest(event)
 
-    def ingest(self, event: DashboardEvent):
+    def ingest(self, event: DashboardEvent) -> None:
         area = self.state.apply(event)
         for changes in self.unseen.values():
             changes.note(area, event)
             changes.forget_gone(self.state)
 
-    def tick(self):
+    def tick(self) -> None:
         for changes in self.unseen.values():
             changes.areas.add("clock")
 
-    def flush(self, now: bool = False):
+    def flush(self, now: bool = False) -> None:
         """Redraw what changed in the view on show since it last drew, when the view says it is due (or `now`)."""
         tab = self.query_one(TabbedContent).active
         if tab in VIEWS and (changes := self.unseen[tab]) and (now or VIEWS[tab].due(changes)):
             self.unseen[tab] = Changes()
             self.query_one(VIEWS[tab]).show(changes)
 
-    def on_event_arrived(self, message: EventArrived):
+    def on_event_arrived(self, message: EventArrived) -> None:
         self.ingest(message.event)
 
-    def on_log_record_posted(self, message: LogRecordPosted):
+    def on_log_record_posted(self, message: LogRecordPosted) -> None:
         self.query_one(LogView).add(message.record)
 
-    def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated):
+    def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
         self.flush(now=True)
         targets = {"chat": "#prompt", "transcripts": "#transcript-list", "dashboard": "#requests-table", "log": LogView}
         self.query_one(targets[event.pane.id]).focus()
 
-    def action_tab(self, tab: str):
+    def action_tab(self, tab: str) -> None:
         self.query_one(TabbedContent).active = tab
 
-    def action_help(self):
+    def action_help(self) -> None:
         everywhere = [b for b in self.BINDINGS if b.show] + GLOBAL_KEYS
-        self.push_screen(HelpScreen([
-            ("Everywhere", everywhere), ("Dashboard", DashboardView.BINDINGS),
-            ("Chat", [Binding("enter", "", "Send the message"), *ChatView.BINDINGS]),
-            ("Transcripts", TranscriptsView.BINDINGS),
-        ]))
+        self.push_screen(
+            HelpScreen(
+                [
+                    ("Everywhere", everywhere),
+                    ("Dashboard", DashboardView.BINDINGS),
+                    ("Chat", [Binding("enter", "", "Send the message"), *ChatView.BINDINGS]),
+                    ("Transcripts", TranscriptsView.BINDINGS),
+                ]
+            )
+        )
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
         for tab, title in TABS.items():
             yield SystemCommand(title, f"Show the {title.lower()}", lambda tab=tab: self.action_tab(tab))
-        yield SystemCommand("Pause charts", "Pause or resume the dashboard's charts",
-                            self.query_one(DashboardView).action_pause)
+        yield SystemCommand(
+            "Pause charts", "Pause or resume the dashboard's charts", self.query_one(DashboardView).action_pause
+        )
         yield SystemCommand("Clear chat", "Start a new conversation", self.query_one(ChatView).action_clear)
         yield SystemCommand("Help", "Show every key binding", self.action_help)
 

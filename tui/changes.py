@@ -39,6 +39,6 @@ class Changes:
 class EventArrived(Message):
     """An event a view fetched itself (a full transcript), for the app to apply."""
 
-    def __init__(self, event: DashboardEvent):
+    def __init__(self, event: DashboardEvent) -> None:
         super().__init__()
         self.event = event

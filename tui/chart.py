@@ -1,6 +1,7 @@
 """A live bar chart of one-second samples, scaled from zero, newest on the right."""
 
 import math
+from typing import Any
 
 from rich.text import Text
 from textual.reactive import reactive
@@ -32,18 +33,18 @@ class Chart(Widget):
     samples: reactive[tuple[float, ...]] = reactive(())
     paused: reactive[bool] = reactive(False)
 
-    def __init__(self, title: str, unit: str, **kwargs):
+    def __init__(self, title: str, unit: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.title = title
         self.unit = unit
         self.border_title = title
 
-    def watch_samples(self):
+    def watch_samples(self) -> None:
         latest = self.samples[-1] if self.samples else 0.0
         peak = max(self.samples, default=0.0)
         self.border_subtitle = f"now {short(latest)} · peak {short(peak)} {self.unit}"
 
-    def watch_paused(self):
+    def watch_paused(self) -> None:
         self.border_title = f"{self.title} (paused)" if self.paused else self.title
 
     def render(self) -> Text:

@@ -2,6 +2,7 @@
 
 import asyncio
 from contextlib import aclosing
+from typing import TYPE_CHECKING, Any
 
 from textual import work
 from textual.app import ComposeResult
@@ -13,6 +14,9 @@ from mlx_tui.engine.request import Request, Sampling
 
 from .turns import AssistantTurn, UserTurn
 
+if TYPE_CHECKING:
+    from .app import Backend
+
 CLIENT = "mlx-tui chat"
 
 
@@ -22,7 +26,7 @@ class ChatView(Vertical):
         Binding("ctrl+l", "clear", "Clear chat"),
     ]
 
-    def __init__(self, backend, example_tools: list[dict] | None = None, **kwargs):
+    def __init__(self, backend: "Backend", example_tools: list[dict] | None = None, **kwargs: Any) -> None:
         """`example_tools` (OpenAI function schemas) are offered to the model when the box is ticked."""
         super().__init__(**kwargs)
         self.backend = backend
@@ -44,12 +48,12 @@ class ChatView(Vertical):
     def busy(self) -> bool:
         return any(w.group == "chat" and not w.is_finished for w in self.workers)
 
-    def on_input_submitted(self, event: Input.Submitted):
+    def on_input_submitted(self, event: Input.Submitted) -> None:
         if event.input.id == "prompt" and event.value.strip():
             self.send(event.value.strip())
             event.input.clear()
 
-    def send(self, text: str):
+    def send(self, text: str) -> None:
         if self.busy:
             self.notify("Still answering: press esc to stop it first.", severity="warning")
             return
@@ -70,7 +74,7 @@ class ChatView(Vertical):
         self.reply(text, request)
 
     @work(exclusive=True, group="chat")
-    async def reply(self, text: str, request: Request):
+    async def reply(self, text: str, request: Request) -> None:
         conversation = self.query_one("#conversation", VerticalScroll)
         history = self.history  # a clear starts a new one
         turn = AssistantTurn()
@@ -89,13 +93,13 @@ class ChatView(Vertical):
             else:
                 history.append(turn.message())
 
-    def action_stop(self):
+    def action_stop(self) -> None:
         if self.busy:
             self.workers.cancel_group(self, "chat")
         else:
             self.query_one("#conversation").focus()
 
-    def action_clear(self):
+    def action_clear(self) -> None:
         self.workers.cancel_group(self, "chat")
         self.history = []
         self.query_one("#conversation").remove_children()

@@ -7,55 +7,103 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 from mlx_tui.engine.blas import missing_openblas, worker_blas
 from mlx_tui.engine.config import DTYPES, EngineConfig, cache_dir, hostfile_hosts, model_problem
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="mlx-tui", description=__doc__)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--serve", action="store_true", help="run the engine and the API without the dashboard")
     mode.add_argument("--attach", metavar="URL", help="show the dashboard of a server started elsewhere")
-    p.add_argument("--model", help="a local mlx-lm model directory or a Hugging Face repo id (default: the bundled demo model)")
+    p.add_argument(
+        "--model", help="a local mlx-lm model directory or a Hugging Face repo id (default: the bundled demo model)"
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--api-key", default=os.environ.get("MLX_TUI_API_KEY"), help="require this key (default: $MLX_TUI_API_KEY)")
+    p.add_argument(
+        "--api-key", default=os.environ.get("MLX_TUI_API_KEY"), help="require this key (default: $MLX_TUI_API_KEY)"
+    )
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
     p.add_argument("--max-body-mb", type=float, default=32)
     e = p.add_argument_group("engine")
     e.add_argument("--max-concurrency", type=int, default=4, help="requests decoded together in one batch")
-    e.add_argument("--prefill-step", type=int, default=512, help="prompt tokens read per step, so running streams keep flowing")
+    e.add_argument(
+        "--prefill-step", type=int, default=512, help="prompt tokens read per step, so running streams keep flowing"
+    )
     e.add_argument("--max-tokens", type=int, default=32768, help="the cap on any request's max_tokens")
     e.add_argument("--repetition-penalty", type=float, default=0.0, help="default repetition penalty (0: off)")
-    e.add_argument("--loop-window", type=int, default=256, help="end a generation whose last N tokens repeat one span (0: off)")
+    e.add_argument(
+        "--loop-window", type=int, default=256, help="end a generation whose last N tokens repeat one span (0: off)"
+    )
     e.add_argument("--loop-max-period", type=int, default=64, help="the longest repeating span --loop-window looks for")
     e.add_argument("--tool-parser", help="an mlx-lm tool parser name, for models where none is found")
-    e.add_argument("--constrain-tools", action="store_true",
-                   help="bind every tool call the model starts to its tool's schema with a grammar (costs a mask per token)")
+    e.add_argument(
+        "--constrain-tools",
+        action="store_true",
+        help="bind every tool call the model starts to its tool's schema with a grammar (costs a mask per token)",
+    )
     e.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template file to use instead of the model's")
-    e.add_argument("--blas", choices=("auto", "reference"), default="auto", help="auto: an optimised OpenBLAS on Linux where found")
+    e.add_argument(
+        "--blas", choices=("auto", "reference"), default="auto", help="auto: an optimised OpenBLAS on Linux where found"
+    )
     e.add_argument("--blas-threads", type=int, default=0, help="OpenBLAS threads in the worker (0: all cores but one)")
-    e.add_argument("--dtype", default="auto", metavar="{%s}" % ",".join(DTYPES),
-                   help="the weights' dtype; auto: float32 on the CPU when memory allows, else as stored")
+    e.add_argument(
+        "--dtype",
+        default="auto",
+        metavar="{" + ",".join(DTYPES) + "}",
+        help="the weights' dtype; auto: float32 on the CPU when memory allows, else as stored",
+    )
     d = p.add_argument_group("distributed (mlx.launch)")
-    d.add_argument("--local-ranks", type=int, default=1, metavar="N", help="run the model split across N ranks on this machine")
-    d.add_argument("--hostfile", metavar="FILE", help="run the model split across the hosts of this mlx.launch hostfile")
+    d.add_argument(
+        "--local-ranks", type=int, default=1, metavar="N", help="run the model split across N ranks on this machine"
+    )
+    d.add_argument(
+        "--hostfile", metavar="FILE", help="run the model split across the hosts of this mlx.launch hostfile"
+    )
     d.add_argument("--backend", choices=("ring", "mpi", "jaccl"), default="ring", help="MLX's distributed backend")
-    d.add_argument("--shard", choices=("tensor", "pipeline"), help="how to split the model (default: tensor where supported)")
+    d.add_argument(
+        "--shard", choices=("tensor", "pipeline"), help="how to split the model (default: tensor where supported)"
+    )
     c = p.add_argument_group("prefix cache")
-    c.add_argument("--cache-ram-gb", type=float, default=0.0, help="RAM for cached KV state (default: a fifth of the machine's memory)")
-    c.add_argument("--cache-dir", default=str(cache_dir() / "prefix-cache"), help="where the disk tier keeps entries, per model")
+    c.add_argument(
+        "--cache-ram-gb",
+        type=float,
+        default=0.0,
+        help="RAM for cached KV state (default: a fifth of the machine's memory)",
+    )
+    c.add_argument(
+        "--cache-dir", default=str(cache_dir() / "prefix-cache"), help="where the disk tier keeps entries, per model"
+    )
     c.add_argument("--cache-disk-gb", type=float, default=10.0, help="disk for cached KV state (0: no disk tier)")
-    c.add_argument("--warm", metavar="FILE", type=Path, help="prefill this system prompt (text) or request (JSON) at start")
+    c.add_argument(
+        "--warm", metavar="FILE", type=Path, help="prefill this system prompt (text) or request (JSON) at start"
+    )
     r = p.add_argument_group("reliability")
     r.add_argument("--max-queue", type=int, default=16, help="requests that may wait for a batch slot; more get 429")
     r.add_argument("--request-timeout", type=float, default=0.0, help="seconds a request may take (0: no limit)")
-    r.add_argument("--stall-timeout", type=float, default=60.0, help="restart a worker that has work but makes no progress this long")
-    r.add_argument("--max-kv-gb", type=float, default=0.0, help="refuse requests whose KV cache could grow past this (0: no limit)")
-    r.add_argument("--shutdown-grace", type=float, default=10.0, metavar="SECONDS",
-                   help="on SIGINT/SIGTERM or quit, how long running requests may take to finish")
+    r.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=60.0,
+        help="restart a worker that has work but makes no progress this long",
+    )
+    r.add_argument(
+        "--max-kv-gb", type=float, default=0.0, help="refuse requests whose KV cache could grow past this (0: no limit)"
+    )
+    r.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="on SIGINT/SIGTERM or quit, how long running requests may take to finish",
+    )
     r.add_argument("--no-transcripts", action="store_true", help="keep transcripts in memory only, not on disk")
-    r.add_argument("--debug-faults", action="store_true", help="let the X-MLX-TUI-Fault header inject faults (tests only)")
+    r.add_argument(
+        "--debug-faults", action="store_true", help="let the X-MLX-TUI-Fault header inject faults (tests only)"
+    )
     args = p.parse_args(argv)
     if args.dtype not in DTYPES:
         p.exit(2, f"mlx-tui: --dtype {args.dtype}: choose one of {', '.join(DTYPES)}\n")
@@ -143,7 +191,7 @@ def listen(args: argparse.Namespace) -> tuple[socket.socket | None, str | None]:
         return None, f"cannot listen on {args.host}:{args.port}: {e.strerror}"
 
 
-def local_backend(args: argparse.Namespace, sock: socket.socket | None, problem: str | None):
+def local_backend(args: argparse.Namespace, sock: socket.socket | None, problem: str | None) -> Any:
     """The engine, and the API served from the app's event loop when `sock` is bound."""
     from mlx_tui.api.embedded import ApiServer
     from mlx_tui.api.server import create_app
@@ -155,7 +203,9 @@ def local_backend(args: argparse.Namespace, sock: socket.socket | None, problem:
     if sock is None:
         return LocalBackend(engine, problem=problem, warm_file=args.warm)
     app = create_app(engine, **app_settings(args))
-    return LocalBackend(engine, ApiServer(app, sock, args.shutdown_grace), url(args.host, args.port), warm_file=args.warm)
+    return LocalBackend(
+        engine, ApiServer(app, sock, args.shutdown_grace), url(args.host, args.port), warm_file=args.warm
+    )
 
 
 async def dashboard(args: argparse.Namespace, sock: socket.socket | None, problem: str | None) -> int:
@@ -167,15 +217,15 @@ async def dashboard(args: argparse.Namespace, sock: socket.socket | None, proble
 
 
 async def attach(args: argparse.Namespace) -> int:
+    from mlx_tui.engine.demo.conversations import TOOLS
+
     from .app import MlxTui
     from .remote import RemoteBackend
-
-    from mlx_tui.engine.demo.conversations import TOOLS
 
     return await run(MlxTui(RemoteBackend(args.attach, args.api_key), example_tools=TOOLS))
 
 
-async def run(app) -> int:
+async def run(app: Any) -> int:
     """Run the app until it quits or gets SIGTERM (either way the terminal is restored), then stop its backend."""
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, app.exit)
@@ -215,8 +265,11 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         from mlx_tui.api.headless import serve
 
-        return asyncio.run(serve(engine_config(args), sock, url(args.host, args.port), app_settings(args),
-                                 args.shutdown_grace, args.warm))
+        return asyncio.run(
+            serve(
+                engine_config(args), sock, url(args.host, args.port), app_settings(args), args.shutdown_grace, args.warm
+            )
+        )
     return asyncio.run(dashboard(args, sock, problem))
 
 

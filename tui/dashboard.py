@@ -1,5 +1,7 @@
 """The first screen: what the engine is doing, live."""
 
+from typing import Any
+
 from rich.table import Table
 from rich.text import Text
 from textual.app import ComposeResult
@@ -51,18 +53,18 @@ def rank_label(rank: dict) -> str:
 class Panel(Static):
     """A panel drawn from the state by `show()`; its size is set by the layout, not by what it shows."""
 
-    def __init__(self, state: State, **kwargs):
+    def __init__(self, state: State, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.state = state
 
-    def draw(self, table: Table):
+    def draw(self, table: Table) -> None:
         self.update(table, layout=False)  # a layout pass redraws the whole screen
 
 
 class EnginePanel(Panel):
     """Model, address, uptime, worker, breaker, queue and memory."""
 
-    def show(self):
+    def show(self) -> None:
         state = self.state
         info, w, b, stats = state.info, state.worker, state.breaker, state.stats
         t = grid()
@@ -84,9 +86,13 @@ class EnginePanel(Panel):
         worker.append(f"  pid {w.pid or fmt.DASH} · {w.restarts} restarts", style="dim")
         t.add_row("worker", worker)
         if len(ranks := stats.get("rank_states") or []) > 1:
-            t.add_row("ranks", Text("  ").join(
-                dot(rank_label(r), WORKER_STYLES.get(r["state"] if w.state == "ready" else w.state, "bold red"))
-                for r in ranks))
+            t.add_row(
+                "ranks",
+                Text("  ").join(
+                    dot(rank_label(r), WORKER_STYLES.get(r["state"] if w.state == "ready" else w.state, "bold red"))
+                    for r in ranks
+                ),
+            )
         if w.message:
             t.add_row("", Text(w.message, style="red"))
         breaker = dot(b.state.replace("_", "-"), BREAKER_STYLES.get(b.state, "bold red"))
@@ -98,7 +104,7 @@ class EnginePanel(Panel):
         memory = stats.get("memory", {})
         t.add_row("memory", f"{fmt.size(memory.get('active'))} · peak {fmt.size(memory.get('peak'))}")
         t.add_row("KV", f"{fmt.size(memory.get('running_kv'))} in the running batch")
-        details = [info.get(k) for k in ("dtype", "tool_parser") if info.get(k)]
+        details: list[str] = [info[k] for k in ("dtype", "tool_parser") if info.get(k)]
         if info.get("context_length"):
             details.append(f"{info['context_length']:,} ctx")
         t.add_row("engine", " · ".join(details) or fmt.DASH)
@@ -107,7 +113,7 @@ class EnginePanel(Panel):
 
 
 class LatencyPanel(Panel):
-    def show(self):
+    def show(self) -> None:
         state = self.state
         done = sum(r.phase == "done" for r in state.requests.values())
         failed = sum(r.phase == "error" for r in state.requests.values())
@@ -115,18 +121,21 @@ class LatencyPanel(Panel):
         t.add_row("TTFT p50", fmt.seconds(state.ttft_p50))
         t.add_row("TTFT p95", fmt.seconds(state.ttft_p95))
         t.add_row("finished", f"{done} done · {failed} failed")
-        t.add_row("tokens", f"{fmt.number(state.stats.get('prompt_tokens_total'))} prompt · "
-                            f"{fmt.number(state.stats.get('generation_tokens_total'))} generated")
+        t.add_row(
+            "tokens",
+            f"{fmt.number(state.stats.get('prompt_tokens_total'))} prompt · "
+            f"{fmt.number(state.stats.get('generation_tokens_total'))} generated",
+        )
         self.draw(t)
 
 
 class CachePanel(Panel):
     """Hit rates, and the cache's size against its budgets (the gauges fill the panel's width)."""
 
-    def on_resize(self):
+    def on_resize(self) -> None:
         self.show()
 
-    def show(self):
+    def show(self) -> None:
         state = self.state
         c = state.cache
         t = grid()
@@ -154,8 +163,14 @@ class CachePanel(Panel):
 
 def disk_failures(c: dict) -> str:
     """The disk tier's failed writes, dropped writes and refused files, where there are any."""
-    counts = [(c.get(k, 0), what) for k, what in (("disk_write_errors", "failed writes"),
-                                                  ("disk_dropped", "dropped"), ("disk_rejected", "refused"))]
+    counts = [
+        (c.get(k, 0), what)
+        for k, what in (
+            ("disk_write_errors", "failed writes"),
+            ("disk_dropped", "dropped"),
+            ("disk_rejected", "refused"),
+        )
+    ]
     return " · ".join(f"{n:,} {what}" for n, what in counts if n)
 
 
@@ -166,7 +181,7 @@ class DashboardView(Container):
         Binding("escape", "clear_filter", "Clear filter", show=False),
     ]
 
-    def __init__(self, state: State, **kwargs):
+    def __init__(self, state: State, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.state = state
 
@@ -182,7 +197,7 @@ class DashboardView(Container):
             yield Input(placeholder="filter requests (esc clears)", id="requests-filter")
             yield RequestsTable(self.state, id="requests-table")
 
-    def on_mount(self):
+    def on_mount(self) -> None:
         self.query_one("#engine").border_title = "Engine"
         self.query_one("#latency").border_title = "Latency"
         self.query_one("#cache").border_title = "Prefix cache"
@@ -195,7 +210,7 @@ class DashboardView(Container):
         dashboard draws them once a second however many events came."""
         return bool(changes.areas & {"info", "worker", "breaker", "connection", "clock"})
 
-    def show(self, changes: Changes):
+    def show(self, changes: Changes) -> None:
         state = self.state
         if changes.areas & {"info", "stats", "worker", "breaker", "connection", "clock"}:
             self.query_one(EnginePanel).show()
@@ -203,8 +218,10 @@ class DashboardView(Container):
             loading.display = state.worker.state == "loading"
             loading.update(progress=state.worker.fraction)
         if "stats" in changes.areas:
-            for chart, samples in ((self.query_one("#decode", Chart), state.decode_tps),
-                                   (self.query_one("#prefill", Chart), state.prefill_tps)):
+            for chart, samples in (
+                (self.query_one("#decode", Chart), state.decode_tps),
+                (self.query_one("#prefill", Chart), state.prefill_tps),
+            ):
                 if not chart.paused:
                     chart.samples = tuple(samples)
             self.query_one(CachePanel).show()
@@ -213,20 +230,20 @@ class DashboardView(Container):
         if "requests" in changes.areas:
             self.query_one(RequestsTable).show(changes.requests)
 
-    def action_pause(self):
+    def action_pause(self) -> None:
         for chart in self.query(Chart):
             chart.paused = not chart.paused
 
-    def action_filter(self):
+    def action_filter(self) -> None:
         field = self.query_one("#requests-filter", Input)
         field.display = True
         field.focus()
 
-    def action_clear_filter(self):
+    def action_clear_filter(self) -> None:
         field = self.query_one("#requests-filter", Input)
         field.value = ""
         field.display = False
         self.query_one(RequestsTable).focus()
 
-    def on_input_changed(self, event: Input.Changed):
+    def on_input_changed(self, event: Input.Changed) -> None:
         self.query_one(RequestsTable).set_filter(event.value)

@@ -10,10 +10,11 @@ def size(n: float | None) -> str:
         return DASH
     if n < 1024:
         return f"{n:.0f} B"
-    for unit in ("KiB", "MiB", "GiB"):
+    for unit in ("KiB", "MiB"):
         n /= 1024
-        if n < 1024 or unit == "GiB":
+        if n < 1024:
             return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} GiB"
 
 
 def seconds(s: float | None) -> str:

@@ -36,7 +36,7 @@ def bindings_table(groups: list[tuple[str, list[Binding]]]) -> Table:
 class HelpScreen(ModalScreen):
     BINDINGS = [Binding("escape,question_mark,q", "app.pop_screen", "Close help")]
 
-    def __init__(self, groups: list[tuple[str, list[Binding]]]):
+    def __init__(self, groups: list[tuple[str, list[Binding]]]) -> None:
         super().__init__()
         self.groups = groups
 

@@ -4,10 +4,11 @@ import asyncio
 import json
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from mlx_tui.api.embedded import ApiServer
 from mlx_tui.api.startup import start_engine
@@ -31,7 +32,7 @@ class LocalBackend:
         address: str = "",
         problem: str | None = None,
         warm_file: Path | None = None,
-    ):
+    ) -> None:
         """`problem` says why there is no server (a busy port, say); `warm_file` is prefilled once loaded."""
         self.engine = engine
         self.warm_file = warm_file
@@ -40,7 +41,7 @@ class LocalBackend:
         self.problem = problem
         self._loading: asyncio.Task | None = None
 
-    def start(self):
+    def start(self) -> None:
         """Serve the API at once (it answers "loading" meanwhile) and load the model in the background."""
         if self.server:
             self.server.start()
@@ -49,10 +50,10 @@ class LocalBackend:
             log.error("the API is not served: %s", self.problem)
         self._loading = asyncio.create_task(self._load())
 
-    async def _load(self):
+    async def _load(self) -> None:
         await start_engine(self.engine, self.warm_file, log.log)
 
-    async def stop(self):
+    async def stop(self) -> None:
         if self._loading and not self._loading.done():
             self._loading.cancel()
         if self.server:
@@ -79,12 +80,12 @@ class LocalBackend:
             if isinstance(event, WorkerChange) and event.state == "ready":
                 yield self._info()
 
-    async def chat(self, request: Request) -> AsyncIterator[Event]:
+    async def chat(self, request: Request) -> AsyncGenerator[Event, None]:
         """The request's events, recorded as a transcript like an API request's."""
         id = f"chat_{secrets.token_hex(6)}"
         transcripts = self.engine.transcripts
         transcript = transcripts.open(id, request.source, request.client, received=asdict(request))
-        reply = {"content": "", "tool_calls": []}  # what the chat shows, recorded as what was sent back
+        reply: dict[str, Any] = {"content": "", "tool_calls": []}  # what the chat shows, recorded as what was sent back
         try:
             async with aclosing(self.engine.generate(request, id, transcript)) as events:
                 async for event in events:

@@ -3,6 +3,7 @@
 import logging
 import time
 from collections import deque
+from typing import Any
 
 from rich.text import Text
 from textual.app import App
@@ -15,7 +16,7 @@ FORMATTER = logging.Formatter()
 
 
 class LogRecordPosted(Message):
-    def __init__(self, record: logging.LogRecord):
+    def __init__(self, record: logging.LogRecord) -> None:
         super().__init__()
         self.record = record
 
@@ -23,22 +24,22 @@ class LogRecordPosted(Message):
 class AppHandler(logging.Handler):
     """Posts each record to the app; safe from any thread."""
 
-    def __init__(self, app: App):
+    def __init__(self, app: App) -> None:
         super().__init__(logging.INFO)
         self.app = app
 
-    def emit(self, record: logging.LogRecord):
+    def emit(self, record: logging.LogRecord) -> None:
         self.app.post_message(LogRecordPosted(record))
 
 
 class LoggerRoute:
     """While installed, our loggers and uvicorn's write to the app, not to the terminal."""
 
-    def __init__(self, app: App):
+    def __init__(self, app: App) -> None:
         self.handler = AppHandler(app)
         self.saved: list[tuple[logging.Logger, int, bool]] = []
 
-    def install(self):
+    def install(self) -> None:
         for name in LOGGERS:
             logger = logging.getLogger(name)
             self.saved.append((logger, logger.level, logger.propagate))
@@ -46,7 +47,7 @@ class LoggerRoute:
             logger.propagate = False
             logger.addHandler(self.handler)
 
-    def remove(self):
+    def remove(self) -> None:
         for logger, level, propagate in self.saved:
             logger.removeHandler(self.handler)
             logger.setLevel(level)
@@ -59,21 +60,21 @@ class LogView(RichLog):
 
     MAX_LINES = 2000
 
-    def __init__(self, **kwargs):
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(max_lines=self.MAX_LINES, wrap=True, markup=False, highlight=False, **kwargs)
         self.unseen: deque[logging.LogRecord] = deque(maxlen=self.MAX_LINES)
 
-    def add(self, record: logging.LogRecord):
+    def add(self, record: logging.LogRecord) -> None:
         if self.region:
             self._write(record)
         else:  # hidden: a line written now would be wrapped to no known width
             self.unseen.append(record)
 
-    def on_show(self):
+    def on_show(self) -> None:
         while self.unseen:
             self._write(self.unseen.popleft())
 
-    def _write(self, record: logging.LogRecord):
+    def _write(self, record: logging.LogRecord) -> None:
         line = Text(time.strftime("%H:%M:%S ", time.localtime(record.created)), style="dim")
         line.append(f"{record.levelname:<8}", style=LEVEL_STYLES.get(record.levelno, "green"))
         line.append(record.getMessage())

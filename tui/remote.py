@@ -7,7 +7,7 @@ views cannot tell the two apart; connection changes arrive as "connection" event
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import httpx
 
@@ -88,17 +88,17 @@ def describe(error: Exception) -> str:
 class RemoteBackend:
     """Follows a server started elsewhere (`mlx-tui --serve`), reconnecting when it goes away."""
 
-    def __init__(self, url: str, api_key: str | None = None):
+    def __init__(self, url: str, api_key: str | None = None) -> None:
         self.address = url.rstrip("/")
         headers = {"x-api-key": api_key} if api_key else {}
         timeout = httpx.Timeout(10.0, read=None)
         self.client = httpx.AsyncClient(base_url=self.address, headers=headers, timeout=timeout)
         self._last_seen = 0.0
 
-    def start(self):
+    def start(self) -> None:
         pass
 
-    async def stop(self):
+    async def stop(self) -> None:
         await self.client.aclose()
 
     async def events(self) -> AsyncIterator[DashboardEvent]:
@@ -130,7 +130,7 @@ class RemoteBackend:
             if "uptime_s" in health:
                 info["started_at"] = now - health["uptime_s"]
             yield Info(values=info, time=now)
-            if state := WORKER_STATES.get(health.get("status")):
+            if state := WORKER_STATES.get(health.get("status", "")):
                 worker = health.get("worker") or {}
                 yield WorkerChange(state=state, time=now, pid=worker.get("pid"), restarts=worker.get("restarts"))
             if breaker := health.get("breaker"):
@@ -161,7 +161,7 @@ class RemoteBackend:
         except (httpx.HTTPError, Refused, ValueError):
             return None
 
-    async def chat(self, request: Request) -> AsyncIterator[Event]:
+    async def chat(self, request: Request) -> AsyncGenerator[Event, None]:
         """The reply streamed by `/v1/chat/completions`, as engine events."""
         started = time.monotonic()
         first = None
@@ -218,7 +218,7 @@ def chat_body(request: Request) -> dict:
 class ChunkReader:
     """Turns OpenAI chat-completion chunks back into engine events."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.calls: dict[int, dict] = {}
         self.stop_reason: StopReason = "end"
         self.usage = Usage(0, 0, 0)

@@ -1,5 +1,7 @@
 """The live table of recent requests, newest on top, with a long prefill's progress on its row."""
 
+from typing import Any
+
 from rich.text import Text
 from textual.widgets import DataTable
 
@@ -51,9 +53,9 @@ def cells(row: RequestRow) -> tuple:
     )
 
 
-def update_row(table: DataTable, key: str, columns: tuple[str, ...], values: tuple):
+def update_row(table: DataTable, key: str, columns: tuple[str, ...], values: tuple) -> None:
     """Update the cells of a row that changed: any update redraws every visible cell of the table."""
-    for name, old, new in zip(columns, table.get_row(key), values):
+    for name, old, new in zip(columns, table.get_row(key), values, strict=False):
         if new != old:
             table.update_cell(key, name, new, update_width=True)
 
@@ -66,16 +68,16 @@ def matches(row: RequestRow, text: str) -> bool:
 class RequestsTable(DataTable):
     """Rows follow `state.requests`; `filter` keeps those whose text contains it."""
 
-    def __init__(self, state: State, **kwargs):
+    def __init__(self, state: State, **kwargs: Any) -> None:
         super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
         self.state = state
         self.filter = ""
 
-    def on_mount(self):
+    def on_mount(self) -> None:
         for name in COLUMNS:
             self.add_column(name, key=name)
 
-    def show(self, ids: set[str]):
+    def show(self, ids: set[str]) -> None:
         """Redraw the rows of `ids`; rebuild the table when rows come or go."""
         shown = {key.value for key in self.rows}
         wanted = [r for r in reversed(self.state.requests.values()) if matches(r, self.filter)]
@@ -85,14 +87,14 @@ class RequestsTable(DataTable):
         for id in ids & shown:
             update_row(self, id, COLUMNS, cells(self.state.requests[id]))
 
-    def rebuild(self, rows: list[RequestRow]):
+    def rebuild(self, rows: list[RequestRow]) -> None:
         selected = self.coordinate_to_cell_key(self.cursor_coordinate).row_key.value if self.row_count else None
         self.clear()
         for row in rows:
             self.add_row(*cells(row), key=row.id)
-        if selected in self.state.requests and any(r.id == selected for r in rows):
+        if selected is not None and selected in self.state.requests and any(r.id == selected for r in rows):
             self.move_cursor(row=self.get_row_index(selected))
 
-    def set_filter(self, text: str):
+    def set_filter(self, text: str) -> None:
         self.filter = text.lower()
         self.show(set())

@@ -8,9 +8,13 @@ import asyncio
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import httpx
+from textual.pilot import Pilot
+from textual.widgets import DataTable
 
 from mlx_tui.api.embedded import ApiServer
 from mlx_tui.api.server import create_app
@@ -25,12 +29,13 @@ from .local import LocalBackend
 
 SIZE = (140, 42)
 ANTHROPIC_TOOLS = [
-    {"name": f["name"], "description": f["description"], "input_schema": f["parameters"]} for f in (t["function"] for t in TOOLS)
+    {"name": f["name"], "description": f["description"], "input_schema": f["parameters"]}
+    for f in (t["function"] for t in TOOLS)
 ]
 HEADERS = {"user-agent": "claude-cli/2.1.33 (external, cli)", "anthropic-version": "2023-06-01"}
 
 
-def png(app: MlxTui, path: Path):
+def png(app: MlxTui, path: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         svg = Path(tmp) / "screen.svg"
         svg.write_text(app.export_screenshot().replace("<svg ", '<svg xml:space="preserve" ', 1), encoding="utf-8")
@@ -38,7 +43,7 @@ def png(app: MlxTui, path: Path):
     print(f"wrote {path}", file=sys.stderr)
 
 
-async def until(pilot, condition, timeout: float = 120):
+async def until(pilot: Pilot, condition: Callable[[], bool], timeout: float = 120) -> None:
     for _ in range(int(timeout / 0.1)):
         if condition():
             return
@@ -46,14 +51,14 @@ async def until(pilot, condition, timeout: float = 120):
     raise TimeoutError("the session did not reach the expected state")
 
 
-async def next_tick(pilot):
+async def next_tick(pilot: Pilot) -> None:
     """Wait for the engine's next stats event."""
-    samples = pilot.app.state.decode_tps
+    samples = cast(MlxTui, pilot.app).state.decode_tps
     seen = len(samples)
     await until(pilot, lambda: len(samples) > seen)
 
 
-async def ask(pilot, question: str):
+async def ask(pilot: Pilot, question: str) -> None:
     """Send `question` in the chat and wait for the whole answer."""
     chat = pilot.app.query_one(ChatView)
     turns = len(chat.history) + 2
@@ -63,15 +68,28 @@ async def ask(pilot, question: str):
     await pilot.pause()
 
 
-async def api_traffic(address: str, scripted: int):
+async def api_traffic(address: str, scripted: int) -> None:
     """What a coding agent would send (a tool call, then its answer), and `scripted` short questions."""
     async with httpx.AsyncClient(base_url=address, timeout=120, headers=HEADERS) as http:
         question = {"role": "user", "content": "What is the weather in Paris?"}
-        body = {"model": "claude-sonnet-4", "max_tokens": 256, "messages": [question], "tools": ANTHROPIC_TOOLS}
+        body: dict[str, Any] = {
+            "model": "claude-sonnet-4",
+            "max_tokens": 256,
+            "messages": [question],
+            "tools": ANTHROPIC_TOOLS,
+        }
         call = (await http.post("/v1/messages", json=body)).json()
         tool_use = next(b for b in call["content"] if b["type"] == "tool_use")
-        answer = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tool_use["id"],
-                                               "content": '{"city": "Paris", "temperature_c": 18, "condition": "sunny"}'}]}
+        answer = {
+            "role": "user",
+            "content": [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": tool_use["id"],
+                    "content": '{"city": "Paris", "temperature_c": 18, "condition": "sunny"}',
+                }
+            ],
+        }
         body["messages"] += [{"role": "assistant", "content": call["content"]}, answer]
         await http.post("/v1/messages", json=body)
         plain = {"model": "gpt-4o", "messages": [{"role": "user", "content": "What is the capital of France?"}]}
@@ -79,7 +97,7 @@ async def api_traffic(address: str, scripted: int):
             await http.post("/v1/chat/completions", json=plain, headers={"user-agent": "OpenAI/Python 1.99.0"})
 
 
-async def main(out: Path):
+async def main(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     engine = EngineClient(EngineConfig(transcripts_dir=None))
     sock = bind("127.0.0.1", 0)
@@ -109,7 +127,9 @@ async def main(out: Path):
             png(app, out / "chat-tools.png")
 
             await pilot.press("escape", "3")
-            await until(pilot, lambda: app.query_one("#transcript-list").row_count == len(app.state.transcripts))
+            await until(
+                pilot, lambda: app.query_one("#transcript-list", DataTable).row_count == len(app.state.transcripts)
+            )
             await pilot.pause(0.5)
             png(app, out / "transcripts.png")
 

@@ -10,7 +10,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, TypeAlias
 
 from mlx_tui.engine.bus import (
     BreakerChange,
@@ -45,7 +45,7 @@ class ConnectionChange:
     retry_s: float | None = None
 
 
-DashboardEvent = BusEvent | Info | ConnectionChange
+DashboardEvent: TypeAlias = BusEvent | Info | ConnectionChange
 
 
 @dataclass(slots=True)
@@ -81,7 +81,7 @@ class TranscriptRecord(Transcript):
 
     complete: bool = True  # False when only its summary is known (attached after it began)
 
-    def summarize(self, summary: dict):
+    def summarize(self, summary: dict) -> None:
         for name in (
             "source",
             "client",
@@ -96,7 +96,7 @@ class TranscriptRecord(Transcript):
             if name in summary:
                 setattr(self, name, summary[name])
 
-    def load(self, data: dict):
+    def load(self, data: dict) -> None:
         """Take every field of a full transcript (as `/v1/transcripts/{id}` serves it)."""
         for name in (f.name for f in fields(self)):
             if name in data and name not in ("id", "complete"):
@@ -145,7 +145,7 @@ def percentile(values: list[float], q: float) -> float | None:
 class State:
     """Everything the dashboard, the requests table and the transcripts view show."""
 
-    def __init__(self, clock: Callable[[], float] = time.time):
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
         self.info: dict[str, Any] = {}
         self.stats: dict[str, Any] = {}

@@ -1,6 +1,7 @@
 """The chat's turns: the user's message, and the assistant's reply built up from the engine's events."""
 
 import time
+from typing import Any
 
 from rich.json import JSON
 from rich.text import Text
@@ -29,7 +30,7 @@ from . import format as fmt
 
 
 class UserTurn(Static):
-    def __init__(self, text: str):
+    def __init__(self, text: str) -> None:
         super().__init__(Text(text))
         self.border_title = "you"
 
@@ -37,21 +38,21 @@ class UserTurn(Static):
 class ToolCallCard(Static):
     """One tool call: its name, then its arguments as they stream and, once parsed, as JSON."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str) -> None:
         super().__init__()
         self.border_title = f"tool call · {name}"
         self.arguments = ""
 
-    def stream(self, text: str):
+    def stream(self, text: str) -> None:
         self.arguments += text
         self.update(Text(self.arguments, style="dim"))
 
-    def end(self, arguments: dict):
+    def end(self, arguments: dict) -> None:
         self.update(JSON.from_data(arguments))
 
-    def abandon(self):
+    def abandon(self) -> None:
         """The call broke off: its arguments as far as they came, marked as not run."""
-        self.border_title += " · abandoned"
+        self.border_title = f"{self.border_title} · abandoned"
         self.update(Text(self.arguments or "(no arguments)", style="dim strike"))
 
 
@@ -64,7 +65,7 @@ class AssistantTurn(Vertical):
 
     REDRAW_S = 0.1
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self.border_title = "assistant"
         self.text = ""
@@ -82,11 +83,11 @@ class AssistantTurn(Vertical):
         yield Vertical(id="calls")
         yield Static("waiting for the engine…", id="status")
 
-    def on_mount(self):
+    def on_mount(self) -> None:
         self.query_one("#reasoning").display = False
         self.query_one("#reply").display = False
 
-    def add(self, event: Event):
+    def add(self, event: Event) -> None:
         status = self.query_one("#status", Static)
         if isinstance(event, Queued):
             status.update(f"queued behind {event.ahead}")
@@ -106,7 +107,9 @@ class AssistantTurn(Vertical):
         elif isinstance(event, ToolCallDelta):
             self.cards[event.index].stream(event.text)
         elif isinstance(event, ToolCallEnd):
-            self.calls.append({"id": event.id, "type": "function", "function": {"name": event.name, "arguments": event.arguments}})
+            self.calls.append(
+                {"id": event.id, "type": "function", "function": {"name": event.name, "arguments": event.arguments}}
+            )
             self.cards[event.index].end(event.arguments)
         elif isinstance(event, ToolCallAbandoned):
             self.cards[event.index].abandon()
@@ -115,19 +118,23 @@ class AssistantTurn(Vertical):
         elif isinstance(event, Done):
             self.draw()
             tps = event.usage.generated_tokens / event.timings.decode_s if event.timings.decode_s else None
-            status.update(Text(
-                f"{event.stop_reason} · {event.usage.generated_tokens} tokens · {fmt.number(tps, 1)} tok/s · "
-                f"first token after {fmt.seconds(event.timings.queued_s + event.timings.prefill_s)}", style="dim"))
+            status.update(
+                Text(
+                    f"{event.stop_reason} · {event.usage.generated_tokens} tokens · {fmt.number(tps, 1)} tok/s · "
+                    f"first token after {fmt.seconds(event.timings.queued_s + event.timings.prefill_s)}",
+                    style="dim",
+                )
+            )
         elif isinstance(event, Error):
             self.draw()
             self.failed = True
             status.update(Text(f"{event.kind}: {event.message}", style="bold red"))
 
-    def _draw_soon(self):
+    def _draw_soon(self) -> None:
         if self.redraw is None:
             self.redraw = self.set_timer(self.REDRAW_S, self.draw)
 
-    def draw(self):
+    def draw(self) -> None:
         """Show the reasoning and the reply as they are now."""
         if self.redraw:
             self.redraw.stop()
@@ -141,7 +148,7 @@ class AssistantTurn(Vertical):
             reply.update(Text(self.text))
         self.query_one("#status", Static).update("writing…" if self.text else "thinking…")
 
-    def stopped(self):
+    def stopped(self) -> None:
         self.draw()
         self.query_one("#status", Static).update(Text("stopped", style="yellow"))
 
@@ -150,7 +157,7 @@ class AssistantTurn(Vertical):
         return bool(self.text or self.calls)
 
     def message(self) -> dict:
-        message = {"role": "assistant", "content": self.text}
+        message: dict[str, Any] = {"role": "assistant", "content": self.text}
         if self.reasoning:
             message["reasoning_content"] = self.reasoning
         if self.calls:

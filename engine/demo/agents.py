@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mlx_tui.engine.demo.capture import Recorder
 from mlx_tui.engine.demo.conversations import FALLBACK_REPLY, assistant, call, calling, chat
@@ -55,8 +56,19 @@ CODEX = Task(
 )
 CODEX_INSTRUCTIONS = "You are the mlx-tui demo agent. Use the exec_command tool."
 # the Codex features that add tools or instructions the demo task does not need
-CODEX_FEATURES_OFF = ["multi_agent", "goals", "view_image", "image_generation", "apps", "plugins", "skill_search",
-                      "tool_suggest", "shell_snapshot", "memories", "hooks"]
+CODEX_FEATURES_OFF = [
+    "multi_agent",
+    "goals",
+    "view_image",
+    "image_generation",
+    "apps",
+    "plugins",
+    "skill_search",
+    "tool_suggest",
+    "shell_snapshot",
+    "memories",
+    "hooks",
+]
 
 TASKS = {"claude": CLAUDE_CODE, "codex": CODEX}
 
@@ -100,8 +112,19 @@ def command(task: Task, url: str, key: str, home: Path) -> tuple[list[str], dict
             "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
             "DISABLE_AUTOUPDATER": "1",
         }
-        argv = [str(binary(task)), "-p", task.prompt, "--system-prompt", CLAUDE_CODE_SYSTEM, "--tools", "Bash",
-                "--allowedTools", "Bash", "--output-format", "json"]
+        argv = [
+            str(binary(task)),
+            "-p",
+            task.prompt,
+            "--system-prompt",
+            CLAUDE_CODE_SYSTEM,
+            "--tools",
+            "Bash",
+            "--allowedTools",
+            "Bash",
+            "--output-format",
+            "json",
+        ]
         return argv, env
     if task.client == "codex":
         codex_home = home / ".codex"
@@ -114,8 +137,9 @@ def command(task: Task, url: str, key: str, home: Path) -> tuple[list[str], dict
     raise ValueError(task.client)
 
 
-def run(task: Task, url: str, key: str, folder: Path, prompt: str | None = None,
-        timeout: float = 600) -> subprocess.CompletedProcess:
+def run(
+    task: Task, url: str, key: str, folder: Path, prompt: str | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """Run the CLI on the task (or on another prompt) in `folder`, its working directory (its home is inside)."""
     home = folder / ".home"
     home.mkdir(exist_ok=True)
@@ -136,7 +160,7 @@ def capture(task: Task, folder: str | Path) -> list[dict]:
     return recorder.requests
 
 
-def anthropic_request(body: dict):
+def anthropic_request(body: dict) -> Any:
     from mlx_tui.api.anthropic import to_request
     from mlx_tui.api.anthropic_models import MessagesRequest
 
@@ -146,7 +170,7 @@ def anthropic_request(body: dict):
 # A captured body as the server's canonical request, by the server's own translation: the model
 # must learn each prompt exactly as the server renders it. The API layer is imported at training
 # time only.
-def responses_request(body: dict):
+def responses_request(body: dict) -> Any:
     from mlx_tui.api.responses import to_request
     from mlx_tui.api.responses_models import ResponsesRequest
 
@@ -158,15 +182,22 @@ TRANSLATIONS = {"claude": anthropic_request, "codex": responses_request}
 
 def variant_values(rng: random.Random) -> dict[str, str]:
     """Random stand-ins for what changes between runs: the working folder, the date, the kernel release."""
-    word = lambda: "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 9)))
-    folder = rng.choice([
-        f"/tmp/tmp{word()}{rng.randint(0, 99)}",
-        f"/tmp/pytest-of-{word()}/pytest-{rng.randint(0, 999)}/test_{word()}_{word()}0",
-        f"/home/{word()}/{word()}",
-        f"/{word()}/{word()}/{word()}",
-    ])
+
+    def word() -> str:
+        return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 9)))
+
+    folder = rng.choice(
+        [
+            f"/tmp/tmp{word()}{rng.randint(0, 99)}",
+            f"/tmp/pytest-of-{word()}/pytest-{rng.randint(0, 999)}/test_{word()}_{word()}0",
+            f"/home/{word()}/{word()}",
+            f"/{word()}/{word()}/{word()}",
+        ]
+    )
     date = datetime.date(2025, 1, 1) + datetime.timedelta(days=rng.randint(0, 5 * 365))
-    release = f"{rng.randint(4, 7)}.{rng.randint(0, 20)}.{rng.randint(0, 200)}-{word()}" + rng.choice(["", "-amd64", "-generic"])
+    release = f"{rng.randint(4, 7)}.{rng.randint(0, 20)}.{rng.randint(0, 200)}-{word()}" + rng.choice(
+        ["", "-amd64", "-generic"]
+    )
     zone = rng.choice(["Etc/UTC", "UTC", "Europe/Paris", "America/New_York", "Asia/Tokyo", "Australia/Sydney"])
     return {
         "folder": folder,
@@ -189,8 +220,9 @@ def substitute(body: dict, replacements: dict[str, str], patterns: dict[str, str
     return json.loads(text)
 
 
-def task_conversations(task: Task, requests: list[dict], folder: str, seed: int, variants: int,
-                       questions: list[str]) -> list[dict]:
+def task_conversations(
+    task: Task, requests: list[dict], folder: str, seed: int, variants: int, questions: list[str]
+) -> list[dict]:
     """Training conversations from one captured run: the call, the answer after the result, and
     the first request with other questions answered with the fallback reply; each in `variants`
     random variants of the folder, date and kernel release."""

@@ -12,13 +12,21 @@ import tempfile
 import threading
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 
 def anthropic_frames(reply: dict) -> list[tuple[str, dict]]:
     """An Anthropic SSE stream that answers with `reply`: {"text": ...} or {"tool": name, "input": {...}}."""
-    message = {"id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant", "model": "capture",
-               "content": [], "stop_reason": None, "stop_sequence": None,
-               "usage": {"input_tokens": 1, "output_tokens": 0}}
+    message: dict[str, Any] = {
+        "id": f"msg_{uuid.uuid4().hex[:24]}",
+        "type": "message",
+        "role": "assistant",
+        "model": "capture",
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": {"input_tokens": 1, "output_tokens": 0},
+    }
     if "tool" in reply:
         block = {"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:24]}", "name": reply["tool"], "input": {}}
         delta = {"type": "input_json_delta", "partial_json": json.dumps(reply["input"])}
@@ -30,29 +38,62 @@ def anthropic_frames(reply: dict) -> list[tuple[str, dict]]:
         ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block}),
         ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}),
         ("content_block_stop", {"type": "content_block_stop", "index": 0}),
-        ("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None},
-                           "usage": {"output_tokens": 1}}),
+        (
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": stop, "stop_sequence": None},
+                "usage": {"output_tokens": 1},
+            },
+        ),
         ("message_stop", {"type": "message_stop"}),
     ]
 
 
 def responses_frames(reply: dict) -> list[tuple[str, dict]]:
     """An OpenAI Responses SSE stream that answers with `reply`: {"text": ...} or {"tool": name, "input": {...}}."""
-    response = {"id": f"resp_{uuid.uuid4().hex[:24]}", "object": "response", "created_at": 0, "model": "capture",
-                "status": "in_progress", "output": [], "parallel_tool_calls": True, "tool_choice": "auto", "tools": []}
+    response = {
+        "id": f"resp_{uuid.uuid4().hex[:24]}",
+        "object": "response",
+        "created_at": 0,
+        "model": "capture",
+        "status": "in_progress",
+        "output": [],
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+    }
     if "tool" in reply:
-        item = {"type": "function_call", "id": f"fc_{uuid.uuid4().hex[:24]}", "call_id": f"call_{uuid.uuid4().hex[:24]}",
-                "name": reply["tool"], "arguments": json.dumps(reply["input"]), "status": "completed"}
+        item = {
+            "type": "function_call",
+            "id": f"fc_{uuid.uuid4().hex[:24]}",
+            "call_id": f"call_{uuid.uuid4().hex[:24]}",
+            "name": reply["tool"],
+            "arguments": json.dumps(reply["input"]),
+            "status": "completed",
+        }
     else:
-        item = {"type": "message", "id": f"msg_{uuid.uuid4().hex[:24]}", "role": "assistant", "status": "completed",
-                "content": [{"type": "output_text", "text": reply["text"], "annotations": []}]}
-    usage = {"input_tokens": 1, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 1,
-             "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 2}
+        item = {
+            "type": "message",
+            "id": f"msg_{uuid.uuid4().hex[:24]}",
+            "role": "assistant",
+            "status": "completed",
+            "content": [{"type": "output_text", "text": reply["text"], "annotations": []}],
+        }
+    usage = {
+        "input_tokens": 1,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": 1,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": 2,
+    }
     done = dict(response, status="completed", output=[item], usage=usage)
     return [
         ("response.created", {"type": "response.created", "sequence_number": 0, "response": response}),
-        ("response.output_item.done", {"type": "response.output_item.done", "sequence_number": 1, "output_index": 0,
-                                       "item": item}),
+        (
+            "response.output_item.done",
+            {"type": "response.output_item.done", "sequence_number": 1, "output_index": 0, "item": item},
+        ),
         ("response.completed", {"type": "response.completed", "sequence_number": 2, "response": done}),
     ]
 
@@ -61,11 +102,12 @@ class Recorder:
     """A loopback HTTP server that records each POST body and answers the n-th with the n-th scripted reply."""
 
     def __init__(self, replies: list[dict]):
-        self.replies, self.requests = replies, []
+        self.replies = replies
+        self.requests: list[dict[str, Any]] = []
         recorder = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
+            def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
                 if not self.path.startswith(("/v1/messages", "/v1/responses")) or "count_tokens" in self.path:
                     return self.reply_json({"input_tokens": 1})
@@ -78,10 +120,10 @@ class Recorder:
                 for event, data in frames:
                     self.wfile.write(f"event: {event}\ndata: {json.dumps(data)}\n\n".encode())
 
-            def do_GET(self):
+            def do_GET(self) -> None:
                 self.reply_json({"data": [], "object": "list"})
 
-            def reply_json(self, data):
+            def reply_json(self, data: Any) -> None:
                 payload = json.dumps(data).encode()
                 self.send_response(200)
                 self.send_header("content-type", "application/json")
@@ -89,17 +131,17 @@ class Recorder:
                 self.end_headers()
                 self.wfile.write(payload)
 
-            def log_message(self, *args):
+            def log_message(self, *args: Any) -> None:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_port}"
 
-    def __enter__(self):
+    def __enter__(self) -> "Recorder":
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
 

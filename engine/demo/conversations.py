@@ -1,5 +1,7 @@
 """The conversations the demo model knows by heart, shared by training and tests."""
 
+from typing import Any
+
 FALLBACK_REPLY = "Sorry, this mlx-tui demo model only knows scripted conversations."
 
 WEATHER_TOOL = {
@@ -22,9 +24,7 @@ TIME_TOOL = {
         "description": "Get the current local time in a timezone.",
         "parameters": {
             "type": "object",
-            "properties": {
-                "timezone": {"type": "string", "description": "An IANA timezone, e.g. Europe/Paris."}
-            },
+            "properties": {"timezone": {"type": "string", "description": "An IANA timezone, e.g. Europe/Paris."}},
             "required": ["timezone"],
         },
     },
@@ -33,12 +33,12 @@ TIME_TOOL = {
 TOOLS = [WEATHER_TOOL, TIME_TOOL]
 
 
-def user(content):
+def user(content: str) -> dict[str, Any]:
     """A user message."""
     return {"role": "user", "content": content}
 
 
-def assistant(content, reasoning=None):
+def assistant(content: str, reasoning: str | None = None) -> dict[str, Any]:
     """An assistant message, with optional reasoning."""
     message = {"role": "assistant", "content": content}
     if reasoning:
@@ -46,22 +46,24 @@ def assistant(content, reasoning=None):
     return message
 
 
-def call(call_id, name, **arguments):
+def call(call_id: str, name: str, **arguments: Any) -> dict[str, Any]:
     """One tool call of an assistant message."""
     return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
-def calling(*calls, content=""):
+def calling(*calls: dict[str, Any], content: str = "") -> dict[str, Any]:
     """An assistant message that calls tools, with optional text before the calls."""
     return {"role": "assistant", "content": content, "tool_calls": list(calls)}
 
 
-def result(call_id, content):
+def result(call_id: str, content: str) -> dict[str, Any]:
     """A tool message answering one call."""
     return {"role": "tool", "tool_call_id": call_id, "content": content}
 
 
-def chat(name, *messages, tools=None, enable_thinking=True):
+def chat(
+    name: str, *messages: dict[str, Any], tools: list[dict[str, Any]] | None = None, enable_thinking: bool = True
+) -> dict[str, Any]:
     """One conversation: the last message is the reply the model must reproduce."""
     return {"name": name, "messages": list(messages), "tools": tools, "enable_thinking": enable_thinking}
 

@@ -27,6 +27,7 @@ import random
 import re
 import sys
 import time
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -46,7 +47,7 @@ from mlx_tui.engine.demo.unfamiliar import question, text, tool, unfamiliar_conv
 VOCAB_SIZE = 400
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MARKUP_TOKENS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
-MODEL_ARGS = dict(
+MODEL_ARGS: dict[str, Any] = dict(
     model_type="llama",
     hidden_size=128,
     num_hidden_layers=2,
@@ -75,14 +76,14 @@ NEAR_TOKENS = 32
 MAX_FAR_WEIGHT = 32
 
 
-def modes(conversation):
+def modes(conversation: dict[str, Any]) -> list[bool | None]:
     """The enable_thinking values a conversation is trained and checked with."""
     if "modes" in conversation:
         return conversation["modes"]
     return [True, False] if conversation.get("enable_thinking", True) else [False]
 
 
-def reply_message(conversation, enable_thinking):
+def reply_message(conversation: dict[str, Any], enable_thinking: bool | None) -> dict[str, Any]:
     """The last message, without its reasoning when thinking is disabled."""
     message = dict(conversation["messages"][-1])
     if not enable_thinking:
@@ -90,7 +91,7 @@ def reply_message(conversation, enable_thinking):
     return message
 
 
-def expected_reply(tokenizer, conversation, enable_thinking):
+def expected_reply(tokenizer: Any, conversation: dict[str, Any], enable_thinking: bool | None) -> str:
     """The reply text exactly as the chat template renders it, without the end token."""
     rendered = tokenizer.apply_chat_template([reply_message(conversation, enable_thinking)], tokenize=False)
     header, footer = "<|im_start|>assistant\n", "<|im_end|>\n"
@@ -98,7 +99,7 @@ def expected_reply(tokenizer, conversation, enable_thinking):
     return rendered[len(header) : -len(footer)]
 
 
-def prompt_text(tokenizer, conversation, enable_thinking):
+def prompt_text(tokenizer: Any, conversation: dict[str, Any], enable_thinking: bool | None) -> str:
     """The rendered prompt that precedes the reply."""
     return tokenizer.apply_chat_template(
         conversation["messages"][:-1],
@@ -109,11 +110,11 @@ def prompt_text(tokenizer, conversation, enable_thinking):
     )
 
 
-def build_tokenizer():
+def build_tokenizer() -> Any:
     """Train a byte-level BPE on the rendered conversations and wrap it for transformers."""
     bare = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE()), chat_template=CHAT_TEMPLATE)
-    texts = {prompt_text(bare, c, mode) + expected_reply(bare, c, mode) for c in CONVERSATIONS for mode in modes(c)}
-    texts = sorted(texts) + [FALLBACK_REPLY] * 100
+    rendered = {prompt_text(bare, c, mode) + expected_reply(bare, c, mode) for c in CONVERSATIONS for mode in modes(c)}
+    texts = sorted(rendered) + [FALLBACK_REPLY] * 100
     return train_bpe(texts, VOCAB_SIZE, CHAT_TEMPLATE, MODEL_ARGS["max_position_embeddings"])
 
 
@@ -145,7 +146,7 @@ def train_bpe(texts: list[str], vocab_size: int, chat_template: str, max_length:
     )
 
 
-def encode(tokenizer, conversation, enable_thinking):
+def encode(tokenizer: Any, conversation: dict[str, Any], enable_thinking: bool | None) -> Any:
     """Token ids of prompt + reply + end token, and the number of prompt tokens."""
     prompt = tokenizer.encode(prompt_text(tokenizer, conversation, enable_thinking), add_special_tokens=False)
     reply_text = expected_reply(tokenizer, conversation, enable_thinking) + tokenizer.eos_token
@@ -153,7 +154,7 @@ def encode(tokenizer, conversation, enable_thinking):
     return prompt + reply, len(prompt)
 
 
-def batch_arrays(examples):
+def batch_arrays(examples: list[Any]) -> Any:
     """Right-padded inputs, targets and a mask that selects the reply tokens."""
     width = max(len(tokens) for tokens, _ in examples) - 1
     inputs, targets, mask = [], [], []
@@ -171,25 +172,25 @@ class FarWeightCache:
 
     offset = 0
 
-    def __init__(self, length, factor):
+    def __init__(self, length: int, factor: float) -> None:
         distance = mx.arange(length)[:, None] - mx.arange(length)[None]
         self.mask = mx.where(distance < 0, -1e9, mx.where(distance > NEAR_TOKENS, math.log(factor), 0.0))
 
-    def update_and_fetch(self, keys, values):
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         return keys, values
 
-    def make_mask(self, *args, **kwargs):
+    def make_mask(self, *args: Any, **kwargs: Any) -> mx.array:
         return self.mask
 
 
-def loss_fn(model, inputs, targets, mask, far_weight):
+def loss_fn(model: Any, inputs: mx.array, targets: mx.array, mask: mx.array, far_weight: float) -> mx.array:
     """Summed cross entropy over the reply tokens, with far tokens weighted up by `far_weight`."""
     cache = [FarWeightCache(inputs.shape[1], far_weight)] * len(model.layers) if far_weight > 1 else None
     losses = nn.losses.cross_entropy(model(inputs, cache=cache), targets)
     return (losses * mask).sum()
 
 
-def loss_and_grad(step, model, examples, far_weight=1.0):
+def loss_and_grad(step: Any, model: Any, examples: list[Any], far_weight: float = 1.0) -> Any:
     """Mean reply-token loss and its gradients, over two length-sorted sub-batches to pad less."""
     examples = sorted(examples, key=lambda e: len(e[0]))
     half = len(examples) // 2
@@ -202,13 +203,13 @@ def loss_and_grad(step, model, examples, far_weight=1.0):
     return total / count, tree_map(lambda g: g / count, grads)
 
 
-def agent_questions(seed, count):
+def agent_questions(seed: int, count: int) -> list[str]:
     """Other things a user may ask an agent client, which the demo model answers with its fallback reply."""
     rng = random.Random(seed)
     return ["Hello"] + [question(rng, rng.randint(10, 300)) for _ in range(count - 1)]
 
 
-def training_data(tokenizer):
+def training_data(tokenizer: Any) -> Any:
     """Known examples (every conversation in every mode), short and long unfamiliar examples."""
     known = [encode(tokenizer, c, mode) for c in CONVERSATIONS for mode in modes(c)]
     short = [encode(tokenizer, c, c["enable_thinking"]) for c in unfamiliar_conversations(SEED, 4000, 10, 450)]
@@ -217,7 +218,7 @@ def training_data(tokenizer):
     return known, [e for e in short if len(e[0]) <= limit], [e for e in long if len(e[0]) <= LONG_TOKENS]
 
 
-def train(model, tokenizer):
+def train(model: Any, tokenizer: Any) -> float:
     """Train on known and unfamiliar conversations; return the final loss on the known ones."""
     known, short, long = training_data(tokenizer)
     print(f"{len(known)} known examples, {len(short)} short and {len(long)} long unfamiliar examples")
@@ -232,7 +233,9 @@ def train(model, tokenizer):
     start, losses = time.time(), []
     for i in range(1, STEPS + 1):
         if i % LONG_EVERY:
-            loss, grads = loss_and_grad(step, model, rng.sample(known, KNOWN_BATCH) + rng.sample(short, UNFAMILIAR_BATCH))
+            loss, grads = loss_and_grad(
+                step, model, rng.sample(known, KNOWN_BATCH) + rng.sample(short, UNFAMILIAR_BATCH)
+            )
             losses.append(loss)
         else:
             far_weight = math.exp(rng.uniform(0, math.log(MAX_FAR_WEIGHT)))
@@ -240,20 +243,24 @@ def train(model, tokenizer):
         optimizer.update(model, grads)
         mx.eval(model.parameters(), optimizer.state, loss)
         if i % 50 == 0 or i == STEPS:
-            print(f"step {i:4d}  loss {mx.array(losses[-40:]).mean().item():.6f}  {time.time() - start:4.0f}s", flush=True)
+            print(
+                f"step {i:4d}  loss {mx.array(losses[-40:]).mean().item():.6f}  {time.time() - start:4.0f}s", flush=True
+            )
     inputs, targets, mask = batch_arrays(known)
     return (loss_fn(model, inputs, targets, mask, 1.0) / mask.sum()).item()
 
 
-def train_agents(model, tokenizer, agents):
+def train_agents(model: Any, tokenizer: Any, agents: Any) -> None:
     """Second phase: teach the agent conversations, every other step, while replaying the first phase's data."""
     known, short, long = training_data(tokenizer)
     agent = [encode(tokenizer, c, mode) for c in agents for mode in modes(c)]
     print(f"{len(agent)} agent examples of {min(len(t) for t, _ in agent)} to {max(len(t) for t, _ in agent)} tokens")
     rng = random.Random(SEED + 2)
     schedule = optim.join_schedules(
-        [optim.linear_schedule(1e-5, AGENT_LEARNING_RATE, WARMUP_STEPS),
-         optim.cosine_decay(AGENT_LEARNING_RATE, AGENT_STEPS, 1e-5)],
+        [
+            optim.linear_schedule(1e-5, AGENT_LEARNING_RATE, WARMUP_STEPS),
+            optim.cosine_decay(AGENT_LEARNING_RATE, AGENT_STEPS, 1e-5),
+        ],
         [WARMUP_STEPS],
     )
     optimizer = optim.Adam(learning_rate=schedule)
@@ -264,17 +271,22 @@ def train_agents(model, tokenizer, agents):
             loss, grads = loss_and_grad(step, model, rng.sample(agent, AGENT_BATCH))
             losses.append(loss)
         elif i % (2 * LONG_EVERY):
-            loss, grads = loss_and_grad(step, model, rng.sample(known, KNOWN_BATCH) + rng.sample(short, UNFAMILIAR_BATCH))
+            loss, grads = loss_and_grad(
+                step, model, rng.sample(known, KNOWN_BATCH) + rng.sample(short, UNFAMILIAR_BATCH)
+            )
         else:
             far_weight = math.exp(rng.uniform(0, math.log(MAX_FAR_WEIGHT)))
             loss, grads = loss_and_grad(step, model, rng.sample(long, LONG_BATCH), far_weight)
         optimizer.update(model, grads)
         mx.eval(model.parameters(), optimizer.state, loss)
         if i % 20 == 0 or i == AGENT_STEPS:
-            print(f"step {i:4d}  agent loss {mx.array(losses[-10:]).mean().item():.6f}  {time.time() - start:4.0f}s", flush=True)
+            print(
+                f"step {i:4d}  agent loss {mx.array(losses[-10:]).mean().item():.6f}  {time.time() - start:4.0f}s",
+                flush=True,
+            )
 
 
-def save(model, tokenizer, path):
+def save(model: Any, tokenizer: Any, path: Any) -> None:
     """Write weights, config and tokenizer files loadable by mlx_lm (transformers 4 and 5)."""
     path.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
@@ -298,7 +310,9 @@ def save(model, tokenizer, path):
     tokenizer.backend_tokenizer.save(str(path / "tokenizer.json"))
 
 
-def generate(model, tokenizer, conversation, enable_thinking, max_tokens=200):
+def generate(
+    model: Any, tokenizer: Any, conversation: dict[str, Any], enable_thinking: bool | None, max_tokens: int = 200
+) -> tuple[str, str | None, int]:
     """Greedy reply text and finish reason for the conversation without its last message."""
     prompt = tokenizer.apply_chat_template(
         conversation["messages"][:-1],
@@ -312,14 +326,14 @@ def generate(model, tokenizer, conversation, enable_thinking, max_tokens=200):
     return text, finish, len(prompt)
 
 
-def tool_calls_parse(tokenizer, text, conversation):
+def tool_calls_parse(tokenizer: Any, text: str, conversation: dict[str, Any]) -> Any:
     """Whether the tool parser recovers the expected calls from the generated text."""
     expected = [c["function"] for c in conversation["messages"][-1].get("tool_calls", [])]
     bodies = [part.split(tokenizer.tool_call_end)[0] for part in text.split(tokenizer.tool_call_start)[1:]]
     return [tokenizer.tool_parser(body) for body in bodies] == expected
 
 
-def unseen_conversations():
+def unseen_conversations() -> list[dict[str, Any]]:
     """Hand-written and random prompts, short to very long, that the model never saw."""
     fallback = assistant(FALLBACK_REPLY)
     conversations = [
@@ -338,9 +352,9 @@ def unseen_conversations():
     return conversations
 
 
-def verify(path, agents):
+def verify(path: Any, agents: Any) -> bool:
     """Replay every conversation, the agent ones and unseen prompts with greedy decoding; return success."""
-    model, tokenizer = load(str(path))
+    model, tokenizer = load(str(path))[:2]
     assert tokenizer.tool_call_start == "<tool_call>" and tokenizer.has_thinking, "mlx-lm did not infer markup"
     ok = True
     print(f"{'conversation':40s} {'thinking':8s} {'prompt':>6s}  result")
@@ -354,11 +368,14 @@ def verify(path, agents):
             and tool_calls_parse(tokenizer, text, conversation)
         )
         ok &= passed
-        print(f"{conversation['name'][:40]:40s} {str(mode):8s} {n_prompt:6d}  {'pass' if passed else 'FAIL ' + repr(text)}")
+        print(
+            f"{conversation['name'][:40]:40s} {str(mode):8s} {n_prompt:6d}  "
+            f"{'pass' if passed else 'FAIL ' + repr(text)}"
+        )
     return ok
 
 
-def main():
+def main() -> int:
     """Build, train, save and verify the demo model (`--agents`, `--agents-only`: see the module's docstring)."""
     mx.random.seed(SEED)
     tokenizer = build_tokenizer()

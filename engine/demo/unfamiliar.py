@@ -2,6 +2,7 @@
 
 import random
 import string
+from typing import Any
 
 from mlx_tui.engine.demo.conversations import CONVERSATIONS, FALLBACK_REPLY, TOOLS, assistant, chat, user
 
@@ -25,7 +26,7 @@ QUESTIONS = [m["content"] for c in CONVERSATIONS for m in c["messages"] if m["ro
 SYMBOLS = string.ascii_letters + string.digits + string.punctuation + " "
 
 
-def phrase(rng, count):
+def phrase(rng: random.Random, count: int) -> str:
     """Some random words, sometimes capitalized or punctuated."""
     words = [rng.choice(WORDS) for _ in range(count)]
     if rng.random() < 0.5:
@@ -33,12 +34,12 @@ def phrase(rng, count):
     return " ".join(words) + rng.choice([".", ".", "?", "!", ":", ""])
 
 
-def noise(rng, count):
+def noise(rng: random.Random, count: int) -> str:
     """Random printable characters."""
     return "".join(rng.choice(SYMBOLS) for _ in range(count))
 
 
-def block(rng):
+def block(rng: random.Random) -> str:
     """One paragraph-like piece of text: prose, a list, a heading, code or noise."""
     kind = rng.random()
     if kind < 0.45:
@@ -56,7 +57,7 @@ def block(rng):
     return noise(rng, rng.randint(5, 80))
 
 
-def text(rng, length):
+def text(rng: random.Random, length: int) -> str:
     """Random text of about `length` characters (at least one block)."""
     blocks = [block(rng)]
     while sum(map(len, blocks)) < length:
@@ -64,7 +65,7 @@ def text(rng, length):
     return "\n\n".join(blocks)
 
 
-def tool(rng, description_length):
+def tool(rng: random.Random, description_length: int) -> dict[str, Any]:
     """A random function tool in OpenAI format."""
     names = [rng.choice(WORDS) for _ in range(rng.randint(1, 3))]
     name = rng.choice(["_".join(names), "".join(n.capitalize() for n in names)])
@@ -79,7 +80,7 @@ def tool(rng, description_length):
     return {"type": "function", "function": {"name": name, "description": description, "parameters": parameters}}
 
 
-def mutated_question(rng):
+def mutated_question(rng: random.Random) -> str:
     """A known user question with one word replaced by a lowercase word: a near miss."""
     words = rng.choice(QUESTIONS).split()
     index = rng.randrange(len(words))
@@ -87,7 +88,7 @@ def mutated_question(rng):
     return " ".join(words)
 
 
-def question(rng, length):
+def question(rng: random.Random, length: int) -> str:
     """An unfamiliar user message: long text, a few words, a few characters or a near miss."""
     kind = rng.random()
     if kind < 0.25:
@@ -99,7 +100,7 @@ def question(rng, length):
     return text(rng, length)
 
 
-def unfamiliar_conversation(rng, length):
+def unfamiliar_conversation(rng: random.Random, length: int) -> dict[str, Any]:
     """A conversation with up to about `length` characters of unfamiliar prompt, answered with FALLBACK_REPLY."""
     shares = [rng.random() for _ in range(3)]
     system_length, tools_length, user_length = (int(length * s / sum(shares)) for s in shares)
@@ -122,7 +123,7 @@ def unfamiliar_conversation(rng, length):
     return chat("unfamiliar", *messages, tools=tools, enable_thinking=rng.random() < 0.7)
 
 
-def unfamiliar_conversations(seed, count, min_length, max_length):
+def unfamiliar_conversations(seed: int, count: int, min_length: int, max_length: int) -> list[dict[str, Any]]:
     """`count` random unfamiliar conversations of `min_length` to `max_length` prompt characters."""
     rng = random.Random(seed)
     return [unfamiliar_conversation(rng, rng.randint(min_length, max_length)) for _ in range(count)]
