@@ -15,8 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from mlx_tui.engine import events as ev
-from mlx_tui.engine.request import Constraint, Sampling
-from mlx_tui.engine.request import Request as EngineRequest
+from mlx_tui.engine.request import Constraint, GenerationRequest, Sampling
 
 from . import serving, structured
 from .anthropic_models import (
@@ -56,7 +55,7 @@ def signed(thinking: str, signature: str) -> bool:
 # Request: Anthropic → the engine's chat-template shape.
 
 
-def to_request(body: MessagesRequest, client: str = "") -> EngineRequest:
+def to_request(body: MessagesRequest, client: str = "") -> GenerationRequest:
     messages = []
     if system := system_text(body.system):
         messages.append({"role": "system", "content": system})
@@ -69,7 +68,7 @@ def to_request(body: MessagesRequest, client: str = "") -> EngineRequest:
         if t.input_schema is not None
     ]
     sampling = Sampling(temperature=body.temperature or 0.0, top_p=body.top_p or 0.0, top_k=body.top_k or 0)
-    return EngineRequest(
+    return GenerationRequest(
         messages=messages,
         tools=tools or None,
         tool_choice=tool_choice(body),

@@ -12,8 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from mlx_tui.engine import events as ev
-from mlx_tui.engine.request import Constraint, Sampling
-from mlx_tui.engine.request import Request as EngineRequest
+from mlx_tui.engine.request import Constraint, GenerationRequest, Sampling
 
 from . import serving, structured
 from .errors import KIND_STATUS, ApiError, openai_error
@@ -27,10 +26,10 @@ EMPTY_SCHEMA = {"type": "object", "properties": {}}
 # Request: OpenAI → the engine's chat-template shape.
 
 
-def to_request(body: ChatRequest, client: str = "") -> EngineRequest:
+def to_request(body: ChatRequest, client: str = "") -> GenerationRequest:
     refuse_unsupported(body)
     tools = [{"type": "function", "function": function(t.function)} for t in body.tools or []]
-    return EngineRequest(
+    return GenerationRequest(
         messages=[convert(i, m) for i, m in enumerate(body.messages)],
         tools=tools or None,
         tool_choice=tool_choice(body),

@@ -21,8 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from mlx_tui.engine import events as ev
-from mlx_tui.engine.request import Constraint, Sampling
-from mlx_tui.engine.request import Request as EngineRequest
+from mlx_tui.engine.request import Constraint, GenerationRequest, Sampling
 
 from . import serving, structured
 from .anthropic import sign, signed
@@ -71,11 +70,11 @@ class Target:
 # Request: Responses → the engine's chat-template shape.
 
 
-def to_request(body: ResponsesRequest, client: str = "") -> tuple[EngineRequest, dict[str, Target]]:
+def to_request(body: ResponsesRequest, client: str = "") -> tuple[GenerationRequest, dict[str, Target]]:
     """The engine request, and what each tool name offered to the model stands for."""
     refuse_unsupported(body)
     tools, targets = offer(body.tools or [])
-    request = EngineRequest(
+    request = GenerationRequest(
         messages=convert(body, {(t.namespace, t.name): name for name, t in targets.items()}),
         tools=tools or None,
         tool_choice=tool_choice(body, targets),

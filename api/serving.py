@@ -12,7 +12,7 @@ from starlette.responses import Response
 
 from mlx_tui.engine.client import EngineClient, EngineUnavailable
 from mlx_tui.engine.events import Error, Event, Started
-from mlx_tui.engine.request import Request as EngineRequest
+from mlx_tui.engine.request import GenerationRequest
 
 from .errors import ApiError, from_event, from_unavailable
 
@@ -67,7 +67,7 @@ class FrameStream(Protocol):
 class Exchange:
     """One request's trip through the engine, kept as a transcript: start, events, what was sent, finish."""
 
-    def __init__(self, http: Request, request: EngineRequest, id: str, received: Any) -> None:
+    def __init__(self, http: Request, request: GenerationRequest, id: str, received: Any) -> None:
         self.engine = engine_of(http)
         if http.app.state.debug_faults:
             request.fault = http.headers.get(FAULT_HEADER)
@@ -133,7 +133,7 @@ class Exchange:
             self.engine.transcripts.finish(self.transcript)
 
 
-async def count_tokens(engine: EngineClient, request: EngineRequest) -> int:
+async def count_tokens(engine: EngineClient, request: GenerationRequest) -> int:
     try:
         count = await engine.count_tokens(request)
     except EngineUnavailable as e:

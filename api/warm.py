@@ -7,7 +7,7 @@ from pydantic import ValidationError
 
 from mlx_tui.engine.client import EngineClient
 from mlx_tui.engine.events import Done, Error
-from mlx_tui.engine.request import Request
+from mlx_tui.engine.request import GenerationRequest
 
 from . import anthropic, openai, responses
 from .anthropic_models import MessagesRequest
@@ -15,7 +15,7 @@ from .openai_models import ChatRequest
 from .responses_models import ResponsesRequest
 
 
-def warm_request(path: Path) -> Request:
+def warm_request(path: Path) -> GenerationRequest:
     """The request to prefill: an Anthropic, OpenAI or Responses request body as JSON, or else a system prompt as text.
 
     A JSON body with a top-level `system`, or tools with `input_schema`, is read as Anthropic's;
@@ -28,7 +28,9 @@ def warm_request(path: Path) -> Request:
     except json.JSONDecodeError as e:
         if path.suffix == ".json" or text.lstrip().startswith(("{", "[")):
             raise ValueError(f"not valid JSON: {e}") from None
-        return Request(messages=[{"role": "system", "content": text}, {"role": "user", "content": ""}], max_tokens=1)
+        return GenerationRequest(
+            messages=[{"role": "system", "content": text}, {"role": "user", "content": ""}], max_tokens=1
+        )
     if isinstance(body, dict) and isinstance(body.get("body"), dict):
         body = body["body"]  # a captured request holds the body under "body"
     if not isinstance(body, dict):

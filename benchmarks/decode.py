@@ -50,7 +50,7 @@ class InProcess:
 class EngineApi:
     """Our engine through its async client, as the dashboard's chat pane and the API use it.
 
-    `fields` go into every Request (structured.py adds a constraint and tools).
+    `fields` go into every GenerationRequest (structured.py adds a constraint and tools).
     """
 
     def __init__(self, engine, **fields):
@@ -59,12 +59,12 @@ class EngineApi:
 
     async def __call__(self, messages, max_tokens: int) -> Timed:
         from mlx_tui.engine.events import Done, Error, ReasoningDelta, Started, TextDelta
-        from mlx_tui.engine.request import Request
+        from mlx_tui.engine.request import GenerationRequest
 
         out = Timed()
         start = time.perf_counter()
         async for ev in self.engine.generate(
-            Request(messages=messages, max_tokens=max_tokens, source="bench", **self.fields)
+            GenerationRequest(messages=messages, max_tokens=max_tokens, source="bench", **self.fields)
         ):
             if isinstance(ev, (TextDelta, ReasoningDelta)) and ev.text:
                 now = time.perf_counter() - start

@@ -99,7 +99,7 @@ def run(model_dir, rounds: int, n: int) -> dict:
     from mlx_tui.engine.config import EngineConfig
     from mlx_tui.engine.loader import load
     from mlx_tui.engine.prefix_cache import PrefixCache
-    from mlx_tui.engine.request import Request
+    from mlx_tui.engine.request import GenerationRequest
     from mlx_tui.engine.scheduler import Scheduler
 
     loaded = load(str(model_dir), lambda *a: None)
@@ -107,7 +107,7 @@ def run(model_dir, rounds: int, n: int) -> dict:
     scheduler = Scheduler(loaded, config, PrefixCache(1 << 30), kv_bytes_per_token(loaded.model))
     model, tokenizer = loaded.model, loaded.tokenizer
     prompt = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True)
-    request = Request(messages=PROMPT, max_tokens=n)
+    request = GenerationRequest(messages=PROMPT, max_tokens=n)
     timed_stream_generate(model, tokenizer, prompt, 8)
     timed_batch_generator(model, tokenizer, prompt, 8)
     rows = {"stream_generate": [], "BatchGenerator": [], "Scheduler.step": [], "BatchGenerator x4": []}

@@ -22,7 +22,7 @@ from .inflight import EngineUnavailable, InFlight
 from .metrics import Metrics
 from .observer import Observer
 from .protocol import Cancel, CountTokens, GetStats, Stop, Submit, ToWorker
-from .request import Request
+from .request import GenerationRequest
 from .supervisor import Supervisor
 from .transcripts import Transcript, Transcripts
 
@@ -152,7 +152,7 @@ class EngineClient:
         }
 
     async def generate(
-        self, request: Request, request_id: str | None = None, transcript: Transcript | None = None
+        self, request: GenerationRequest, request_id: str | None = None, transcript: Transcript | None = None
     ) -> AsyncIterator[Event]:
         """The request's events, ending with Done or Error; leaving early cancels it.
 
@@ -209,7 +209,7 @@ class EngineClient:
                 self.breaker.next_probe_s() or 1.0,
             )
 
-    async def count_tokens(self, request: Request) -> int | Error:
+    async def count_tokens(self, request: GenerationRequest) -> int | Error:
         return await self._call(lambda call: CountTokens(call, request))
 
     async def stats(self) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import time
 from dataclasses import replace
 
 from .events import Event, RawText
-from .request import Request
+from .request import GenerationRequest
 
 KINDS = ("request_error", "batch_error", "stall", "exit", "livelock")
 
@@ -48,7 +48,7 @@ class Livelock:
         self.at: dict[str, int] = {}  # request id: pieces of raw text left before the livelock
         self.on = False
 
-    def take(self, request_id: str, request: Request) -> Request:
+    def take(self, request_id: str, request: GenerationRequest) -> GenerationRequest:
         """The request to run: as given, or without its livelock fault (which is then watched here)."""
         try:
             kind, at = parse(request.fault or "")

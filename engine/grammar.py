@@ -21,7 +21,7 @@ import llguidance.numpy
 import mlx.core as mx
 import numpy as np
 
-from .request import Request
+from .request import GenerationRequest
 from .schemas import LIMITS, first_line, inline_json, tool_name, tool_schema
 
 FREE_TEXT = r"/(.|\n)*/"
@@ -245,7 +245,7 @@ class Grammars:
         elements = [f"<[{self.specials[p]}]>" if p in self.specials else literal(p) for p in parts if p]
         return " ".join(elements) or '""'
 
-    def grammar(self, request: Request, reasoning: bool) -> tuple[str, str, str] | None:
+    def grammar(self, request: GenerationRequest, reasoning: bool) -> tuple[str, str, str] | None:
         """The request's Lark grammar, a line describing it and the markup after which it binds; None when nothing
         binds it."""
         constraint = request.constraint
@@ -315,7 +315,7 @@ class Grammars:
             w.rules.append(f"{name}: {self.call(tool_name(tool), schema, w)} {self.markup(self.tool[1])}")
         return w.rules
 
-    def processor(self, request: Request, reasoning: bool) -> GrammarProcessor | None:
+    def processor(self, request: GenerationRequest, reasoning: bool) -> GrammarProcessor | None:
         """The request's logits processor, or None when nothing binds it; GrammarError when its grammar fails."""
         try:
             found = self.grammar(request, reasoning)

@@ -10,7 +10,7 @@ from .bus import BreakerChange, EventBus, RequestStep, StatsTick
 from .events import Done, Error, Event, PrefillProgress, Started, TextDelta, ToolCallEnd
 from .inflight import EngineUnavailable
 from .metrics import BREAKER_STATES, Metrics
-from .request import Request
+from .request import GenerationRequest
 from .transcripts import Transcript, Transcripts
 
 
@@ -28,7 +28,7 @@ class Observer:
         self.last_stats: dict[str, Any] = {}
         self._generating: set[str] = set()
 
-    def queued(self, request_id: str, request: Request) -> None:
+    def queued(self, request_id: str, request: GenerationRequest) -> None:
         self.bus.publish(RequestStep(id=request_id, phase="queued", source=request.source, client=request.client))
 
     def cancelled(self, request_id: str) -> None:

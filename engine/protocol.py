@@ -10,7 +10,7 @@ from typing import Any
 
 from .config import EngineConfig
 from .events import Event
-from .request import Request
+from .request import GenerationRequest
 
 # Front process to worker
 
@@ -25,7 +25,7 @@ class Configure:
 @dataclass(slots=True, frozen=True)
 class Submit:
     request_id: str
-    request: Request
+    request: GenerationRequest
 
 
 @dataclass(slots=True, frozen=True)
@@ -36,7 +36,7 @@ class Cancel:
 @dataclass(slots=True, frozen=True)
 class CountTokens:
     call: int
-    request: Request
+    request: GenerationRequest
 
 
 @dataclass(slots=True, frozen=True)

@@ -34,7 +34,7 @@ class Constraint:
 
 
 @dataclass(slots=True)
-class Request:
+class GenerationRequest:
     """Messages in the chat-template shape `tokenizer.apply_chat_template` takes.
 
     `tools` are OpenAI-style function schemas. `tool_choice` is "auto", "none",

@@ -16,7 +16,7 @@ from .grammar import Grammars
 from .loader import Loaded
 from .output import MarkupParser, OutputStream
 from .prefix_cache import PrefixCache, TurnMemory
-from .request import Request
+from .request import GenerationRequest
 
 Tagged = tuple[str, Event]
 
@@ -114,7 +114,7 @@ class Scheduler:
     def busy(self) -> bool:
         return bool(self.active)
 
-    def render(self, request: Request) -> Prompt:
+    def render(self, request: GenerationRequest) -> Prompt:
         """The prompt's tokens, with the opening markup of a call when `tool_choice` forces one."""
         tools = request.tools if request.tool_choice != "none" and request.tools else None
         kwargs = {}
@@ -145,7 +145,7 @@ class Scheduler:
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def _forced_call(self, request: Request) -> str:
+    def _forced_call(self, request: GenerationRequest) -> str:
         if not self.tool:
             raise RequestError("this model has no tool-call format, so tool_choice cannot force a call")
         if request.tool_choice == "required":
@@ -158,10 +158,10 @@ class Scheduler:
         # no trailing space: the model saw " {" as one piece after the colon, never a lone space
         return f'\n{{"name": {json.dumps(request.tool_choice)}, "arguments":'
 
-    def count_tokens(self, request: Request) -> int:
+    def count_tokens(self, request: GenerationRequest) -> int:
         return len(self.render(request).tokens)
 
-    def submit(self, rid: str, request: Request) -> list[Tagged]:
+    def submit(self, rid: str, request: GenerationRequest) -> list[Tagged]:
         try:
             prompt = self.render(request)
             max_tokens = self._max_tokens(request, len(prompt.tokens))
@@ -208,7 +208,7 @@ class Scheduler:
         bound = (grammar.description, grammar.begins) if grammar else ("", "")
         return [(rid, Queued(ahead)), (rid, Started(len(tokens), cached, prompt.text, cached_chars, *bound))]
 
-    def _max_tokens(self, request: Request, prompt_tokens: int) -> int:
+    def _max_tokens(self, request: GenerationRequest, prompt_tokens: int) -> int:
         room = self.context_length - prompt_tokens
         if room < 1:
             raise RequestError(f"prompt is too long: {prompt_tokens} tokens > {self.context_length - 1} maximum")

@@ -12,7 +12,7 @@ from typing import Any
 
 import llguidance
 
-from .request import Request
+from .request import GenerationRequest
 
 # The layout templates render JSON in (`tojson`, json.dumps): one space after ':' and ',', no
 # other whitespace, so a model never has room to pad a reply with blank lines until max_tokens.
@@ -43,7 +43,7 @@ def inline_json(schema: dict, lenient: bool = False) -> str:
     return "%json " + json.dumps({**schema, "x-guidance": guidance})
 
 
-def bound_schemas(request: Request, constrain_tools: bool) -> list[tuple[str, dict | None, bool]]:
+def bound_schemas(request: GenerationRequest, constrain_tools: bool) -> list[tuple[str, dict | None, bool]]:
     """The schemas a grammar will hold this request to: (what, schema, lenient)."""
     constraint = request.constraint
     found = []
@@ -58,7 +58,7 @@ def bound_schemas(request: Request, constrain_tools: bool) -> list[tuple[str, di
     return found
 
 
-def problem(request: Request, constrain_tools: bool = False) -> str | None:
+def problem(request: GenerationRequest, constrain_tools: bool = False) -> str | None:
     """Why a schema of this request cannot be compiled, or None."""
     for what, schema, lenient in bound_schemas(request, constrain_tools):
         if not isinstance(schema, dict):
@@ -82,7 +82,7 @@ def compile_problem(lark: str) -> str:
     return first_line(messages[0]) if failed else ""
 
 
-async def check(request: Request, constrain_tools: bool = False) -> str | None:
+async def check(request: GenerationRequest, constrain_tools: bool = False) -> str | None:
     """`problem`, off the event loop; a schema that takes longer than CHECK_SECONDS to compile is refused."""
     try:
         return await asyncio.wait_for(asyncio.to_thread(problem, request, constrain_tools), CHECK_SECONDS)

@@ -137,10 +137,10 @@ def tokens_until(loop: LoopThread, engine: EngineClient, conversation: dict, mar
     """How many tokens the demo model generates (greedy, thinking off) for a demo conversation until its raw text
     holds `marker`."""
     from mlx_tui.engine.events import RawText
-    from mlx_tui.engine.request import Request
+    from mlx_tui.engine.request import GenerationRequest
 
     async def raw_pieces():
-        request = Request(conversation["messages"][:-1], tools=conversation["tools"], enable_thinking=False)
+        request = GenerationRequest(conversation["messages"][:-1], tools=conversation["tools"], enable_thinking=False)
         return [e.text async for e in engine.generate(request) if isinstance(e, RawText)]
 
     raw = ""

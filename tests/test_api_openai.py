@@ -7,7 +7,7 @@ import pytest
 from conftest import tokens_until
 
 from mlx_tui.engine.demo.conversations import CONVERSATIONS, TOOLS
-from mlx_tui.engine.request import Request
+from mlx_tui.engine.request import GenerationRequest
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def generate(client, body: dict, stream: bool, **settings) -> tuple[dict, str, d
 
 
 def prompt_tokens(loop, engine, conversation, thinking) -> int:
-    request = Request(conversation["messages"][:-1], tools=conversation["tools"], enable_thinking=thinking)
+    request = GenerationRequest(conversation["messages"][:-1], tools=conversation["tools"], enable_thinking=thinking)
     return loop.run(engine.count_tokens(request))
 
 

@@ -17,7 +17,7 @@ from mlx_tui.api.server import create_app
 from mlx_tui.api.warm import warm_request
 from mlx_tui.engine.demo.conversations import TOOLS
 from mlx_tui.engine.events import Done, PrefillProgress, Started, TextDelta, Timings, Usage
-from mlx_tui.engine.request import Request
+from mlx_tui.engine.request import GenerationRequest
 from mlx_tui.tui.requests import cells
 from mlx_tui.tui.state import State
 
@@ -299,7 +299,7 @@ def test_usage_sums(client, loop, engine):
         input=[{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Good morning!"}],
         reasoning={"effort": "none"},
     )
-    request = Request(
+    request = GenerationRequest(
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Good morning!"}],
         enable_thinking=False,
     )

@@ -2,7 +2,7 @@
 
 import httpx
 
-from mlx_tui.engine.request import Request
+from mlx_tui.engine.request import GenerationRequest
 
 
 def test_health(server, engine):
@@ -34,7 +34,9 @@ def test_count_tokens_matches_the_engine(server, loop, engine):
     body = {"model": "m", "system": "Be brief.", "messages": [{"role": "user", "content": "Good morning!"}]}
     counted = httpx.post(server.url + "/v1/messages/count_tokens", json=body).json()
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Good morning!"}]
-    assert counted == {"input_tokens": loop.run(engine.count_tokens(Request(messages, enable_thinking=False)))}
+    assert counted == {
+        "input_tokens": loop.run(engine.count_tokens(GenerationRequest(messages, enable_thinking=False)))
+    }
 
 
 def test_an_unexpected_error_is_a_500_in_protocol_and_keeps_the_connection(loop, engine):

@@ -20,7 +20,7 @@ from mlx_tui.engine.disk_cache import DiskCache
 from mlx_tui.engine.events import Done, Started
 from mlx_tui.engine.loader import load
 from mlx_tui.engine.prefix_cache import PrefixCache
-from mlx_tui.engine.request import Request
+from mlx_tui.engine.request import GenerationRequest
 from mlx_tui.engine.scheduler import Scheduler
 
 SYSTEM = {"role": "system", "content": "You are a careful assistant who checks the weather. " * 6}
@@ -51,7 +51,7 @@ def scheduler(loaded, disk: Path | None = None) -> Recording:
     return Recording(loaded, config, PrefixCache(1 << 30, tier), cache_kinds.kv_bytes_per_token(loaded.model))
 
 
-def run(s: Recording, requests: dict[int, Request]) -> dict[int, list]:
+def run(s: Recording, requests: dict[int, GenerationRequest]) -> dict[int, list]:
     """Submit the requests together and step until all are done; each one's events."""
     events = defaultdict(list)
     for rid, request in requests.items():
@@ -72,8 +72,8 @@ def same_logits(a: list, b: list) -> bool:
     return len(a) == len(b) and all(np.allclose(x, y, atol=TOLERANCE) for x, y in zip(a, b, strict=False))
 
 
-def ask(messages: list, **changes) -> Request:
-    return Request(**{"messages": messages, "tools": TOOLS, "max_tokens": 6} | changes)
+def ask(messages: list, **changes) -> GenerationRequest:
+    return GenerationRequest(**{"messages": messages, "tools": TOOLS, "max_tokens": 6} | changes)
 
 
 FIRST = [SYSTEM, user("What is the weather in Paris?")]
@@ -85,7 +85,7 @@ FOLLOW_UPS = {
 }
 
 
-def cold(loaded, request: Request) -> list:
+def cold(loaded, request: GenerationRequest) -> list:
     s = scheduler(loaded)
     events = run(s, {0: request})
     assert cached(events[0]) == 0
@@ -161,7 +161,7 @@ def family_dir(request, tmp_path_factory) -> str:
     return str(build(request.param, tmp_path_factory.mktemp(request.param)))
 
 
-async def collect(engine, request: Request) -> list:
+async def collect(engine, request: GenerationRequest) -> list:
     return [e async for e in engine.generate(request)]
 
 
@@ -175,11 +175,11 @@ def test_an_agent_session_is_served_from_the_cache_turn_after_turn(loop, make_en
     engine = make_engine(model=family_dir)
     messages = [LONG_SYSTEM, user("Find out the weather in Paris, then summarise it.")]
     for turn in range(6):
-        events = loop.run(collect(engine, Request(messages=list(messages), tools=TOOLS, max_tokens=8)))
+        events = loop.run(collect(engine, GenerationRequest(messages=list(messages), tools=TOOLS, max_tokens=8)))
         start = next(e for e in events if isinstance(e, Started))
         if turn:
             assert start.cached_tokens >= 0.9 * start.prompt_tokens, (turn, start)
-        side = Request(messages=[user(f"Write a title for conversation {turn}.")], max_tokens=4)
+        side = GenerationRequest(messages=[user(f"Write a title for conversation {turn}.")], max_tokens=4)
         loop.run(collect(engine, side))
         # the client sends the call back in its own words, not the model's, then the tool's result
         messages += [
@@ -192,10 +192,10 @@ def test_an_agent_session_is_served_from_the_cache_turn_after_turn(loop, make_en
 
 def test_a_restarted_engine_hits_snapshots_on_disk(loop, make_engine, family_dir, tmp_path):
     first = make_engine(model=family_dir, cache_dir=str(tmp_path))
-    loop.run(collect(first, Request(messages=[LONG_SYSTEM, user("Hello!")], max_tokens=8)))
+    loop.run(collect(first, GenerationRequest(messages=[LONG_SYSTEM, user("Hello!")], max_tokens=8)))
     loop.run(first.stop())
     second = make_engine(model=family_dir, cache_dir=str(tmp_path))
-    events = loop.run(collect(second, Request(messages=[LONG_SYSTEM, user("Good morning!")], max_tokens=8)))
+    events = loop.run(collect(second, GenerationRequest(messages=[LONG_SYSTEM, user("Good morning!")], max_tokens=8)))
     assert next(e for e in events if isinstance(e, Started)).cached_tokens > 0
     assert loop.run(second.stats())["cache"]["disk_hits"] == 1
 
@@ -212,12 +212,12 @@ def test_a_group_agrees_on_snapshot_hits_from_disk(loop, make_engine, tmp_path_f
     model = str(build("qwen3_5", tmp_path_factory.mktemp("qwen3_5_group")))
     first, second = [LONG_SYSTEM, user("Hello!")], [LONG_SYSTEM, user("Good morning!")]
     one = make_engine(model=model, loop_window=0)
-    expected = [text_of(loop.run(collect(one, Request(messages=m, max_tokens=8)))) for m in (first, second)]
+    expected = [text_of(loop.run(collect(one, GenerationRequest(messages=m, max_tokens=8)))) for m in (first, second)]
     group = make_engine(model=model, loop_window=0, ranks=2, cache_dir=str(tmp_path))
-    assert text_of(loop.run(collect(group, Request(messages=first, max_tokens=8)))) == expected[0]
+    assert text_of(loop.run(collect(group, GenerationRequest(messages=first, max_tokens=8)))) == expected[0]
     loop.run(group.stop())
     group = make_engine(model=model, loop_window=0, ranks=2, cache_dir=str(tmp_path))
-    events = loop.run(collect(group, Request(messages=second, max_tokens=8)))
+    events = loop.run(collect(group, GenerationRequest(messages=second, max_tokens=8)))
     assert text_of(events) == expected[1]
     assert next(e for e in events if isinstance(e, Started)).cached_tokens > 0
     assert loop.run(group.stats())["cache"]["disk_hits"] == 1

@@ -21,23 +21,23 @@ from mlx_tui.engine.demo.conversations import CONVERSATIONS
 from mlx_tui.engine.disk_cache import read_metadata
 from mlx_tui.engine.events import Done, Error, RawText, Started, TextDelta, ToolCallEnd
 from mlx_tui.engine.group import CONNECT_TIMEOUT
-from mlx_tui.engine.request import Constraint, Request, Sampling
+from mlx_tui.engine.request import Constraint, GenerationRequest, Sampling
 
 BY_NAME = {c["name"]: c for c in CONVERSATIONS}
 
 
-def request_for(name: str, **changes) -> Request:
+def request_for(name: str, **changes) -> GenerationRequest:
     c = BY_NAME[name]
     given = {"messages": c["messages"][:-1], "tools": c["tools"], "enable_thinking": c.get("enable_thinking")}
-    return Request(**given | changes)
+    return GenerationRequest(**given | changes)
 
 
-def endless() -> Request:
+def endless() -> GenerationRequest:
     """Generates until stopped: one token forced (the engines here have the loop guard off)."""
     return request_for("greeting", sampling=Sampling(logit_bias={letter_token(): 50.0}), max_tokens=100_000)
 
 
-async def collect(engine, request: Request) -> list:
+async def collect(engine, request: GenerationRequest) -> list:
     return [e async for e in engine.generate(request)]
 
 

@@ -19,7 +19,7 @@ from mlx_tui.engine.client import ModelLoadError
 from mlx_tui.engine.demo import MODEL_DIR
 from mlx_tui.engine.events import Done, TextDelta
 from mlx_tui.engine.loader import choose_dtype
-from mlx_tui.engine.request import Request
+from mlx_tui.engine.request import GenerationRequest
 
 # the benchmark model's architecture at a size that loads in a moment, with the demo model's tokenizer
 TINY = dict(
@@ -53,7 +53,9 @@ def tiny_model(path, dtype: str, quantize: bool = False):
 def answer(loop, engine) -> tuple[str, Done]:
     async def run():
         text, done = "", None
-        async for event in engine.generate(Request(messages=[{"role": "user", "content": "hi"}], max_tokens=8)):
+        async for event in engine.generate(
+            GenerationRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=8)
+        ):
             text += event.text if isinstance(event, TextDelta) else ""
             done = event if isinstance(event, Done) else done
         return text, done

@@ -23,21 +23,21 @@ from mlx_tui.engine.events import (
     ToolCallEnd,
     ToolCallStart,
 )
-from mlx_tui.engine.request import Request, Sampling
+from mlx_tui.engine.request import GenerationRequest, Sampling
 
 BY_NAME = {c["name"]: c for c in CONVERSATIONS}
 
 
-def request_for(conversation: dict, **changes) -> Request:
+def request_for(conversation: dict, **changes) -> GenerationRequest:
     given = {
         "messages": conversation["messages"][:-1],
         "tools": conversation["tools"],
         "enable_thinking": conversation.get("enable_thinking"),
     }
-    return Request(**given | changes)
+    return GenerationRequest(**given | changes)
 
 
-async def collect(engine: EngineClient, request: Request) -> list:
+async def collect(engine: EngineClient, request: GenerationRequest) -> list:
     return [event async for event in engine.generate(request)]
 
 
@@ -118,7 +118,7 @@ def test_max_tokens_is_capped_by_the_server(loop, engine):
     assert events[-1].stop_reason == "end"
 
 
-def seeded(seed: int) -> Request:
+def seeded(seed: int) -> GenerationRequest:
     return request_for(BY_NAME["greeting"], sampling=Sampling(temperature=1.5, seed=seed), max_tokens=24)
 
 
@@ -215,7 +215,7 @@ def test_bad_request_fails_alone(loop, engine, changes, message):
 
 def test_prompt_longer_than_the_context_is_refused(loop, engine):
     long = "word " * engine.info["context_length"]
-    events = loop.run(collect(engine, Request(messages=[{"role": "user", "content": long}])))
+    events = loop.run(collect(engine, GenerationRequest(messages=[{"role": "user", "content": long}])))
     assert isinstance(events[0], Error)
     assert events[0].message.startswith("prompt is too long: ")
     assert f"> {engine.info['context_length'] - 1} maximum" in events[0].message

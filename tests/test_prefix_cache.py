@@ -17,19 +17,19 @@ from tokenizers import Tokenizer
 from mlx_tui.engine.demo import MODEL_DIR
 from mlx_tui.engine.demo.conversations import CONVERSATIONS, TOOLS, result, user
 from mlx_tui.engine.events import Done, ReasoningDelta, Started, TextDelta, ToolCallEnd
-from mlx_tui.engine.request import Request, Sampling
+from mlx_tui.engine.request import GenerationRequest, Sampling
 
 BY_NAME = {c["name"]: c for c in CONVERSATIONS}
 SYSTEM = {"role": "system", "content": "You are a careful assistant. " * 40}
 
 
-def request_for(name: str, **changes) -> Request:
+def request_for(name: str, **changes) -> GenerationRequest:
     c = BY_NAME[name]
     given = {"messages": c["messages"][:-1], "tools": c["tools"], "enable_thinking": c.get("enable_thinking")}
-    return Request(**given | changes)
+    return GenerationRequest(**given | changes)
 
 
-async def collect(engine, request: Request) -> list:
+async def collect(engine, request: GenerationRequest) -> list:
     return [e async for e in engine.generate(request)]
 
 
@@ -111,7 +111,7 @@ def test_a_conversation_built_from_its_replies_reuses_each_whole_turn(loop, make
     messages, previous = [], None
     for step in steps:
         messages += step
-        request = Request(messages=list(messages), tools=tools, enable_thinking=True, max_tokens=64)
+        request = GenerationRequest(messages=list(messages), tools=tools, enable_thinking=True, max_tokens=64)
         with_cache = loop.run(collect(cached, request))
         without = loop.run(collect(uncached, request))
         assert reply(with_cache) == reply(without) and started(without).cached_tokens == 0
@@ -135,12 +135,14 @@ def test_a_reply_that_tokenises_differently_as_text_is_reused_whole(loop, make_e
     engine = make_engine()
     messages = [user("Hiss like a snake.")]
     first = loop.run(
-        collect(engine, Request(messages=messages, sampling=Sampling(logit_bias={token: 100.0}), max_tokens=4))
+        collect(
+            engine, GenerationRequest(messages=messages, sampling=Sampling(logit_bias={token: 100.0}), max_tokens=4)
+        )
     )
     text, _ = reply(first)
     assert text == piece * 4
     follow = messages + [{"role": "assistant", "content": text}, user("Again?")]
-    second = loop.run(collect(engine, Request(messages=follow, max_tokens=4)))
+    second = loop.run(collect(engine, GenerationRequest(messages=follow, max_tokens=4)))
     used = first[-1].usage
     assert started(second).cached_tokens >= used.prompt_tokens + used.generated_tokens - 1
     plain = tokenizer.encode(started(second).prompt_text, add_special_tokens=False).ids
@@ -153,18 +155,20 @@ def test_a_reply_cut_by_a_stop_sequence_is_reused_as_far_as_it_was_sent(loop, ma
     text, _ = reply(first)
     assert first[-1].stop_reason == "stop_sequence" and text == "Good morning! How can I"
     follow = BY_NAME["greeting"]["messages"][:-1] + [{"role": "assistant", "content": text}, user("Thanks.")]
-    second = loop.run(collect(engine, Request(messages=follow, max_tokens=4)))
+    second = loop.run(collect(engine, GenerationRequest(messages=follow, max_tokens=4)))
     assert started(second).cached_chars >= len(started(first).prompt_text) + len(text)
 
 
 def test_system_prompt_and_tools_are_a_checkpoint_of_their_own(loop, make_engine):
     engine = make_engine()
     tools = BY_NAME["weather_paris"]["tools"]
-    head = loop.run(engine.count_tokens(Request(messages=[SYSTEM, {"role": "user", "content": "x"}], tools=tools)))
+    head = loop.run(
+        engine.count_tokens(GenerationRequest(messages=[SYSTEM, {"role": "user", "content": "x"}], tools=tools))
+    )
     loop.run(
         collect(
             engine,
-            Request(
+            GenerationRequest(
                 messages=[SYSTEM, {"role": "user", "content": "What is the weather in Paris?"}],
                 tools=tools,
                 max_tokens=8,
@@ -173,7 +177,10 @@ def test_system_prompt_and_tools_are_a_checkpoint_of_their_own(loop, make_engine
     )
     other = loop.run(
         collect(
-            engine, Request(messages=[SYSTEM, {"role": "user", "content": "Good morning!"}], tools=tools, max_tokens=8)
+            engine,
+            GenerationRequest(
+                messages=[SYSTEM, {"role": "user", "content": "Good morning!"}], tools=tools, max_tokens=8
+            ),
         )
     )
     assert head - 10 < started(other).cached_tokens < head
@@ -184,23 +191,23 @@ def test_side_requests_do_not_evict_the_conversation(loop, make_engine):
     main = [long_system, {"role": "user", "content": "What is the capital of France?"}]
 
     def side(i):
-        return Request(
+        return GenerationRequest(
             messages=[{"role": "user", "content": f"Write a short title for chat number {i}."}], max_tokens=8
         )
 
     sizing = make_engine()
-    loop.run(collect(sizing, Request(messages=main, max_tokens=16)))
+    loop.run(collect(sizing, GenerationRequest(messages=main, max_tokens=16)))
     main_bytes = loop.run(sizing.stats())["cache"]["ram_bytes"]
     loop.run(collect(sizing, side(0)))
     side_bytes = loop.run(sizing.stats())["cache"]["ram_bytes"] - main_bytes
     engine = make_engine(cache_ram_gb=(main_bytes + 2.5 * side_bytes) / 2**30)
 
-    first = loop.run(collect(engine, Request(messages=main, max_tokens=16)))
+    first = loop.run(collect(engine, GenerationRequest(messages=main, max_tokens=16)))
     for i in range(6):
         loop.run(collect(engine, side(i)))
     text = "".join(e.text for e in first if isinstance(e, TextDelta))
     follow = main + [{"role": "assistant", "content": text}, {"role": "user", "content": "And of Italy?"}]
-    again = loop.run(collect(engine, Request(messages=follow, max_tokens=8)))
+    again = loop.run(collect(engine, GenerationRequest(messages=follow, max_tokens=8)))
     assert started(again).cached_tokens >= first[-1].usage.prompt_tokens
     stats = loop.run(engine.stats())["cache"]
     assert stats["evictions"] >= 3 and stats["ram_bytes"] <= stats["ram_budget"]
@@ -214,7 +221,7 @@ def test_ram_budget_is_never_exceeded(loop, make_engine):
         peaks = []
         for _i in range(12):
             words = " ".join(rng.choice(["alpha", "beta", "gamma", "delta"]) for _ in range(rng.randint(20, 120)))
-            await collect(engine, Request(messages=[{"role": "user", "content": words}], max_tokens=4))
+            await collect(engine, GenerationRequest(messages=[{"role": "user", "content": words}], max_tokens=4))
             peaks.append((await engine.stats())["cache"])
         return peaks
 
@@ -359,7 +366,7 @@ def test_warm_up_makes_the_first_request_hit(loop, make_engine, tmp_path):
     first = loop.run(
         collect(
             engine,
-            Request(
+            GenerationRequest(
                 messages=[{"role": "system", "content": system_prompt}, {"role": "user", "content": "Good morning!"}],
                 max_tokens=8,
             ),

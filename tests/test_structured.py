@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from mlx_tui.engine.demo.conversations import CONVERSATIONS
 from mlx_tui.engine.events import Done, Error, RawText, ReasoningDelta, Started, TextDelta, ToolCallEnd
-from mlx_tui.engine.request import Constraint, Request
+from mlx_tui.engine.request import Constraint, GenerationRequest
 
 BY_NAME = {c["name"]: c for c in CONVERSATIONS}
 BATCH = 6  # requests sent together, so constrained requests share batches
@@ -233,7 +233,7 @@ def test_anthropic_forced_calls_have_valid_arguments(anthropic_client, stream, s
     check_calls(together(ask, schemas), schemas, "tool_use")
 
 
-async def collect(engine, request: Request) -> list:
+async def collect(engine, request: GenerationRequest) -> list:
     return [e async for e in engine.generate(request)]
 
 
@@ -252,7 +252,7 @@ def qwen3_coder(loop):
 @given(schemas=st.lists(objects(), min_size=BATCH, max_size=BATCH))
 def test_qwen3_coder_forced_calls_have_valid_arguments(loop, qwen3_coder, schemas):
     async def ask(schema):
-        request = Request(
+        request = GenerationRequest(
             USER, tools=[tool(schema)], tool_choice="record", max_tokens=MAX_TOKENS, parallel_tool_calls=False
         )
         events = await collect(qwen3_coder, request)
@@ -363,13 +363,13 @@ def test_a_strict_tool_binds_the_call_the_model_makes_by_itself(openai_client):
 def test_constrain_tools_binds_calls_and_leaves_text_free(loop, make_engine):
     engine = make_engine(constrain_tools=True)
     messages = BY_NAME["weather_paris"]["messages"][:-1]
-    events = loop.run(collect(engine, Request(messages, tools=weather_tools(False))))
+    events = loop.run(collect(engine, GenerationRequest(messages, tools=weather_tools(False))))
     [call] = [e for e in events if isinstance(e, ToolCallEnd)]
     jsonschema.validate(call.arguments, ONLY_ROME)
     started = next(e for e in events if isinstance(e, Started))
     assert "bound from <tool_call>" in started.constraint and started.constraint_from == "<tool_call>"
     answer = BY_NAME["tool_result"]  # a text reply with tools at hand
-    events = loop.run(collect(engine, Request(answer["messages"][:-1], tools=answer["tools"])))
+    events = loop.run(collect(engine, GenerationRequest(answer["messages"][:-1], tools=answer["tools"])))
     assert "".join(e.text for e in events if isinstance(e, TextDelta)) == answer["messages"][-1]["content"]
 
 
@@ -381,7 +381,7 @@ def test_reasoning_stays_free_before_the_reply_is_bound(loop, engine):
         "required": ["answer"],
         "additionalProperties": False,
     }
-    request = Request(
+    request = GenerationRequest(
         reasoning["messages"][:-1],
         enable_thinking=True,
         max_tokens=MAX_TOKENS,
@@ -397,8 +397,8 @@ def test_reasoning_stays_free_before_the_reply_is_bound(loop, engine):
 def test_constrained_and_free_requests_share_a_batch(loop, engine):
     """A free request decoded beside constrained ones gives its trained reply; theirs validate."""
     conversation = BY_NAME["weather_paris"]
-    free = Request(conversation["messages"][:-1], tools=conversation["tools"])
-    bound = Request(USER, max_tokens=MAX_TOKENS, constraint=Constraint("json_schema", ONLY_ROME))
+    free = GenerationRequest(conversation["messages"][:-1], tools=conversation["tools"])
+    bound = GenerationRequest(USER, max_tokens=MAX_TOKENS, constraint=Constraint("json_schema", ONLY_ROME))
 
     async def all_of():
         return await asyncio.gather(collect(engine, free), collect(engine, bound), collect(engine, bound))
@@ -412,7 +412,7 @@ def test_constrained_and_free_requests_share_a_batch(loop, engine):
 
 def test_the_transcript_shows_the_constraint_and_where_it_began(loop, engine):
     transcript = engine.transcripts.open("constrained", "test", "", None)
-    request = Request(
+    request = GenerationRequest(
         BY_NAME["weather_tokyo"]["messages"][:-1], tools=BY_NAME["weather_tokyo"]["tools"], tool_choice="get_weather"
     )
 
@@ -468,7 +468,7 @@ def test_each_call_format_grammar_takes_what_its_parser_reads(demo_tokenizer, pa
     tags = (module.tool_call_start, module.tool_call_end)
     grammars = Grammars(demo_tokenizer, len(demo_tokenizer), None, tags, parser)
     tools = [tool(CITY_DAYS) | {"function": {"name": "f", "parameters": CITY_DAYS}}]
-    processor = grammars.processor(Request(USER, tools=tools, tool_choice="f"), False)
+    processor = grammars.processor(GenerationRequest(USER, tools=tools, tool_choice="f"), False)
     good, bad = (RENDERED[parser].replace("DAYS", days) for days in ("3", '"x"'))
     matcher = processor.matcher.deep_copy()
     assert matcher.consume_tokens(demo_tokenizer.encode(good, add_special_tokens=False)), matcher.get_error()
@@ -488,5 +488,5 @@ def test_a_schema_slow_to_compile_is_refused_without_waiting_for_it(monkeypatch)
 
     monkeypatch.setattr(schemas, "CHECK_SECONDS", 0.05)
     slow = {"enum": [f"slow-{i}" for i in range(100_000)]}  # well over 50 ms to build, before its size is refused
-    problem = asyncio.run(schemas.check(Request(USER, constraint=Constraint("json_schema", slow))))
+    problem = asyncio.run(schemas.check(GenerationRequest(USER, constraint=Constraint("json_schema", slow))))
     assert problem == "a schema took longer than 0.05 s to compile; simplify it"

@@ -13,21 +13,21 @@ from mlx_tui.engine.client import EngineClient, EngineUnavailable
 from mlx_tui.engine.config import EngineConfig
 from mlx_tui.engine.demo.conversations import CONVERSATIONS
 from mlx_tui.engine.events import Done, Error, PrefillProgress, RawText
-from mlx_tui.engine.request import Request, Sampling
+from mlx_tui.engine.request import GenerationRequest, Sampling
 
 GREETING = next(c for c in CONVERSATIONS if c["name"] == "greeting")
 
 
-def request(**changes) -> Request:
-    return Request(messages=GREETING["messages"][:-1], **{"max_tokens": 64, **changes})
+def request(**changes) -> GenerationRequest:
+    return GenerationRequest(messages=GREETING["messages"][:-1], **{"max_tokens": 64, **changes})
 
 
-def endless(**changes) -> Request:
+def endless(**changes) -> GenerationRequest:
     """A request that keeps generating until stopped (one token forced, the loop guard off)."""
     return request(sampling=Sampling(logit_bias={letter_token(): 50.0}), **{"max_tokens": 100_000, **changes})
 
 
-async def collect(engine, req: Request) -> list:
+async def collect(engine, req: GenerationRequest) -> list:
     return [e async for e in engine.generate(req)]
 
 
@@ -90,8 +90,10 @@ def test_sigstop_is_caught_by_the_watchdog(loop, broken):
 def test_a_long_prefill_is_not_a_stall(loop, broken):
     engine = broken(stall_timeout=1.5, prefill_step=32)
     words = "lorem ipsum dolor sit amet "
-    per_copy = loop.run(engine.count_tokens(Request(messages=[{"role": "user", "content": words * 100}]))) / 100
-    long = Request(messages=[{"role": "user", "content": words * int(10_000 / per_copy)}], max_tokens=4)
+    per_copy = (
+        loop.run(engine.count_tokens(GenerationRequest(messages=[{"role": "user", "content": words * 100}]))) / 100
+    )
+    long = GenerationRequest(messages=[{"role": "user", "content": words * int(10_000 / per_copy)}], max_tokens=4)
     events = loop.run(collect(engine, long))
     done = events[-1]
     assert isinstance(done, Done), done

@@ -17,7 +17,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, TabbedContent, TabPane
 
 from mlx_tui.engine.events import Event
-from mlx_tui.engine.request import Request
+from mlx_tui.engine.request import GenerationRequest
 
 from .changes import Changes, EventArrived
 from .chat import ChatView
@@ -37,7 +37,7 @@ class Backend(Protocol):
 
     def events(self) -> AsyncIterator[DashboardEvent]: ...
 
-    def chat(self, request: Request) -> AsyncGenerator[Event, None]: ...
+    def chat(self, request: GenerationRequest) -> AsyncGenerator[Event, None]: ...
 
     async def transcript(self, id: str) -> dict | None: ...
 

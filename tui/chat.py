@@ -10,7 +10,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Checkbox, Input, Label
 
-from mlx_tui.engine.request import Request, Sampling
+from mlx_tui.engine.request import GenerationRequest, Sampling
 
 from .turns import AssistantTurn, UserTurn
 
@@ -64,7 +64,7 @@ class ChatView(Vertical):
             return
         self.history.append({"role": "user", "content": text})
         system = self.query_one("#system", Input).value.strip()
-        request = Request(
+        request = GenerationRequest(
             messages=([{"role": "system", "content": system}] if system else []) + self.history,
             tools=self.example_tools if self.query_one("#tools", Checkbox).value else None,
             sampling=Sampling(temperature=temperature),
@@ -74,7 +74,7 @@ class ChatView(Vertical):
         self.reply(text, request)
 
     @work(exclusive=True, group="chat")
-    async def reply(self, text: str, request: Request) -> None:
+    async def reply(self, text: str, request: GenerationRequest) -> None:
         conversation = self.query_one("#conversation", VerticalScroll)
         history = self.history  # a clear starts a new one
         turn = AssistantTurn()

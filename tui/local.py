@@ -15,7 +15,7 @@ from mlx_tui.api.startup import start_engine
 from mlx_tui.engine.bus import WorkerChange
 from mlx_tui.engine.client import EngineClient, EngineUnavailable
 from mlx_tui.engine.events import Error, Event, TextDelta, ToolCallEnd
-from mlx_tui.engine.request import Request
+from mlx_tui.engine.request import GenerationRequest
 
 from .state import DashboardEvent, Info
 
@@ -80,7 +80,7 @@ class LocalBackend:
             if isinstance(event, WorkerChange) and event.state == "ready":
                 yield self._info()
 
-    async def chat(self, request: Request) -> AsyncGenerator[Event, None]:
+    async def chat(self, request: GenerationRequest) -> AsyncGenerator[Event, None]:
         """The request's events, recorded as a transcript like an API request's."""
         id = f"chat_{secrets.token_hex(6)}"
         transcripts = self.engine.transcripts

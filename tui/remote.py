@@ -26,7 +26,7 @@ from mlx_tui.engine.events import (
     ToolCallStart,
     Usage,
 )
-from mlx_tui.engine.request import Request
+from mlx_tui.engine.request import GenerationRequest
 
 from .state import ConnectionChange, DashboardEvent, Info
 
@@ -161,7 +161,7 @@ class RemoteBackend:
         except (httpx.HTTPError, Refused, ValueError):
             return None
 
-    async def chat(self, request: Request) -> AsyncGenerator[Event, None]:
+    async def chat(self, request: GenerationRequest) -> AsyncGenerator[Event, None]:
         """The reply streamed by `/v1/chat/completions`, as engine events."""
         started = time.monotonic()
         first = None
@@ -193,7 +193,7 @@ class RemoteBackend:
         yield Done(reply.stop_reason, reply.usage, Timings(0.0, first - started, time.monotonic() - first))
 
 
-def chat_body(request: Request) -> dict:
+def chat_body(request: GenerationRequest) -> dict:
     messages = []
     for message in request.messages:
         if "tool_calls" in message:
