@@ -44,6 +44,7 @@ class WorkerProcess:
         self.on_exit = on_exit
         self.process: subprocess.Popen[str] | None = None
         self.conn: Connection | None = None
+        self.reader: threading.Thread | None = None  # delivers the worker's messages, until it exits
         self.group = False
         self.address: tuple[str, int] | None = None  # where the worker connects back to, while it starts
 
@@ -92,7 +93,8 @@ class WorkerProcess:
             return False
         self.conn = conn
         self.send(Configure(config))
-        threading.Thread(target=self._read, args=(loop, conn), daemon=True).start()
+        self.reader = threading.Thread(target=self._read, args=(loop, conn), daemon=True)
+        self.reader.start()
         return True
 
     def send(self, message: ToWorker) -> None:
@@ -127,8 +129,9 @@ class WorkerProcess:
     ) -> None:
         """Wait for the exit; wake the pending accept if the worker never connected.
 
-        `on_exit` comes after the worker's last lines of output (such as mlx.launch's
-        word on which rank ended), unless a stray process holds its stderr open.
+        `on_exit` comes after the worker's last messages (such as why it could not load
+        the model) and its last lines of output (such as mlx.launch's word on which rank
+        ended), unless a stray process holds its stderr open.
         """
         code = process.wait()
         if self.group:
@@ -136,6 +139,8 @@ class WorkerProcess:
         if process.stdin:
             process.stdin.close()
         relay.join(self.OUTPUT_GRACE_S)
+        if self.reader is not None:
+            self.reader.join(self.OUTPUT_GRACE_S)
         if not accepted.is_set():
             try:
                 Client(address, authkey=authkey).close()
