@@ -31,8 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--blas-threads",
         type=int,
-        help="OPENBLAS_NUM_THREADS for every process in the comparison"
-        " (default: what our worker picks, all cores but one)",
+        help="OPENBLAS_NUM_THREADS for every process in the comparison (default: what our worker picks, all cores)",
     )
     p.add_argument("--out", help="results directory (default: benchmarks/results, or benchmarks/results/quick)")
     p.add_argument("--sample", help="a captured Claude Code request (default: ../shared/samples/claude-code-*.json)")

@@ -21,12 +21,13 @@ def find_openblas() -> str | None:
 
 
 def default_threads() -> int:
-    """OpenBLAS threads for the worker: every core this process may use but one, left for the front process.
+    """OpenBLAS threads for the worker: every core this process may use, as OpenBLAS itself picks.
 
-    With a thread on every core, each wake-up of the front process (and of the HTTP client)
-    preempts one BLAS thread while the others wait for it (README, Benchmarks).
+    Measured on 2 cores (benchmarks/results/blas-threads): one thread against two, every
+    process alike, gave 0.65x the tokens per second at one stream and 0.76x at four; the
+    front process's wake-ups cost less than the second core gains.
     """
-    return max(1, len(os.sched_getaffinity(0)) - 1)
+    return len(os.sched_getaffinity(0))
 
 
 def worker_blas(choice: str, threads: int = 0) -> tuple[str, dict[str, str]]:

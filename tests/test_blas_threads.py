@@ -1,4 +1,4 @@
-"""OpenBLAS's thread count in the worker: all cores but one by default, `--blas-threads N` to choose."""
+"""OpenBLAS's thread count in the worker: all cores by default, `--blas-threads N` to choose."""
 
 import subprocess
 import sys
@@ -39,4 +39,4 @@ def test_the_cli_refuses_a_negative_thread_count():
     command = [sys.executable, "-m", "mlx_tui.tui.cli", "--serve", "--port", "0", "--blas-threads", "-1"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
-    assert done.stderr.splitlines()[-1] == "mlx-tui: error: --blas-threads must be 0 (all cores but one) or more"
+    assert done.stderr.splitlines()[-1] == "mlx-tui: error: --blas-threads must be 0 (all cores) or more"

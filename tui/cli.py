@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e.add_argument(
         "--blas", choices=("auto", "reference"), default="auto", help="auto: an optimised OpenBLAS on Linux where found"
     )
-    e.add_argument("--blas-threads", type=int, default=0, help="OpenBLAS threads in the worker (0: all cores but one)")
+    e.add_argument("--blas-threads", type=int, default=0, help="OpenBLAS threads in the worker (0: all cores)")
     e.add_argument(
         "--dtype",
         default="auto",
@@ -119,7 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.chat_template and not Path(args.chat_template).is_file():
         p.exit(2, f"mlx-tui: --chat-template {args.chat_template}: no such file\n")
     if args.blas_threads < 0:
-        p.error("--blas-threads must be 0 (all cores but one) or more")
+        p.error("--blas-threads must be 0 (all cores) or more")
     for name in ("max_concurrency", "prefill_step", "max_tokens", "local_ranks"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
