@@ -299,7 +299,7 @@ async def messages(request: Request) -> Response:
     stream = MessageStream(body.model, engine_request.enable_thinking)
     exchange = serving.Exchange(request, engine_request, stream.id, received)
     if not body.stream:
-        return await serving.unless_disconnected(request, respond(exchange, stream))
+        return await serving.unless_disconnected(request, exchange.respond(stream, fold))
     started = await exchange.start()
     return EventSourceResponse(
         sse(exchange, stream, started),
@@ -307,15 +307,6 @@ async def messages(request: Request) -> Response:
         ping_message_factory=lambda: ServerSentEvent(json.dumps({"type": "ping"}), event="ping"),
         sep="\n",
     )
-
-
-async def respond(exchange: serving.Exchange, stream: MessageStream) -> JSONResponse:
-    try:
-        message = fold(await exchange.collect(stream))
-        exchange.sent(serving.dumps(message))
-        return JSONResponse(message)
-    finally:
-        exchange.finish()
 
 
 async def sse(exchange: serving.Exchange, stream: MessageStream, started: ev.Started) -> AsyncIterator[ServerSentEvent]:

@@ -9,7 +9,7 @@ from typing import Any
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from mlx_tui.engine import events as ev
 from mlx_tui.engine.request import Constraint, GenerationRequest, Sampling
@@ -261,18 +261,9 @@ async def chat_completions(request: Request) -> Response:
     stream = ChunkStream(body.model, include_usage)
     exchange = serving.Exchange(request, engine_request, stream.id, received)
     if not body.stream:
-        return await serving.unless_disconnected(request, respond(exchange, stream))
+        return await serving.unless_disconnected(request, exchange.respond(stream, lambda frames: fold(stream, frames)))
     started = await exchange.start()
     return EventSourceResponse(sse(exchange, stream, started), ping=PING_SECONDS, sep="\n")
-
-
-async def respond(exchange: serving.Exchange, stream: ChunkStream) -> JSONResponse:
-    try:
-        completion = fold(stream, await exchange.collect(stream))
-        exchange.sent(serving.dumps(completion))
-        return JSONResponse(completion)
-    finally:
-        exchange.finish()
 
 
 async def sse(exchange: serving.Exchange, stream: ChunkStream, started: ev.Started) -> AsyncIterator[ServerSentEvent]:

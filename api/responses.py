@@ -18,7 +18,7 @@ from typing import Any
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from mlx_tui.engine import events as ev
 from mlx_tui.engine.request import Constraint, GenerationRequest, Sampling
@@ -539,18 +539,9 @@ async def responses(request: Request) -> Response:
     stream = ResponseStream(body, targets)
     exchange = serving.Exchange(request, engine_request, stream.id, received)
     if not body.stream:
-        return await serving.unless_disconnected(request, respond(exchange, stream))
+        return await serving.unless_disconnected(request, exchange.respond(stream, final))
     started = await exchange.start()
     return EventSourceResponse(sse(exchange, stream, started), ping=PING_SECONDS, sep="\n")
-
-
-async def respond(exchange: serving.Exchange, stream: ResponseStream) -> JSONResponse:
-    try:
-        response = final(await exchange.collect(stream))
-        exchange.sent(serving.dumps(response))
-        return JSONResponse(response)
-    finally:
-        exchange.finish()
 
 
 async def sse(

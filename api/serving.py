@@ -2,13 +2,13 @@
 
 import asyncio
 import json
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
 from mlx_tui.engine.client import EngineClient, EngineUnavailable
 from mlx_tui.engine.events import Error, Event, Started
@@ -123,6 +123,15 @@ class Exchange:
             async for event in events:
                 for frame in stream.feed(event):
                     yield frame
+
+    async def respond(self, stream: FrameStream, fold: Callable[[list], dict]) -> JSONResponse:
+        """A reply that is not streamed: its frames folded by `fold` into the protocol's one object."""
+        try:
+            body = fold(await self.collect(stream))
+            self.sent(dumps(body))
+            return JSONResponse(body)
+        finally:
+            self.finish()
 
     def sent(self, text: str) -> None:
         self.engine.transcripts.sent(self.transcript, text)
