@@ -35,6 +35,7 @@ class EngineConfig:
     loop_max_period: int = 64
     tool_parser: str | None = None
     constrain_tools: bool = False
+    speculate: str = "auto"
     chat_template: str | None = None
     blas: str = "auto"
     ranks: int = 1
@@ -63,6 +64,20 @@ class EngineConfig:
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+MAX_DRAFT = 8  # `--speculate auto`: the most tokens one pass verifies beyond the next
+
+
+def draft_most(speculate: str) -> int:
+    """The most drafted tokens per pass for `--speculate off|auto|N` (0: off); ValueError if unreadable."""
+    if speculate == "off":
+        return 0
+    if speculate == "auto":
+        return MAX_DRAFT
+    if speculate.isdigit() and 1 <= int(speculate) <= 64:
+        return int(speculate)
+    raise ValueError(f"--speculate takes off, auto or a draft length from 1 to 64, not {speculate!r}")
+
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

@@ -100,12 +100,16 @@ class ParseError:
 
 @dataclass(slots=True, frozen=True)
 class Usage:
-    """Token counts; `reasoning_tokens` are the generated tokens inside the reasoning block."""
+    """Token counts; `reasoning_tokens` are the generated tokens inside the reasoning block.
+
+    `drafted_tokens` are the generated tokens that came from accepted speculative drafts.
+    """
 
     prompt_tokens: int
     cached_tokens: int
     generated_tokens: int
     reasoning_tokens: int = 0
+    drafted_tokens: int = 0
 
 
 @dataclass(slots=True, frozen=True)

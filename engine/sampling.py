@@ -38,27 +38,44 @@ def check(s: Sampling, vocab_size: int) -> str | None:
     return None
 
 
-def seeded_sampler(s: Sampling, seed: int) -> Callable[[mx.array], mx.array]:
-    """A sampler with its own random key, so a seeded request repeats even inside a batch."""
-    key = mx.random.key(seed)
+class SeededSampler:
+    """Draws the token of each position with the next key of the seed's chain, so a seeded request repeats
+    inside any batch; one call may draw several positions, and `rewind` gives back the keys of those not used.
+    """
 
-    def sample(logprobs: mx.array) -> mx.array:
-        nonlocal key
-        key, sub = mx.random.split(key)
+    def __init__(self, s: Sampling, seed: int) -> None:
+        self.s = s
+        self.chain = mx.random.key(seed)
+        self.spare: list[mx.array] = []  # keys given back, for the next positions
+        self.drawn: list[mx.array] = []
+
+    def _key(self) -> mx.array:
+        if self.spare:
+            return self.spare.pop(0)
+        self.chain, key = mx.random.split(self.chain)
+        return key
+
+    def __call__(self, logprobs: mx.array) -> mx.array:
+        s = self.s
         if s.top_k > 0:
             logprobs = apply_top_k(logprobs, s.top_k)
         if 0 < s.top_p < 1:
             logprobs = apply_top_p(logprobs, s.top_p)
         if s.min_p > 0:
             logprobs = apply_min_p(logprobs, s.min_p)
-        return mx.random.categorical(logprobs * (1 / s.temperature), key=sub)
+        self.drawn = [self._key() for _ in range(logprobs.shape[0])]
+        scaled = logprobs * (1 / s.temperature)
+        return mx.concatenate([mx.random.categorical(scaled[j : j + 1], key=k) for j, k in enumerate(self.drawn)])
 
-    return sample
+    def rewind(self, n: int) -> None:
+        """The last `n` positions of the last call were not used: their keys go to the next ones."""
+        if n:
+            self.spare = self.drawn[-n:] + self.spare
 
 
 def sampler(s: Sampling) -> Callable[[mx.array], mx.array]:
     if s.seed is not None and s.temperature > 0:
-        return seeded_sampler(s, s.seed)
+        return SeededSampler(s, s.seed)
     return make_sampler(s.temperature, top_p=s.top_p, min_p=s.min_p, top_k=s.top_k)
 
 

@@ -7,10 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import mlx.core as mx
-from mlx_lm.generate import BatchGenerator
 
-from . import boundaries, cache_kinds, faults, sampling
-from .config import EngineConfig
+from . import boundaries, cache_kinds, faults, sampling, speculation
+from .config import EngineConfig, draft_most
 from .events import Done, Error, Event, PrefillProgress, Queued, Started, StopReason, Timings, Usage
 from .grammar import Grammars
 from .loader import Loaded
@@ -61,6 +60,7 @@ class Active:
     first_token: float | None = None
     generated: int = 0
     reasoning: int = 0
+    drafted: int = 0
     reply: list[int] = field(default_factory=list)
 
 
@@ -92,6 +92,8 @@ class Scheduler:
         self.prefill_together = not self.snapshotting or cache_kinds.padded_prefill_sound(self.model)
         if not self.prefill_together:
             self.cache_mode += "; prompts prefilled one at a time"
+        self.draft_most, self.speculation_mode = self._speculation(config.speculate)
+        self.draft_counts = speculation.Counts()
         self.turns = TurnMemory(self.tokenizer.decode)
         vocab_size = getattr(getattr(self.model, "args", None), "vocab_size", None) or len(self.tokenizer)
         self.grammars = Grammars(
@@ -99,10 +101,22 @@ class Scheduler:
         )
         self.generator = self._new_generator()
 
-    def _new_generator(self) -> BatchGenerator:
+    def _speculation(self, setting: str) -> tuple[int, str]:
+        """How many tokens a pass may draft (0: none), and what the start line says of it."""
+        most = draft_most(setting)
+        if not most:
+            return 0, "off"
+        if self.cache_mode != "any token":
+            why = "off: a draft's rejected tokens cannot be cut from this model's"
+            return 0, f"{why} {'recurrent' if 'recurrent' in self.cache_mode else 'sliding-window'} layers"
+        return most, f"prompt lookup, up to {most} tokens a pass"
+
+    def _new_generator(self) -> speculation.SpeculativeGenerator:
         n = self.config.max_concurrency
-        return BatchGenerator(
+        return speculation.SpeculativeGenerator(
             self.model,
+            most=self.draft_most,
+            counts=self.draft_counts,
             max_tokens=self.config.max_tokens,
             stop_tokens=[[t] for t in self.tokenizer.eos_token_ids],
             completion_batch_size=n,
@@ -193,6 +207,8 @@ class Scheduler:
             samplers=[sampler],
             logits_processors=[processors + [grammar] if grammar else processors],
         )
+        if grammar:
+            self.generator.speculation.plain.add(uid)
         markup = MarkupParser(
             self.think, self.tool, self.tokenizer.tool_parser, request.tools, prompt.state, prompt.body
         )
@@ -273,6 +289,7 @@ class Scheduler:
             r.finish_reason != "stop"
         )  # the end-of-sequence token is not output, as OpenAI and Anthropic count
         a.reasoning += a.output.markup.state == MarkupParser.REASONING
+        a.drafted += r.drafted
         a.reply.append(r.token)
         self.generation_tokens_total += 1
         reason: StopReason | Literal["error"] | None = None
@@ -321,7 +338,7 @@ class Scheduler:
         )
         return Done(
             stop_reason=reason,
-            usage=Usage(a.prompt_tokens, a.cached_tokens, a.generated, a.reasoning),
+            usage=Usage(a.prompt_tokens, a.cached_tokens, a.generated, a.reasoning, a.drafted),
             timings=timings,
             stop_sequence=a.output.matched_stop,
             note=note,
@@ -352,6 +369,7 @@ class Scheduler:
     def stats(self) -> dict:
         running = sum(a.prefill_started is not None for a in self.active.values())
         cache = self.cache.stats
+        counts = self.draft_counts
         return {
             "running": running,
             "waiting": len(self.active) - running,
@@ -378,6 +396,12 @@ class Scheduler:
                 "snapshots": self.cache.snapshot_count,
                 "snapshot_bytes": self.cache.snapshot_nbytes,
                 "snapshot_hits": cache.snapshot_hits,
+            },
+            "speculation": {
+                "mode": self.speculation_mode,
+                "drafts": counts.drafts,
+                "draft_tokens": counts.draft_tokens,
+                "accepted_tokens": counts.accepted_tokens,
             },
             "memory": {
                 "active": mx.get_active_memory(),

@@ -99,6 +99,9 @@ CONFIGS = {
 }
 FAMILIES = list(CONFIGS)
 
+# every layer a plain KVCache, for what only such models do (speculation)
+PLAIN = dict(model_type="llama", num_hidden_layers=2)
+
 # chunked attention (ChunkedKVCache), which mlx-lm's BatchGenerator cannot batch
 UNBATCHABLE = dict(
     model_type="llama4",
@@ -127,14 +130,15 @@ UNBATCHABLE = dict(
 
 
 def build(family: str, path: Path, seed: int = 0) -> Path:
-    """Write the tiny random `family` model (or "llama4") to `path` (once) and return it."""
+    """Write the tiny random `family` model (or "llama4", or "llama": `PLAIN`) to `path` (once) and return it."""
     if (path / "model.safetensors").exists():
         return path
     import json
 
     path.mkdir(parents=True, exist_ok=True)
     demo = json.loads((MODEL_DIR / "config.json").read_text())
-    config = UNBATCHABLE if family == "llama4" else COMMON | CONFIGS[family] | {"vocab_size": demo["vocab_size"]}
+    layers = PLAIN if family == "llama" else CONFIGS.get(family, {})
+    config = UNBATCHABLE if family == "llama4" else COMMON | layers | {"vocab_size": demo["vocab_size"]}
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(MODEL_DIR / name, path / name)
     for key in ("eos_token_id", "bos_token_id"):

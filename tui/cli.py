@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mlx_tui.engine.blas import missing_openblas, worker_blas
-from mlx_tui.engine.config import DTYPES, EngineConfig, cache_dir, hostfile_hosts, model_problem
+from mlx_tui.engine.config import DTYPES, EngineConfig, cache_dir, draft_most, hostfile_hosts, model_problem
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,6 +44,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--constrain-tools",
         action="store_true",
         help="bind every tool call the model starts to its tool's schema with a grammar (costs a mask per token)",
+    )
+    e.add_argument(
+        "--speculate",
+        default="auto",
+        metavar="{off,auto,N}",
+        help="prompt-lookup speculative decoding: auto drafts up to 8 tokens a pass from the context, N up to N",
     )
     e.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template file to use instead of the model's")
     e.add_argument(
@@ -125,6 +131,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.hostfile and args.local_ranks > 1:
         p.error("--hostfile and --local-ranks cannot be combined")
+    try:
+        draft_most(args.speculate)
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
@@ -138,6 +148,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         loop_max_period=args.loop_max_period,
         tool_parser=args.tool_parser,
         constrain_tools=args.constrain_tools,
+        speculate=args.speculate,
         chat_template=args.chat_template,
         blas=args.blas,
         blas_threads=args.blas_threads,

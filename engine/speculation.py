@@ -1,0 +1,189 @@
+"""Prompt-lookup speculative decoding on mlx-lm's batched generator.
+
+A row's draft is what followed the longest earlier occurrence of its last few tokens, in its
+prompt or its reply. The drafted tokens are fed to the model with the row's next token in
+one pass; each position's sample is drawn as decoding would draw it, and the draft is kept
+up to the first position where the sample differs, so the output is the one decoding
+without speculation gives. What the model saw beyond the kept tokens is cut from the KV
+cache, so only models whose every layer can be cut speculate (`cache_kinds.mode`).
+
+Speculation runs while one request decodes. With several in the batch, a verify pass would
+need a cut per row (mlx-lm's `BatchKVCache.trim` cuts every row alike), and on this CPU a
+batch of four already runs the model near its best, so the scheduler decodes plainly.
+"""
+
+from dataclasses import dataclass
+from typing import Any, cast
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.generate import BatchGenerator, GenerationBatch
+
+NGRAM = (3, 5)  # the shortest and longest suffix looked up; shorter matches draft mostly noise
+
+
+class PromptLookup:
+    """One row's tokens, and the draft its last tokens' earlier occurrences propose."""
+
+    def __init__(self, tokens: list[int], most: int) -> None:
+        self.tokens = np.zeros(max(256, 2 * len(tokens)), np.int32)
+        self.size = 0
+        self.most = most
+        self.length = min(4, most)  # adapted to how much of each draft is kept
+        self.extend(tokens)
+
+    def extend(self, tokens: list[int]) -> None:
+        end = self.size + len(tokens)
+        if end > len(self.tokens):
+            self.tokens = np.concatenate([self.tokens, np.zeros(end, np.int32)])
+        self.tokens[self.size : end] = tokens
+        self.size = end
+
+    def draft(self) -> list[int]:
+        """What followed the latest earlier occurrence of the longest suffix of NGRAM[0] tokens or more.
+
+        Where that occurrence is so recent that what followed it runs into the suffix itself,
+        the tokens repeat with the period between the two.
+        """
+        h, n = self.tokens, self.size
+        shortest, longest = NGRAM
+        if n <= shortest:
+            return []
+        ends = np.flatnonzero(h[: n - 1] == h[n - 1])  # where an earlier copy of the last token stands
+        matched = np.ones(len(ends), np.int32)
+        for back in range(1, longest):
+            ok = (ends >= back) & (matched == back)
+            ok[ok] = h[ends[ok] - back] == h[n - 1 - back]
+            matched += ok
+        if not len(ends) or matched.max() < shortest:
+            return []
+        best = ends[np.flatnonzero(matched == matched.max())[-1]]
+        draft = h[best + 1 : min(best + 1 + self.length, n)].tolist()
+        period = n - 1 - best  # a match this close is a loop: it goes on as it went
+        while len(draft) < self.length:
+            draft.append(draft[len(draft) - period])
+        return draft
+
+    def kept(self, drafted: int, accepted: int) -> None:
+        """Lengthen the next draft after one kept whole, shorten it after a miss."""
+        if accepted == drafted:
+            self.length = min(self.length + 2, self.most)
+        else:
+            self.length = max(1, accepted + 1)
+
+
+@dataclass(slots=True)
+class Counts:
+    """Running totals, named after vLLM's `spec_decode` counters."""
+
+    drafts: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+
+
+@dataclass
+class Response(GenerationBatch.Response):
+    """mlx-lm's response, saying whether the token came from an accepted draft."""
+
+    drafted: bool = False
+
+
+class SpeculativeBatch(GenerationBatch):
+    """mlx-lm's generation batch, with a verify pass for a lone row that has a draft."""
+
+    Response = Response
+    most: int = 0
+    counts: Counts
+    lookups: dict[int, PromptLookup]
+    plain: set[int]  # rows that never speculate (a grammar follows every token they are given)
+
+    def filter(self, keep: list[int]) -> None:
+        super().filter(keep)
+        self.lookups = {uid: look for uid, look in self.lookups.items() if uid in self.uids}
+
+    def next(self) -> list:
+        if len(self.uids) != 1 or not self.most or self.uids[0] in self.plain:
+            return super().next()
+        uid = self.uids[0]
+        look = self.lookups.get(uid)
+        if look is None:
+            look = self.lookups[uid] = PromptLookup(self.tokens[0], self.most)
+        look.extend(self.tokens[0][look.size :])
+        mx.eval(self._next_tokens)
+        token = cast(int, self._next_tokens.item())
+        look.extend([token])
+        draft = look.draft()
+        look.size -= 1  # the token is not in the cache until a pass feeds it
+        if not draft:
+            return super().next()
+        return self._verify(token, draft, look)
+
+    def _verify(self, token: int, draft: list[int], look: PromptLookup) -> list:
+        """Feed the next token and the draft in one pass; keep the draft up to its first miss."""
+        inputs = mx.array([[token, *draft]], dtype=mx.uint32)
+        logits = self.model(inputs, cache=self.prompt_cache)[0]
+        if processors := (self.logits_processors or [[]])[0]:
+            context = self._token_context[0].update_and_fetch(inputs[0, :1])
+            rows = []
+            for j in range(len(draft) + 1):  # position j is only used when the draft is kept up to it
+                row, seen = logits[j : j + 1], mx.concatenate([context, inputs[0, 1 : j + 1]])
+                for processor in processors:
+                    row = processor(seen, row)
+                rows.append(row)
+            logits = mx.concatenate(rows)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        sampler = self.samplers[0] if self.samplers else self.fallback_sampler
+        sampled = cast(list[int], sampler(logprobs).tolist())
+        accepted = 0
+        while accepted < len(draft) and sampled[accepted] == draft[accepted]:
+            accepted += 1
+        if rewind := getattr(sampler, "rewind", None):
+            rewind(len(draft) - accepted)  # draws past the first miss were never used
+        self._cut(len(draft) - accepted)
+        kept = [token, *draft[:accepted]]
+        if processors and accepted:
+            self._token_context[0].update_and_fetch(mx.array(draft[:accepted]))
+        look.kept(len(draft), accepted)
+        self.counts.drafts += 1
+        self.counts.draft_tokens += len(draft)
+        steps = [self._next_logprobs[0], *logprobs[:accepted]]
+        self._next_tokens = mx.array(sampled[accepted : accepted + 1])
+        self._next_logprobs = [logprobs[accepted]]
+        responses = self._respond(kept, steps)
+        self.counts.accepted_tokens += len(responses) - 1  # those past the row's end are not the reply
+        return responses
+
+    def _cut(self, n: int) -> None:
+        if n:
+            for c in self.prompt_cache:
+                c.trim(n)
+
+    def _respond(self, kept: list[int], steps: list[mx.array]) -> list:
+        """Responses for the kept tokens, in order, up to the first that ends the row."""
+        responses = []
+        for i, token in enumerate(kept):
+            self.tokens[0].append(token)
+            self._num_tokens[0] += 1
+            reason = "length" if self._num_tokens[0] >= self.max_tokens[0] else None
+            if self._matchers[0].advance(token):
+                reason = "stop"
+            if reason is None:
+                responses.append(Response(self.uids[0], token, steps[i], None, None, None, drafted=i > 0))
+                continue
+            self._cut(len(kept) - 1 - i)  # the tokens after the end were fed, but are not the reply
+            responses.append(
+                Response(self.uids[0], token, steps[i], reason, self.extract_cache(0), self.tokens[0], drafted=i > 0)
+            )
+            self.filter([])
+            break
+        return responses
+
+
+class SpeculativeGenerator(BatchGenerator):
+    """mlx-lm's BatchGenerator whose generation batch drafts up to `most` tokens a pass, counted in `counts`."""
+
+    def __init__(self, *args: Any, most: int, counts: Counts, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        batch = SpeculativeBatch.empty(self.model, self.sampler)
+        batch.most, batch.counts, batch.lookups, batch.plain = most, counts, {}, set()
+        self._generation_batch = self.speculation = batch

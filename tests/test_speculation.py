@@ -1,0 +1,189 @@
+"""Prompt-lookup speculative decoding: the output is the one decoding without it gives.
+
+Run in-process on the real scheduler over a tiny random llama (every layer a plain KV
+cache), whose greedy replies fall into loops that prompt lookup drafts, and over the demo
+model; the hybrid and sliding-window families must not speculate at all.
+"""
+
+from collections import defaultdict
+
+import numpy as np
+import pytest
+from families import build
+
+from mlx_tui.engine import cache_kinds
+from mlx_tui.engine.config import EngineConfig
+from mlx_tui.engine.demo import MODEL_DIR
+from mlx_tui.engine.demo.conversations import TOOLS, user
+from mlx_tui.engine.events import Done, RawText, Started
+from mlx_tui.engine.loader import load
+from mlx_tui.engine.prefix_cache import PrefixCache
+from mlx_tui.engine.request import Constraint, GenerationRequest, Sampling
+from mlx_tui.engine.scheduler import Scheduler
+from mlx_tui.engine.speculation import PromptLookup
+
+QUESTION = [user("Tell me about the weather in Paris, Rome and Berlin, city by city, in full.")]
+
+
+class Recording(Scheduler):
+    """The real scheduler, keeping each request's tokens and log-probabilities."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.tokens: dict[str, list[int]] = defaultdict(list)
+        self.logprobs: dict[str, list] = defaultdict(list)
+
+    def _token(self, a, r, now):
+        self.tokens[a.rid].append(r.token)
+        self.logprobs[a.rid].append(np.array(r.logprobs))
+        return super()._token(a, r, now)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return load(str(build("llama", tmp_path_factory.mktemp("llama"))), lambda *a: None)
+
+
+def scheduler(loaded, speculate: str = "auto", **settings) -> Recording:
+    config = EngineConfig(model="", cache_dir=None, transcripts_dir=None, speculate=speculate, **settings)
+    return Recording(loaded, config, PrefixCache(1 << 30, None), cache_kinds.kv_bytes_per_token(loaded.model))
+
+
+def run(s: Recording, requests: dict[str, GenerationRequest]) -> dict[str, list]:
+    events = defaultdict(list)
+    for rid, request in requests.items():
+        for r, e in s.submit(rid, request):
+            events[r].append(e)
+    while s.busy:
+        for r, e in s.step():
+            events[r].append(e)
+    assert all(isinstance(e[-1], Done) for e in events.values()), events
+    return events
+
+
+def text(events: list) -> str:
+    return "".join(e.text for e in events if isinstance(e, RawText))
+
+
+def both(loaded, requests: dict[str, GenerationRequest], **settings) -> tuple[Recording, Recording, dict, dict]:
+    """The same requests run without speculation and with it."""
+    off, on = scheduler(loaded, "off", **settings), scheduler(loaded, "auto", **settings)
+    return off, on, run(off, requests), run(on, requests)
+
+
+def drafted(events: list) -> int:
+    return events[-1].usage.drafted_tokens
+
+
+def test_greedy_output_is_token_for_token_the_same(llama):
+    off, on, plain, fast = both(llama, {"a": GenerationRequest(QUESTION, max_tokens=120)})
+    assert on.tokens["a"] == off.tokens["a"]
+    assert all(np.allclose(x, y, atol=2e-3) for x, y in zip(on.logprobs["a"], off.logprobs["a"], strict=True))
+    assert fast["a"][-1].stop_reason == plain["a"][-1].stop_reason
+    counts = on.stats()["speculation"]
+    assert counts["drafts"] > 5 and counts["accepted_tokens"] > 20, counts
+    assert drafted(fast["a"]) == counts["accepted_tokens"]
+    assert off.stats()["speculation"]["drafts"] == 0
+
+
+def test_a_seeded_sample_is_the_same_with_speculation_and_in_a_batch(llama):
+    seeded = GenerationRequest(QUESTION, max_tokens=100, sampling=Sampling(temperature=0.05, seed=11))
+    off, on, plain, fast = both(llama, {"a": seeded})
+    assert on.tokens["a"] == off.tokens["a"]
+    assert on.stats()["speculation"]["accepted_tokens"] > 10
+    beside = scheduler(llama, "auto")
+    run(beside, {"a": seeded, "b": GenerationRequest([user("Hello!")], max_tokens=30)})
+    assert beside.tokens["a"] == off.tokens["a"]
+
+
+def test_unseeded_sampling_keeps_only_drafts_the_sampler_drew(llama):
+    """Every position of a pass is drawn as plain decoding would draw it (the seeded test shows it draw for
+    draw); unseeded, a draft the draw differs from is cut, and the reply runs its full length."""
+    warm = GenerationRequest(QUESTION, max_tokens=100, sampling=Sampling(temperature=0.1))
+    s = scheduler(llama)
+    events = run(s, {"a": warm})
+    counts = s.stats()["speculation"]
+    assert events["a"][-1].usage.generated_tokens == 100
+    assert 0 < counts["accepted_tokens"] < counts["draft_tokens"], counts
+
+
+def test_stop_sequence_and_max_tokens_act_inside_an_accepted_draft(llama):
+    off = scheduler(llama, "off")
+    reply = text(run(off, {"a": GenerationRequest(QUESTION, max_tokens=120)})["a"])
+    stop = reply[len(reply) * 2 // 3 :][:6]  # inside the loop, where drafts are accepted
+    _, _, plain, fast = both(llama, {"a": GenerationRequest(QUESTION, max_tokens=120, stop=[stop])})
+    assert text(fast["a"]) == text(plain["a"]) and fast["a"][-1].stop_reason == "stop_sequence"
+    assert drafted(fast["a"]) > 0
+    for n in (37, 61):
+        _, _, plain, fast = both(llama, {"a": GenerationRequest(QUESTION, max_tokens=n)})
+        assert fast["a"][-1].usage.generated_tokens == n == plain["a"][-1].usage.generated_tokens
+        assert text(fast["a"]) == text(plain["a"])
+
+
+def test_the_repetition_guard_stops_at_the_same_token(llama):
+    _, _, plain, fast = both(llama, {"a": GenerationRequest(QUESTION, max_tokens=300)}, loop_window=32)
+    assert plain["a"][-1].note == "repetition" == fast["a"][-1].note
+    assert text(fast["a"]) == text(plain["a"])
+    assert drafted(fast["a"]) > 0
+
+
+def test_a_finished_request_leaves_exactly_its_tokens_in_the_prefix_cache(llama):
+    """The tokens a pass fed beyond a request's end are cut before it is kept: a follow-up resumes exactly."""
+    on = scheduler(llama)
+    first = GenerationRequest(QUESTION, max_tokens=45)
+    events = run(on, {"a": first})
+    assert drafted(events["a"]) > 0
+    follow = GenerationRequest([*QUESTION, {"role": "assistant", "content": text(events["a"])}, user("More?")])
+    follow.max_tokens = 20
+    warm = run(on, {"b": follow})["b"]
+    cold = scheduler(llama, "off")
+    run(cold, {"b": follow})
+    assert next(e for e in warm if isinstance(e, Started)).cached_tokens > len(on.tokens["a"])
+    assert on.tokens["b"] == cold.tokens["b"]
+    assert all(np.allclose(x, y, atol=2e-3) for x, y in zip(on.logprobs["b"], cold.logprobs["b"], strict=True))
+
+
+def test_constrained_requests_and_batches_decode_plainly(llama):
+    s = scheduler(llama)
+    bound = GenerationRequest(QUESTION, max_tokens=40, constraint=Constraint("json_object", {"type": "object"}))
+    run(s, {"a": bound})
+    assert s.stats()["speculation"]["drafts"] == 0
+    run(s, {"a": GenerationRequest(QUESTION, max_tokens=60), "b": GenerationRequest(QUESTION, max_tokens=60)})
+    assert s.stats()["speculation"]["drafts"] == 0
+
+
+def test_the_demo_model_replies_the_same(tmp_path):
+    demo = load(str(MODEL_DIR), lambda *a: None)
+    weather = GenerationRequest([user("What is the weather in Paris?")], tools=TOOLS, max_tokens=60)
+    _, _, plain, fast = both(demo, {"a": weather, "b": GenerationRequest([user("Who are you?")], max_tokens=60)})
+    for rid in "ab":
+        assert text(fast[rid]) == text(plain[rid])
+    _, _, plain, fast = both(demo, {"a": weather})
+    assert text(fast["a"]) == text(plain["a"])
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "gpt_oss"])
+def test_families_whose_cache_cannot_be_cut_do_not_speculate(family, tmp_path):
+    loaded = load(str(build(family, tmp_path)), lambda *a: None)
+    s = scheduler(loaded)
+    assert s.speculation_mode.startswith("off: ")
+    assert ("recurrent" if family == "qwen3_5" else "sliding-window") in s.speculation_mode
+    run(s, {"a": GenerationRequest(QUESTION, max_tokens=60)})
+    assert s.stats()["speculation"]["drafts"] == 0
+
+
+def test_prompt_lookup_drafts_what_followed_the_longest_match():
+    look = PromptLookup([1, 2, 3, 4, 5, 6, 9, 9, 2, 3, 4, 5, 7, 8, 1, 2, 3, 4], most=8)
+    look.length = 3
+    assert look.draft() == [5, 6, 9]  # the longest match, though a shorter one is later
+    latest = PromptLookup([1, 2, 3, 8, 1, 2, 3, 9, 4, 1, 2, 3], most=8)
+    latest.length = 2
+    assert latest.draft() == [9, 4]  # of equal matches, the latest
+    loop = PromptLookup([7, 1, 2, 3, 1, 2, 3, 1, 2], most=8)
+    loop.length = 5
+    assert loop.draft() == [3, 1, 2, 3, 1]  # a loop goes on past the end of what is known
+    assert PromptLookup([5, 6, 7, 8, 9], most=8).draft() == []
+    look.kept(3, 3)
+    assert look.length == 5
+    look.kept(5, 1)
+    assert look.length == 2
