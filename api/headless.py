@@ -68,7 +68,11 @@ async def serve(
     server = ApiServer(app, sock, grace, log_config=uvicorn.config.LOGGING_CONFIG, log_level="info")
     dtype = ", ".join(filter(None, (engine.info["dtype"], engine.info["dtype_note"])))
     cache = engine.info["cache_mode"]
-    say(f"serving {engine.config.model} at {address} (BLAS: {engine.blas}; dtype: {dtype}; prefix cache: {cache})")
+    speculation = engine.info["speculation"]
+    say(
+        f"serving {engine.config.model} at {address} (BLAS: {engine.blas}; dtype: {dtype}; prefix cache: {cache}; "
+        f"speculation: {speculation})"
+    )
     print(client_setup(address, settings.get("api_key"), engine.info["context_length"]), file=sys.stderr)
     signalled = asyncio.Event()
 

@@ -44,6 +44,7 @@ async def health(request: Request) -> Response:
             "dtype_note": info.get("dtype_note"),
             "tool_parser": info.get("tool_parser"),
             "prefix_cache": info.get("cache_mode"),
+            "speculation": info.get("speculation"),
             "uptime_s": round(time.time() - engine.started_at, 1),
         }
     )

@@ -42,24 +42,33 @@ class Metrics:
         self.cache_snapshots = Gauge(
             "mlx_tui:prefix_cache_snapshots", "State snapshots of layers that cannot be cut, held in RAM.", registry=r
         )
-        self.disk_failures = {
-            "disk_write_errors": Counter(
+        self.totals = {  # counters kept from the worker's running totals in its stats, by where they stand there
+            ("cache", "disk_write_errors"): Counter(
                 "mlx_tui:prefix_cache_disk_write_errors",
                 "Prefix cache entries the disk tier failed to write.",
                 registry=r,
             ),
-            "disk_dropped": Counter(
+            ("cache", "disk_dropped"): Counter(
                 "mlx_tui:prefix_cache_disk_writes_dropped",
                 "Prefix cache entries dropped from a full disk write queue.",
                 registry=r,
             ),
-            "disk_rejected": Counter(
+            ("cache", "disk_rejected"): Counter(
                 "mlx_tui:prefix_cache_disk_rejected",
                 "Disk cache files refused: damaged, foreign or not signed by this cache.",
                 registry=r,
             ),
+            ("speculation", "drafts"): Counter(
+                "mlx_tui:spec_decode_num_drafts", "Verify passes that carried a speculative draft.", registry=r
+            ),
+            ("speculation", "draft_tokens"): Counter(
+                "mlx_tui:spec_decode_num_draft_tokens", "Speculatively drafted tokens.", registry=r
+            ),
+            ("speculation", "accepted_tokens"): Counter(
+                "mlx_tui:spec_decode_num_accepted_tokens", "Drafted tokens accepted and generated.", registry=r
+            ),
         }
-        self._disk_counts: tuple = (None, {})
+        self._seen: tuple = (None, {})
 
     def observe(self, event: Event) -> None:
         if isinstance(event, Started):
@@ -74,15 +83,15 @@ class Metrics:
                 self.repetitions.inc()
 
     def observe_stats(self, stats: dict, pid: int | None) -> None:
-        """Count the disk tier's failures from the worker's running totals (a new worker starts them at 0)."""
-        worker, seen = self._disk_counts
+        """Count from the worker's running totals (a new worker starts them at 0)."""
+        worker, seen = self._seen
         if pid != worker:
             seen = {}
-        for key, counter in self.disk_failures.items():
-            now = stats["cache"].get(key, 0)
+        for key, counter in self.totals.items():
+            now = stats.get(key[0], {}).get(key[1], 0)
             counter.inc(max(0, now - seen.get(key, 0)))
             seen[key] = now
-        self._disk_counts = (pid, seen)
+        self._seen = (pid, seen)
 
     def text(self) -> bytes:
         return generate_latest(self.registry)

@@ -38,6 +38,8 @@ class Transcript:
     parse_errors: list[dict] = field(default_factory=list)
     sent: list[str] = field(default_factory=list)
     stop_reason: str | None = None
+    generated_tokens: int = 0
+    drafted_tokens: int = 0  # of the generated, those that came from accepted speculative drafts
     error: str | None = None
     finished: float | None = None
 
@@ -61,6 +63,8 @@ class Transcript:
             "tool_calls": len(self.tool_calls),
             "parse_errors": len(self.parse_errors),
             "stop_reason": self.stop_reason,
+            "generated_tokens": self.generated_tokens,
+            "drafted_tokens": self.drafted_tokens,
             "error": self.error,
             "finished": self.finished,
         }
@@ -125,6 +129,7 @@ class Transcripts:
             self._publish(t, step="parse_error", error=error)
         elif isinstance(event, Done):
             t.stop_reason = event.stop_reason
+            t.generated_tokens, t.drafted_tokens = event.usage.generated_tokens, event.usage.drafted_tokens
         elif isinstance(event, Error):
             t.error = f"{event.kind}: {event.message}"
 

@@ -248,6 +248,7 @@ def ready_info(loaded: Loaded, scheduler: Scheduler, members: dict[str, Any]) ->
         "dtype_note": loaded.dtype_note,
         "tool_parser": scheduler.parser_name,
         "cache_mode": scheduler.cache_mode,
+        "speculation": scheduler.speculation_mode,
         "thinking": scheduler.think is not None,
         "eos": sorted(tokenizer.eos_token_ids),
         **members,

@@ -69,3 +69,26 @@ def test_stats_snapshot(server):
     assert stats["info"]["tool_parser"] == "json_tools"
     assert any(r["phase"] == "done" for r in stats["recent_requests"])
     assert httpx.get(server.url + "/health").json()["uptime_s"] >= 0
+
+
+def test_speculation_is_counted_in_metrics_and_transcripts(server):
+    """The demo model's tool call copies the tool's name and argument from the prompt: drafts are kept."""
+    id = ask_for_weather(server)
+    t = httpx.get(f"{server.url}/v1/transcripts/{id}").json()
+    assert 0 < t["drafted_tokens"] < t["generated_tokens"]
+    assert httpx.get(server.url + "/health").json()["speculation"].startswith("prompt lookup")
+    with httpx.stream("GET", server.url + "/v1/events", timeout=30) as response:  # the next stats tick has them
+        for line in response.iter_lines():
+            if line.startswith("data: ") and (event := json.loads(line[6:]))["kind"] == "stats":
+                if event["speculation"]["accepted_tokens"] >= t["drafted_tokens"]:
+                    break
+    text = httpx.get(server.url + "/metrics").text
+    counts = {
+        name: float(
+            next(line for line in text.splitlines() if line.startswith(f"mlx_tui:spec_decode_{name}_total")).split()[-1]
+        )
+        for name in ("num_drafts", "num_draft_tokens", "num_accepted_tokens")
+    }
+    assert (
+        0 < counts["num_drafts"] and t["drafted_tokens"] <= counts["num_accepted_tokens"] <= counts["num_draft_tokens"]
+    )

@@ -1,4 +1,4 @@
-"""The command line's dashboard mode: a busy port is reported, not fatal; `--serve` still refuses it."""
+"""The command line: dashboard mode (a busy port is reported, not fatal; `--serve` refuses it) and its settings."""
 
 import socket
 
@@ -33,3 +33,11 @@ async def test_the_dashboard_runs_without_the_api_when_its_port_is_busy(busy_por
             await ready(pilot)
     finally:
         await backend.stop()
+
+
+@pytest.mark.parametrize("setting", ["sometimes", "0", "65"])
+def test_speculate_takes_off_auto_or_a_draft_length(setting, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--speculate", setting])
+    assert "--speculate takes off, auto or a draft length from 1 to 64" in capsys.readouterr().err
+    assert parse_args(["--speculate", "3"]).speculate == "3"

@@ -126,6 +126,7 @@ class LatencyPanel(Panel):
             f"{fmt.number(state.stats.get('prompt_tokens_total'))} prompt · "
             f"{fmt.number(state.stats.get('generation_tokens_total'))} generated",
         )
+        t.add_row("drafts", speculation(state.stats.get("speculation") or {}))
         self.draw(t)
 
 
@@ -159,6 +160,18 @@ class CachePanel(Panel):
             entries += f" · {c['snapshots']} snapshots ({fmt.size(c.get('snapshot_bytes'))})"
         t.add_row("entries", entries)
         self.draw(t)
+
+
+def speculation(s: dict) -> Text:
+    """How much of what speculation drafted was kept, and the tokens each verify pass gave."""
+    mode = s.get("mode") or fmt.DASH
+    if not s.get("drafts"):
+        return Text(mode if mode.startswith("off") else f"{mode} · none yet", style="dim")
+    kept = s["accepted_tokens"] / s["draft_tokens"]
+    per_pass = (s["accepted_tokens"] + s["drafts"]) / s["drafts"]
+    return Text.assemble(
+        (f"{kept:.0%} kept", "bold"), (f"  {per_pass:.1f} tokens a pass · {s['drafts']:,} passes", "dim")
+    )
 
 
 def disk_failures(c: dict) -> str:

@@ -90,6 +90,8 @@ class TranscriptRecord(Transcript):
             "cached_tokens",
             "constraint",
             "stop_reason",
+            "generated_tokens",
+            "drafted_tokens",
             "error",
             "finished",
         ):

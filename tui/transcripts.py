@@ -147,6 +147,8 @@ def summary(t: TranscriptRecord) -> Text:
     text.append(f"\n{t.prompt_tokens:,} prompt tokens, {t.cached_tokens:,} from the prefix cache · ")
     text.append(f"{len(t.tool_calls)} tool call{'' if len(t.tool_calls) == 1 else 's'} · ")
     text.append(*result(t))
+    if t.drafted_tokens:
+        text.append(f"\n{t.generated_tokens:,} tokens generated, {t.drafted_tokens:,} of them from accepted drafts")
     if t.constraint:
         text.append(f"\n◆ under a grammar: {t.constraint}", style="magenta")
     if not t.complete:
