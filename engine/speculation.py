@@ -20,6 +20,7 @@ import numpy as np
 from mlx_lm.generate import BatchGenerator, GenerationBatch
 
 NGRAM = (3, 5)  # the shortest and longest suffix looked up; shorter matches draft mostly noise
+MAX_REST = 32  # the most plain steps between drafts after misses in a row
 
 
 class PromptLookup:
@@ -30,6 +31,8 @@ class PromptLookup:
         self.size = 0
         self.most = most
         self.length = min(4, most)  # adapted to how much of each draft is kept
+        self.misses = 0  # passes in a row that kept nothing
+        self.resting = 0  # steps to decode plainly before drafting again
         self.extend(tokens)
 
     def extend(self, tokens: list[int]) -> None:
@@ -39,37 +42,45 @@ class PromptLookup:
         self.tokens[self.size : end] = tokens
         self.size = end
 
-    def draft(self) -> list[int]:
-        """What followed the latest earlier occurrence of the longest suffix of NGRAM[0] tokens or more.
-
-        Where that occurrence is so recent that what followed it runs into the suffix itself,
-        the tokens repeat with the period between the two.
-        """
+    def match(self, shortest: int) -> int | None:
+        """Where the latest earlier copy of the longest suffix of `shortest` to NGRAM[1] tokens ends, or None."""
         h, n = self.tokens, self.size
-        shortest, longest = NGRAM
         if n <= shortest:
-            return []
+            return None
         ends = np.flatnonzero(h[: n - 1] == h[n - 1])  # where an earlier copy of the last token stands
         matched = np.ones(len(ends), np.int32)
-        for back in range(1, longest):
+        for back in range(1, NGRAM[1]):
             ok = (ends >= back) & (matched == back)
             ok[ok] = h[ends[ok] - back] == h[n - 1 - back]
             matched += ok
         if not len(ends) or matched.max() < shortest:
+            return None
+        return int(ends[np.flatnonzero(matched == matched.max())[-1]])
+
+    def draft(self) -> list[int]:
+        """What followed the latest earlier copy of the longest suffix of NGRAM[0] tokens or more.
+
+        Where that copy is so recent that what followed it runs into the suffix itself, the
+        tokens repeat with the period between the two.
+        """
+        best = self.match(NGRAM[0])
+        if best is None:
             return []
-        best = ends[np.flatnonzero(matched == matched.max())[-1]]
-        draft = h[best + 1 : min(best + 1 + self.length, n)].tolist()
-        period = n - 1 - best  # a match this close is a loop: it goes on as it went
+        draft = self.tokens[best + 1 : min(best + 1 + self.length, self.size)].tolist()
+        period = self.size - 1 - best  # a match this close is a loop: it goes on as it went
         while len(draft) < self.length:
             draft.append(draft[len(draft) - period])
         return draft
 
     def kept(self, drafted: int, accepted: int) -> None:
-        """Lengthen the next draft after one kept whole, shorten it after a miss."""
+        """Lengthen the next draft after one kept whole, shorten it after a miss, and after misses in a row
+        rest for a while (a pass over a rejected draft costs more than a plain step)."""
         if accepted == drafted:
             self.length = min(self.length + 2, self.most)
         else:
             self.length = max(1, accepted + 1)
+        self.misses = 0 if accepted else self.misses + 1
+        self.resting = min(2**self.misses, MAX_REST) if self.misses > 1 else 0
 
 
 @dataclass(slots=True)
@@ -109,6 +120,9 @@ class SpeculativeBatch(GenerationBatch):
         if look is None:
             look = self.lookups[uid] = PromptLookup(self.tokens[0], self.most)
         look.extend(self.tokens[0][look.size :])
+        if look.resting or look.match(NGRAM[0] - 1) is None:  # no token could complete a match: stay pipelined
+            look.resting = max(0, look.resting - 1)
+            return super().next()
         mx.eval(self._next_tokens)
         token = cast(int, self._next_tokens.item())
         look.extend([token])

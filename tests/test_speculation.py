@@ -186,4 +186,9 @@ def test_prompt_lookup_drafts_what_followed_the_longest_match():
     look.kept(3, 3)
     assert look.length == 5
     look.kept(5, 1)
-    assert look.length == 2
+    assert look.length == 2 and look.resting == 0
+    look.kept(2, 0)
+    look.kept(1, 0)
+    assert look.length == 1 and look.resting == 4  # misses in a row: decode plainly for a while
+    look.kept(1, 1)
+    assert look.resting == 0
