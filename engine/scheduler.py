@@ -106,10 +106,10 @@ class Scheduler:
         most = draft_most(setting)
         if not most:
             return 0, "off"
-        if self.cache_mode != "any token":
-            why = "off: a draft's rejected tokens cannot be cut from this model's"
-            return 0, f"{why} {'recurrent' if 'recurrent' in self.cache_mode else 'sliding-window'} layers"
-        return most, f"prompt lookup, up to {most} tokens a pass"
+        mode = f"prompt lookup, up to {most} tokens a pass"
+        if self.cache_mode != "any token":  # see speculation.SpeculativeBatch._rewind
+            mode += "; layers that cannot be cut are restored and the kept tokens fed again after a miss"
+        return most, mode
 
     def _new_generator(self) -> speculation.SpeculativeGenerator:
         n = self.config.max_concurrency

@@ -18,6 +18,7 @@ from typing import Any, cast
 import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import BatchGenerator, GenerationBatch
+from mlx_lm.models.cache import BatchKVCache, CacheList
 
 NGRAM = (3, 5)  # the shortest and longest suffix looked up; shorter matches draft mostly noise
 MAX_REST = 32  # the most plain steps between drafts after misses in a row
@@ -135,6 +136,7 @@ class SpeculativeBatch(GenerationBatch):
     def _verify(self, token: int, draft: list[int], look: PromptLookup) -> list:
         """Feed the next token and the draft in one pass; keep the draft up to its first miss."""
         inputs = mx.array([[token, *draft]], dtype=mx.uint32)
+        held = [(layer, hold(layer)) for layer in layers(self.prompt_cache) if not isinstance(layer, BatchKVCache)]
         logits = self.model(inputs, cache=self.prompt_cache)[0]
         if processors := (self.logits_processors or [[]])[0]:
             context = self._token_context[0].update_and_fetch(inputs[0, :1])
@@ -153,44 +155,83 @@ class SpeculativeBatch(GenerationBatch):
             accepted += 1
         if rewind := getattr(sampler, "rewind", None):
             rewind(len(draft) - accepted)  # draws past the first miss were never used
-        self._cut(len(draft) - accepted)
-        kept = [token, *draft[:accepted]]
         if processors and accepted:
             self._token_context[0].update_and_fetch(mx.array(draft[:accepted]))
         look.kept(len(draft), accepted)
+        kept = [token, *draft[:accepted]]
+        reasons = self._ends(kept)
+        self._rewind(inputs, len(reasons), held)
         self.counts.drafts += 1
         self.counts.draft_tokens += len(draft)
+        self.counts.accepted_tokens += len(reasons) - 1  # those past the row's end are not the reply
         steps = [self._next_logprobs[0], *logprobs[:accepted]]
         self._next_tokens = mx.array(sampled[accepted : accepted + 1])
         self._next_logprobs = [logprobs[accepted]]
-        responses = self._respond(kept, steps)
-        self.counts.accepted_tokens += len(responses) - 1  # those past the row's end are not the reply
-        return responses
+        return self._respond(kept, steps, reasons)
 
-    def _cut(self, n: int) -> None:
-        if n:
-            for c in self.prompt_cache:
-                c.trim(n)
-
-    def _respond(self, kept: list[int], steps: list[mx.array]) -> list:
-        """Responses for the kept tokens, in order, up to the first that ends the row."""
-        responses = []
-        for i, token in enumerate(kept):
-            self.tokens[0].append(token)
+    def _ends(self, kept: list[int]) -> list[str | None]:
+        """Each kept token's finish reason, up to the first that ends the row (as mlx-lm's `next` decides it)."""
+        reasons: list[str | None] = []
+        for token in kept:
             self._num_tokens[0] += 1
             reason = "length" if self._num_tokens[0] >= self.max_tokens[0] else None
             if self._matchers[0].advance(token):
                 reason = "stop"
-            if reason is None:
-                responses.append(Response(self.uids[0], token, steps[i], None, None, None, drafted=i > 0))
-                continue
-            self._cut(len(kept) - 1 - i)  # the tokens after the end were fed, but are not the reply
-            responses.append(
-                Response(self.uids[0], token, steps[i], reason, self.extract_cache(0), self.tokens[0], drafted=i > 0)
-            )
+            reasons.append(reason)
+            if reason:
+                break
+        return reasons
+
+    def _rewind(self, inputs: mx.array, used: int, held: list[tuple[Any, dict]]) -> None:
+        """Leave the cache holding the pass's first `used` tokens: cut the rest, or, where a layer cannot be
+        cut, put every such layer back as it was before the pass and feed those tokens again."""
+        fed = inputs.shape[1]
+        if used == fed:
+            return
+        if not held:
+            for c in self.prompt_cache:
+                c.trim(fed - used)
+            return
+        for layer, state in held:
+            restore(layer, state)
+        for layer in layers(self.prompt_cache):
+            if isinstance(layer, BatchKVCache):
+                layer.trim(fed)
+        self.model(inputs[:, :used], cache=self.prompt_cache)
+
+    def _respond(self, kept: list[int], steps: list[mx.array], reasons: list[str | None]) -> list:
+        """Responses for the kept tokens up to the row's end, which takes the row out of the batch."""
+        uid, responses = self.uids[0], []
+        for i, reason in enumerate(reasons):
+            self.tokens[0].append(kept[i])
+            ended = (self.extract_cache(0), self.tokens[0]) if reason else (None, None)
+            responses.append(Response(uid, kept[i], steps[i], reason, *ended, drafted=i > 0))
+        if reasons[-1]:
             self.filter([])
-            break
         return responses
+
+
+def layers(cache: list) -> list:
+    """The cache's layers, those of a CacheList each on its own."""
+    return [x for c in cache for x in (layers(c.caches) if isinstance(c, CacheList) else [c])]
+
+
+def hold(layer: Any) -> dict:
+    """What restores the layer as it is now: its attributes, arrays held as they stand."""
+    return {name: held(value) for name, value in vars(layer).items()}
+
+
+def held(value: Any) -> Any:
+    if isinstance(value, mx.array):
+        return mx.array(value)  # a new array object: writes into the layer's own do not reach it
+    if isinstance(value, list):
+        return [held(v) for v in value]
+    return value
+
+
+def restore(layer: Any, state: dict) -> None:
+    for name, value in state.items():
+        setattr(layer, name, held(value))
 
 
 class SpeculativeGenerator(BatchGenerator):
