@@ -170,26 +170,54 @@ class GrammarProcessor:
         self.bias = np.empty((1, self.bitmask.shape[1] * 4, 8), np.float32)
         self.first = True
         self.error = ""
+        self.drafted = 0  # drafted tokens the last `verify` consumed
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
         mx.async_eval(logits)
-        if (
-            not self.first
-            and not self.error
-            and not self.matcher.consume_token(
-                int(tokens[-1].item())  # type: ignore[arg-type]  # item() is typed to allow complex; a token id is an int
-            )
-        ):
+        self._consume(int(tokens[-1].item()))  # type: ignore[arg-type]  # item() is typed to allow complex
+        self._fill(self.bitmask, 0)
+        return masked(logits, self.bitmask, self.bias)
+
+    def verify(self, fed: list[int], logits: mx.array) -> mx.array:
+        """Mask a speculative pass's logits: row j as the grammar stands after `fed[: j + 1]`.
+
+        The drafted tokens (`fed[1:]`) are consumed while the grammar allows them; one it
+        does not allow cannot be sampled at the row before, so the rows after it are never
+        used. `kept` then gives back what was consumed past the tokens kept.
+        """
+        mx.async_eval(logits)
+        self._consume(fed[0])
+        bitmask = llguidance.numpy.allocate_token_bitmask(len(fed), self.bitmask.shape[1] * 32)
+        self.drafted = 0
+        for j in range(len(fed)):
+            self._fill(bitmask, j)
+            if j + 1 < len(fed) and not self.error and self.matcher.validate_tokens(fed[j + 1 : j + 2]):
+                self.matcher.consume_token(fed[j + 1])
+                self.drafted += 1
+            elif j + 1 < len(fed):
+                bitmask[j + 1 :] = bitmask[j]  # never used: the draft is cut at row j
+                break
+        return masked(logits, bitmask)
+
+    def kept(self, accepted: int) -> None:
+        """Of the drafted tokens the last `verify` consumed, `accepted` were kept: roll back the rest."""
+        if self.drafted > accepted:
+            self.matcher.rollback(self.drafted - accepted)
+
+    def _consume(self, token: int) -> None:
+        """Feed the matcher the token sampled at the step before (at the first step, the prompt's last: not fed)."""
+        if not self.first and not self.error and not self.matcher.consume_token(token):
             self.error = self.matcher.get_error()
         self.first = False
+
+    def _fill(self, bitmask: np.ndarray, row: int) -> None:
         if not self.error:
-            llguidance.numpy.fill_next_token_bitmask(self.matcher, self.bitmask)
+            llguidance.numpy.fill_next_token_bitmask(self.matcher, bitmask, row)
             self.error = self.matcher.get_error()
         if self.error:  # only an end is left: the reply stops here rather than leave the grammar
-            self.bitmask[:] = 0
+            bitmask[row] = 0
             for t in self.eos:
-                self.bitmask[0, t // 32] |= np.int32(np.uint32(1 << (t % 32)).view(np.int32))
-        return masked(logits, self.bitmask, self.bias)
+                bitmask[row, t // 32] |= np.int32(np.uint32(1 << (t % 32)).view(np.int32))
 
 
 class Grammars:

@@ -207,8 +207,6 @@ class Scheduler:
             samplers=[sampler],
             logits_processors=[processors + [grammar] if grammar else processors],
         )
-        if grammar:
-            self.generator.speculation.plain.add(uid)
         markup = MarkupParser(
             self.think, self.tool, self.tokenizer.tool_parser, request.tools, prompt.state, prompt.body
         )

@@ -2,14 +2,16 @@
 
 A row's draft is what followed the longest earlier occurrence of its last few tokens, in its
 prompt or its reply. The drafted tokens are fed to the model with the row's next token in
-one pass; each position's sample is drawn as decoding would draw it, and the draft is kept
-up to the first position where the sample differs, so the output is the one decoding
-without speculation gives. What the model saw beyond the kept tokens is cut from the KV
-cache, so only models whose every layer can be cut speculate (`cache_kinds.mode`).
+one pass; each position is processed (penalties, a grammar) and sampled as plain decoding
+would, and the draft is kept up to the first position where the sample differs, so the
+output is the one decoding without speculation gives. What the model saw past the kept
+tokens is cut from the KV cache; layers that cannot be cut (sliding windows, recurrent
+state) are held before the pass and, after a miss, put back and fed the kept tokens again.
 
-Speculation runs while one request decodes. With several in the batch, a verify pass would
-need a cut per row (mlx-lm's `BatchKVCache.trim` cuts every row alike), and on this CPU a
-batch of four already runs the model near its best, so the scheduler decodes plainly.
+Speculation runs while one request decodes. With several in the batch each row would need
+its own cut (mlx-lm's `BatchKVCache.trim` cuts every row alike; rolling each row's KV to its
+own length copies the whole batch's cache every pass), and a pass over four rows of nine
+tokens costs twice one over four single tokens here, so the scheduler decodes plainly.
 """
 
 from dataclasses import dataclass
@@ -19,6 +21,8 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import BatchGenerator, GenerationBatch
 from mlx_lm.models.cache import BatchKVCache, CacheList
+
+from .grammar import GrammarProcessor
 
 NGRAM = (3, 5)  # the shortest and longest suffix looked up; shorter matches draft mostly noise
 MAX_REST = 32  # the most plain steps between drafts after misses in a row
@@ -107,14 +111,13 @@ class SpeculativeBatch(GenerationBatch):
     most: int = 0
     counts: Counts
     lookups: dict[int, PromptLookup]
-    plain: set[int]  # rows that never speculate (a grammar follows every token they are given)
 
     def filter(self, keep: list[int]) -> None:
         super().filter(keep)
         self.lookups = {uid: look for uid, look in self.lookups.items() if uid in self.uids}
 
     def next(self) -> list:
-        if len(self.uids) != 1 or not self.most or self.uids[0] in self.plain:
+        if len(self.uids) != 1 or not self.most:
             return super().next()
         uid = self.uids[0]
         look = self.lookups.get(uid)
@@ -138,15 +141,19 @@ class SpeculativeBatch(GenerationBatch):
         inputs = mx.array([[token, *draft]], dtype=mx.uint32)
         held = [(layer, hold(layer)) for layer in layers(self.prompt_cache) if not isinstance(layer, BatchKVCache)]
         logits = self.model(inputs, cache=self.prompt_cache)[0]
-        if processors := (self.logits_processors or [[]])[0]:
+        processors = (self.logits_processors or [[]])[0]
+        grammars = [p for p in processors if isinstance(p, GrammarProcessor)]
+        if plain := [p for p in processors if not isinstance(p, GrammarProcessor)]:
             context = self._token_context[0].update_and_fetch(inputs[0, :1])
             rows = []
             for j in range(len(draft) + 1):  # position j is only used when the draft is kept up to it
                 row, seen = logits[j : j + 1], mx.concatenate([context, inputs[0, 1 : j + 1]])
-                for processor in processors:
+                for processor in plain:
                     row = processor(seen, row)
                 rows.append(row)
             logits = mx.concatenate(rows)
+        for grammar in grammars:
+            logits = grammar.verify([token, *draft], logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         sampler = self.samplers[0] if self.samplers else self.fallback_sampler
         sampled = cast(list[int], sampler(logprobs).tolist())
@@ -155,8 +162,10 @@ class SpeculativeBatch(GenerationBatch):
             accepted += 1
         if rewind := getattr(sampler, "rewind", None):
             rewind(len(draft) - accepted)  # draws past the first miss were never used
-        if processors and accepted:
+        if plain and accepted:
             self._token_context[0].update_and_fetch(mx.array(draft[:accepted]))
+        for grammar in grammars:
+            grammar.kept(accepted)
         look.kept(len(draft), accepted)
         kept = [token, *draft[:accepted]]
         reasons = self._ends(kept)
@@ -240,5 +249,5 @@ class SpeculativeGenerator(BatchGenerator):
     def __init__(self, *args: Any, most: int, counts: Counts, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         batch = SpeculativeBatch.empty(self.model, self.sampler)
-        batch.most, batch.counts, batch.lookups, batch.plain = most, counts, {}, set()
+        batch.most, batch.counts, batch.lookups = most, counts, {}
         self._generation_batch = self.speculation = batch

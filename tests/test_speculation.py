@@ -143,13 +143,31 @@ def test_a_finished_request_leaves_exactly_its_tokens_in_the_prefix_cache(llama)
     assert all(np.allclose(x, y, atol=2e-3) for x, y in zip(on.logprobs["b"], cold.logprobs["b"], strict=True))
 
 
-def test_constrained_requests_and_batches_decode_plainly(llama):
+def test_batches_decode_plainly(llama):
     s = scheduler(llama)
-    bound = GenerationRequest(QUESTION, max_tokens=40, constraint=Constraint("json_object", {"type": "object"}))
-    run(s, {"a": bound})
-    assert s.stats()["speculation"]["drafts"] == 0
     run(s, {"a": GenerationRequest(QUESTION, max_tokens=60), "b": GenerationRequest(QUESTION, max_tokens=60)})
     assert s.stats()["speculation"]["drafts"] == 0
+
+
+def test_a_grammar_binds_every_token_of_a_kept_draft(llama):
+    """A schema whose strings repeat: drafts come from the reply itself, and the grammar masks every position of
+    a pass as it would mask plain steps, rolled back past the kept tokens."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "items": {
+                "type": "array",
+                "items": {"type": "string", "enum": ["sunny in Paris", "sunny in Rome", "rain in Paris"]},
+            }
+        },
+        "required": ["items"],
+    }
+    bound = GenerationRequest(QUESTION, max_tokens=120, constraint=Constraint("json_schema", schema))
+    off, on, plain, fast = both(llama, {"a": bound})
+    assert on.tokens["a"] == off.tokens["a"]
+    assert text(fast["a"]) == text(plain["a"])
+    assert on.stats()["speculation"]["accepted_tokens"] > 10, on.stats()["speculation"]
+    assert '"sunny in Rome", "sunny in Paris"' in text(fast["a"])  # a draft of Rome cut at Paris
 
 
 def test_the_demo_model_replies_the_same(tmp_path):
