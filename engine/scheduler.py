@@ -261,7 +261,7 @@ class Scheduler:
                 if r.end_of_segment and not r.end_of_prompt:
                     self._segment_ended(a, a.cached_tokens + done)
         if generation_responses:
-            self.batch_sizes[len(generation_responses)] += 1
+            self.batch_sizes[len({r.uid for r in generation_responses})] += 1  # a verify pass gives a row several
         for r in generation_responses:
             if a := self.active.get(r.uid):
                 events += self._token(a, r, now)
