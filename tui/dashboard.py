@@ -166,12 +166,10 @@ def speculation(s: dict) -> Text:
     """How much of what speculation drafted was kept, and the tokens each verify pass gave."""
     mode = s.get("mode") or fmt.DASH
     if not s.get("drafts"):
-        return Text(mode if mode.startswith("off") else f"{mode} · none yet", style="dim")
+        return Text(mode if mode.startswith("off") else "none yet", style="dim")
     kept = s["accepted_tokens"] / s["draft_tokens"]
     per_pass = (s["accepted_tokens"] + s["drafts"]) / s["drafts"]
-    return Text.assemble(
-        (f"{kept:.0%} kept", "bold"), (f"  {per_pass:.1f} tokens a pass · {s['drafts']:,} passes", "dim")
-    )
+    return Text.assemble((f"{kept:.0%} kept", "bold"), (f"  {per_pass:.1f} tokens a pass", "dim"))
 
 
 def disk_failures(c: dict) -> str:
