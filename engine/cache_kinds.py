@@ -186,6 +186,29 @@ def kv_bytes_per_token(model: Any) -> int:
     return sum((x.keys.nbytes + x.values.nbytes) // x.keys.shape[2] for x in kv)
 
 
+def snapshot_bytes(model: Any, prefill_step: int) -> int:
+    """Bytes of one snapshot at its largest: the layers that do not grow with tokens, windows full.
+
+    A sliding window taken at the end of a prefill chunk holds the chunk and the window
+    before it (mlx-lm's `RotatingKVCache` trims before it appends).
+    """
+    cache = make_prompt_cache(model)
+    model(mx.array([[0]]), cache=cache)
+
+    def fixed(layer: Any) -> int:
+        if isinstance(layer, CacheList):
+            return sum(fixed(c) for c in layer.caches)
+        if is_kv(layer):
+            return 0
+        if isinstance(layer, RotatingKVCache):
+            held = layer.max_size - 1 + prefill_step
+            return held * (layer.keys.nbytes + layer.values.nbytes) // layer.keys.shape[2]
+        return nbytes([layer])
+
+    mx.eval([arrays(layer) for layer in cache])
+    return sum(fixed(layer) for layer in cache)
+
+
 def padded_prefill_sound(model: Any) -> bool:
     """Whether mlx-lm prefills prompts of different lengths together as it does each alone.
 

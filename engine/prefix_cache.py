@@ -99,8 +99,9 @@ class PrefixCache:
 
     With a `disk` tier, each new entry is also written there, and a prompt that disk
     holds a longer prefix of than RAM is served from disk. With `bytes_per_token`, entries
-    count against the budget as that many bytes a token rather than as the bytes they hold
-    (in a group, where each rank holds a different share, so that all evict alike).
+    count against the budget as that many bytes a token, and `bytes_per_snapshot` a snapshot,
+    rather than as the bytes they hold (in a group, where each rank holds a different share,
+    so that all evict alike).
     """
 
     def __init__(
@@ -109,11 +110,13 @@ class PrefixCache:
         disk: "DiskCache | None" = None,
         clock: Callable[[], float] = time.monotonic,
         bytes_per_token: int = 0,
+        bytes_per_snapshot: int = 0,
     ) -> None:
         self.budget = budget
         self.disk = disk
         self.clock = clock
         self.bytes_per_token = bytes_per_token
+        self.bytes_per_snapshot = bytes_per_snapshot
         self.entries: list[Entry] = []
         self.stats = CacheStats()
 
@@ -220,7 +223,9 @@ class PrefixCache:
         return len(old.tokens) < len(new.tokens) and common_prefix(old.tokens, new.tokens) == len(old.tokens)
 
     def _cost(self, entry: Entry) -> int:
-        return len(entry.tokens) * self.bytes_per_token if self.bytes_per_token else entry.nbytes
+        if not self.bytes_per_token:
+            return entry.nbytes
+        return len(entry.tokens) * self.bytes_per_token + len(entry.snapshots) * self.bytes_per_snapshot
 
     def _evict(self, now: float, keep: Entry) -> None:
         total = sum(self._cost(e) for e in self.entries)

@@ -143,7 +143,7 @@ def main(argv: list[str] = sys.argv[1:]) -> int:
     disk = disk_tier(config, loaded, group)
     clock = ranks.Clock() if group else None  # a group orders its caches by rank 0's clock
     per_token = kv_bytes_per_token(loaded.model, group)
-    cache = prefix_cache(config, per_token, disk, group, clock or time.monotonic)
+    cache = prefix_cache(config, loaded.model, per_token, disk, group, clock or time.monotonic)
     scheduler = Scheduler(loaded, config, cache, per_token)
     members = group_members(group, loaded)
     if conn is None:
@@ -224,10 +224,18 @@ def kv_bytes_per_token(model: Any, group: Group | None) -> int:
 
 
 def prefix_cache(
-    config: EngineConfig, per_token: int, disk: DiskCache | None, group: Group | None, clock: Callable[[], float]
+    config: EngineConfig,
+    model: Any,
+    per_token: int,
+    disk: DiskCache | None,
+    group: Group | None,
+    clock: Callable[[], float],
 ) -> PrefixCache:
+    """In a group, every rank counts entries as the whole model's bytes, so that all evict alike."""
     if group:
-        return PrefixCache(ranks.cache_budget(group, config.cache_ram_bytes, per_token), disk, clock, per_token)
+        budget = ranks.cache_budget(group, config.cache_ram_bytes, per_token)
+        per_snapshot = ranks.whole(group, cache_kinds.snapshot_bytes(model, config.prefill_step))
+        return PrefixCache(budget, disk, clock, per_token, per_snapshot)
     return PrefixCache(config.cache_ram_bytes, disk, clock)
 
 

@@ -149,6 +149,24 @@ def test_snapshots_count_against_the_budget_and_only_growing_layers_count_per_to
     assert s.cache.snapshot_nbytes > 0 and s.cache.nbytes >= s.cache.snapshot_nbytes
     kv_layers = sum(kind.split("+").count("KVCache") for kind in cache_kinds.kinds(family.model))
     assert s.kv_bytes_per_token == kv_layers * 2 * 2 * 16 * 4  # KV layers × (keys, values) × heads × dim × float32
+    largest = max(cache_kinds.nbytes(layers) for e in s.cache.entries for layers in e.snapshots.values())
+    bound = cache_kinds.snapshot_bytes(family.model, s.config.prefill_step)
+    assert largest <= bound and (largest == bound or "RotatingKVCache" in str(cache_kinds.kinds(family.model)))
+
+
+def test_a_group_counts_snapshots_against_the_budget_alike(family):
+    """In a group each rank counts an entry as the whole model's bytes: its tokens' KV and its snapshots."""
+    s = scheduler(family)
+    run(s, {0: ask(FIRST)})
+    entry = max(s.cache.entries, key=lambda e: len(e.tokens))
+    assert entry.snapshots
+    per_token, per_snapshot = s.kv_bytes_per_token, cache_kinds.snapshot_bytes(family.model, s.config.prefill_step)
+    room = len(entry.tokens) * per_token + len(entry.snapshots) * per_snapshot
+    for budget, kept in ((room, True), (room - per_snapshot // 2, False)):
+        group = PrefixCache(budget, bytes_per_token=per_token, bytes_per_snapshot=per_snapshot)
+        tokens = list(entry.tokens)
+        group.store(tokens, entry.layers, snapshots=entry.snapshots)
+        assert bool(group.match(tokens).length) is kept
 
 
 # The engine as a user runs it (worker process, disk tier), on a hybrid and a sliding-window model.
