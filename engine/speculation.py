@@ -213,8 +213,8 @@ class SpeculativeBatch(GenerationBatch):
         uid, responses = self.uids[0], []
         for i, reason in enumerate(reasons):
             self.tokens[0].append(kept[i])
-            ended = (self.extract_cache(0), self.tokens[0]) if reason else (None, None)
-            responses.append(Response(uid, kept[i], steps[i], reason, *ended, drafted=i > 0))
+            cache, tokens = (self.extract_cache(0), self.tokens[0]) if reason else (None, None)
+            responses.append(Response(uid, kept[i], steps[i], reason, cache, tokens, drafted=i > 0))
         if reasons[-1]:
             self.filter([])
         return responses
