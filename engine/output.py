@@ -301,7 +301,7 @@ class MarkupParser:
 
     def _step_tool(self, events: list[Event]) -> bool:
         assert self.tool is not None  # a tool call is entered only at the tool tag
-        end = self.buffer.find(self.tool[1])
+        end = self.buffer.find(self.tool[1]) if self.tool[1] else -1  # no end tag (Mistral): the call runs to the end
         body = self.buffer if end < 0 else self.buffer[:end]
         self._stream_arguments(body, events)
         if end < 0:
@@ -335,6 +335,8 @@ class MarkupParser:
         assert self.tool is not None and self.parse_tool is not None  # set together, or no tool call is entered
         try:
             parsed = self.parse_tool(body, self.tools)
+            if isinstance(parsed, list) and len(parsed) == 1:  # some parsers (Kimi) always return a list
+                parsed = parsed[0]
             name, arguments = parsed["name"], parsed.get("arguments", {})
             if isinstance(arguments, str):
                 arguments = json.loads(arguments)
