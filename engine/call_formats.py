@@ -86,8 +86,7 @@ class Writer:
         """A string written raw (within its length bounds), then `close`: it never holds `close`, the call's end tag
         or any of `avoid`, and never matches any of the regexes `excluded`, so the parser's regexes end it where the
         grammar does and read it back unchanged."""
-        if {"pattern", "format"} & schema.keys() and not lenient(schema):
-            raise GrammarError("a string's pattern or format cannot be bound where this tool-call format writes it raw")
+        check_raw(schema)
         low, high = schema.get("minLength", 0), schema.get("maxLength")
         parts = [f"/{ANY}{{{low},{'' if high is None else high}}}/"]
         parts += [f"~/{containing(t)}/" for t in {close, self.end, *avoid} if t]
@@ -100,6 +99,11 @@ class Writer:
             return self.rule(f"{token} {self.markup(close)}")
         head = self.rule(f"{token} {literal(close[:cut])}", lazy=True)
         return f"{head} {self.markup(close[cut:])}" if close[cut:] else head
+
+
+def check_raw(schema: dict) -> None:
+    if {"pattern", "format"} & schema.keys() and not lenient(schema):
+        raise GrammarError("a string's pattern or format cannot be bound where this tool-call format writes it raw")
 
 
 def lenient(schema: dict) -> bool:
@@ -301,6 +305,7 @@ def converted_value(
     strings = as_string(schema)
     if not types <= {"string", "null"} or not string_only(strings):
         raise GrammarError("a parameter read as a string or another type cannot be written in this tool-call format")
+    check_raw(strings)
     plain = (NULL, *STRIPPED, *([f"{ANY}*[<&\\n]{ANY}*"] if cdata else []))
     values = attempt(lambda: raw_value(strings, close, w, avoid, excluded=plain))
     if cdata:

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mlx_tui.engine.call_formats import FORMATS, GrammarError
-from mlx_tui.engine.events import ParseError, ToolCallEnd
+from mlx_tui.engine.events import ParseError, RawText, ToolCallEnd
 from mlx_tui.engine.grammar import Grammars
 from mlx_tui.engine.output import MarkupParser
 from mlx_tui.engine.request import Constraint, GenerationRequest
@@ -192,6 +192,7 @@ REFUSED = {
     "a Python keyword as a pythonic parameter": ("pythonic", {"class": {"type": "string"}}, "not a Python identifier"),
     "an array in FunctionGemma": ("function_gemma", {"a": {"type": "array"}}, "cannot carry a value of type array"),
     "a pattern where strings are raw": ("qwen3_coder", {"a": {"type": "string", "pattern": "a+"}}, "pattern"),
+    "a pattern in MiniCPM5": ("minicpm5", {"a": {"type": "string", "pattern": "a+"}}, "pattern"),
     "a key Gemma cannot write bare": ("gemma4", {"a b": {"type": "string"}}, "cannot be written"),
     "a string-or-number in MiniMax's converter": ("minimax_m2", {"a": {"type": ["string", "number"]}}, "string or"),
     "an enum whose values hold FunctionGemma's end of arguments": ("function_gemma", {"a": {"enum": ["}"]}}, "enum"),
@@ -271,3 +272,23 @@ def test_a_strict_tool_the_format_cannot_write_gets_a_400(pythonic_server):
     tools = [{"type": "function", "function": {"name": "book", "parameters": schema, "strict": True}}]
     with pytest.raises(openai.BadRequestError, match="not a Python identifier"):
         client.chat.completions.create(model="any", messages=USER, tools=tools, max_tokens=10)
+
+
+@pytest.mark.parametrize("parser", ["mistral", "kimi_k3", "gemma4"])
+def test_a_forced_call_in_other_formats_comes_back_as_one_valid_call(loop, make_engine, parser):
+    """Through the engine: Mistral's call has no end tag, Kimi-K3's parser returns a list, Gemma has own values."""
+    engine = make_engine(tool_parser=parser)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}}]
+    request = GenerationRequest(USER, tools=tools, tool_choice="get_weather", max_tokens=400, parallel_tool_calls=False)
+
+    async def run():
+        return [e async for e in engine.generate(request)]
+
+    events = loop.run(run())
+    assert not [e for e in events if isinstance(e, ParseError)], (
+        events[-1],
+        "".join(e.text for e in events if isinstance(e, RawText)),
+    )
+    [call] = [e for e in events if isinstance(e, ToolCallEnd)]
+    assert call.name == "get_weather" and events[-1].stop_reason == "tool_calls", events[-1]
+    jsonschema.validate(call.arguments, WEATHER)
