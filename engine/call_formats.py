@@ -26,6 +26,7 @@ ANY = r"(.|\n)"
 # What str.strip() strips: no raw value may begin or end with it where the parser strips values.
 SPACE = r"[\t\n\x0b\x0c\r\x1c-\x1f \u{85}\u{a0}\u{1680}\u{2000}-\u{200a}\u{2028}\u{2029}\u{202f}\u{205f}\u{3000}]"
 STRIPPED = [f"{SPACE}{ANY}*", f"{ANY}*{SPACE}"]
+Q = '"'
 NULL = "[nN][uU][lL][lL]"  # read as null by the XML converters, whatever the type
 # Schema keywords the non-JSON value grammars bind (numbers go to %json, which binds their keywords).
 KEYWORDS = {
@@ -186,6 +187,11 @@ def resolved(sub: dict, root: dict) -> dict:
     return {**sub, **carried}
 
 
+def writes_raw(schema: dict) -> bool:
+    """A string-only schema whose pattern or format, if any, may be ignored: one a format may write raw."""
+    return string_only(schema) and (not {"pattern", "format"} & schema.keys() or lenient(schema))
+
+
 def string_only(schema: dict) -> bool:
     """The schema takes strings and nothing else (a string type, or an enum or const of strings)."""
     if "const" in schema:
@@ -318,7 +324,7 @@ def converted_value(
     return alternatives(values, NO_CHOICE)
 
 
-# --- the formats only mlx-lm's parsers knew so far
+# The formats for the rest of mlx-lm's parsers
 
 
 def check_name(name: str, pattern: str, what: str) -> None:
@@ -521,9 +527,9 @@ def minicpm5_call(name: str, schema: dict, w: Writer) -> str:
     def item(key: str, declared: dict, sub: dict) -> str:
         check_name(key, r'[^"]+', "key")
         value = converted_value(declared, sub, "</param>\n", ("</param>",), w, cdata=True)
-        return f"{w.markup('<param name=' + chr(34) + key + chr(34) + '>')} {value}"
+        return f"{w.markup('<param name=' + Q + key + Q + '>')} {value}"
 
-    return f"{w.markup(chr(34) + name + chr(34) + '>' + chr(10))} {parameters(schema, item, '', w)}"
+    return f"{w.markup(Q + name + Q + '>' + chr(10))} {parameters(schema, item, '', w)}"
 
 
 # json.loads would read a raw string that looks like these as something else
@@ -543,16 +549,13 @@ def muse_spark_call(name: str, schema: dict, w: Writer) -> str:
     def item(key: str, declared: dict, sub: dict) -> str:
         check_name(key, r'[^">]+', "key")
         values = [f"{inline_json(sub)} {w.markup(close)}"]
-        if string_only(sub) and ("pattern" not in sub and "format" not in sub or lenient(sub)):
+        if writes_raw(sub):
             avoid = ("</atem:invoke>",)
             values += attempt(lambda: raw_value(sub, close, w, avoid, excluded=(*STRIPPED, *JSON_LOOKALIKES)))
-        return f"{w.markup('<atem:parameter name=' + chr(34) + key + chr(34) + '>')} {alternatives(values)}"
+        return f"{w.markup('<atem:parameter name=' + Q + key + Q + '>')} {alternatives(values)}"
 
     head = w.markup(f'<atem:invoke name="{name}">')
     return f"{head} {parameters(schema, item, '', w)} {w.markup('</atem:invoke>')}"
-
-
-Q = '"'
 
 
 def attribute(value: str) -> str:
@@ -567,8 +570,9 @@ def kimi_k3_call(name: str, schema: dict, w: Writer) -> str:
 
     def item(key: str, declared: dict, sub: dict) -> str:
         head = '<|open|>argument key="' + attribute(key) + '" type="'
-        if string_only(sub) and ("pattern" not in sub and "format" not in sub or lenient(sub)):
-            return f"{w.markup(head + 'string' + Q + '<|sep|>')} {raw_value(sub, close, w, avoid)}"
+        raw = attempt(lambda: raw_value(sub, close, w, avoid)) if writes_raw(sub) else []
+        if raw:
+            return f"{w.markup(head + 'string' + Q + '<|sep|>')} {raw[0]}"
         kind = sub.get("type")
         kind = kind if isinstance(kind, str) and kind != "string" else "json"
         return f"{w.markup(head + kind + Q + '<|sep|>')} {inline_json(sub)} {w.markup(close)}"

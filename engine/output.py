@@ -322,6 +322,9 @@ class MarkupParser:
         if call is None or call.ended:
             return
         if call.name is None:
+            if body.lstrip()[:1] not in ("", "{"):  # not JSON-shaped markup: parsed once the call ends
+                self.call = None
+                return
             if (name := call.head(body)) is None:
                 return
             events.append(ToolCallStart(self.index, self.call_id, name))

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mlx_tui.engine.call_formats import FORMATS, GrammarError
-from mlx_tui.engine.events import ParseError, RawText, ToolCallEnd
+from mlx_tui.engine.events import ParseError, RawText, ToolCallEnd, ToolCallStart
 from mlx_tui.engine.grammar import Grammars
 from mlx_tui.engine.output import MarkupParser
 from mlx_tui.engine.request import Constraint, GenerationRequest
@@ -292,3 +292,15 @@ def test_a_forced_call_in_other_formats_comes_back_as_one_valid_call(loop, make_
     [call] = [e for e in events if isinstance(e, ToolCallEnd)]
     assert call.name == "get_weather" and events[-1].stop_reason == "tool_calls", events[-1]
     jsonschema.validate(call.arguments, WEATHER)
+
+
+def test_a_value_that_looks_like_a_hermes_call_stays_a_value():
+    """A pythonic call whose argument holds `"name": ..., "arguments": ...` is not taken for a JSON call's head."""
+    module = importlib.import_module("mlx_lm.tool_parsers.pythonic")
+    text = '<|tool_call_start|>[f(job={"name": "x", "arguments": {"a": 1}})]<|tool_call_end|>'
+    markup = MarkupParser(None, (module.tool_call_start, module.tool_call_end), module.parse_tool_call, None)
+    events = [e for chunk in text for e in markup.feed(chunk)] + markup.finish()
+    assert [e.name for e in events if isinstance(e, ToolCallStart)] == ["f"]
+    [call] = [e for e in events if isinstance(e, ToolCallEnd)]
+    assert (call.name, call.arguments) == ("f", {"job": {"name": "x", "arguments": {"a": 1}}})
+    assert json.loads(call.arguments_json) == call.arguments
