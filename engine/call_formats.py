@@ -239,7 +239,8 @@ def qwen3_coder_value(declared: dict, schema: dict, w: Writer) -> str:
         return raw_value(schema, close, w, avoid, excluded=(NULL,))
     if name.startswith(QWEN3_JSON) or name == "null":
         return f"{inline_json(schema)} {w.markup(close)}"
-    raise GrammarError(f"a parameter of type {kind} cannot be written in this tool-call format")
+    what = f"of type {kind}" if kind is not None else "without a declared type that is not a string, object or array"
+    raise GrammarError(f"a parameter {what} cannot be written in this tool-call format")
 
 
 def qwen3_coder_call(name: str, schema: dict, w: Writer) -> str:
