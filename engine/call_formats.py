@@ -37,7 +37,7 @@ KEYWORDS = {
 }  # fmt: skip
 
 
-NO_CHOICE = "none of the values of an enum or const (they hold the format's markup, or whitespace its parser strips)"
+NO_CHOICE = "none of the values of an enum or const (each holds markup, or what its parser would read otherwise)"
 
 
 class GrammarError(ValueError):

@@ -129,7 +129,10 @@ def test_what_the_grammar_allows_parses_back_to_a_valid_call(demo_tokenizer, par
     request = GenerationRequest(USER, tools=tools, tool_choice="required", parallel_tool_calls=False)
     try:
         processor = grammars.processor(request, False)
-    except GrammarError as e:  # FunctionGemma's values are scalars: arrays and objects are refused, and said so
+    except GrammarError as e:
+        if str(e).startswith("none of the values of an enum"):  # as Qwen3-Coder's untyped enum ["{a"]: said so
+            return
+        # FunctionGemma's values are scalars: arrays and objects are refused, and said so
         assert parser == "function_gemma" and any(has_container(s) for s in schemas), e
         assert "cannot carry a value of type" in str(e)
         return
@@ -174,7 +177,7 @@ def test_other_schemas_are_bound_exactly_or_refused(demo_tokenizer, parser, prop
         processor = grammars.processor(request, False)
     except GrammarError as e:
         assert parser not in ("json_tools", "kimi_k2", "mistral"), e
-        assert "cannot" in str(e), e
+        assert "cannot" in str(e) or str(e).startswith("none of the values of an enum"), e
         return
     rng = random.Random(seed)
     for _ in range(WALKS):
