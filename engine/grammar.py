@@ -8,11 +8,9 @@ a copy of the compiled matcher, and its mask is applied by an mlx-lm logits proc
 additive bias (one MLX add), so it runs on the CPU backend and on Metal alike.
 """
 
-import json
 import re
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import llguidance
@@ -21,6 +19,7 @@ import llguidance.numpy
 import mlx.core as mx
 import numpy as np
 
+from .call_formats import FORMATS, GrammarError, Writer, literal
 from .request import GenerationRequest
 from .schemas import LIMITS, first_line, inline_json, tool_name, tool_schema
 
@@ -32,110 +31,6 @@ BYTE_BIAS = np.where(
     np.float32(0),
     np.float32(-np.inf),
 )
-
-
-class GrammarError(ValueError):
-    """The constraint cannot be compiled; the message says why, for the client."""
-
-
-def literal(text: str) -> str:
-    return json.dumps(text)
-
-
-@dataclass(slots=True)
-class Writer:
-    """What a call format writes its grammar with: `markup(text)` (the model's special tokens where
-    the text holds them, else the text) and `rules`, where it adds any rule it needs."""
-
-    markup: Callable[[str], str]
-    rules: list[str]
-
-    def raw(self, low: int, high: int | None, close: str) -> str:
-        """Raw text of `low` to `high` characters, then `close`: it ends at the first `close`, as the parsers'
-        regexes do."""
-        name = f"raw_{len(self.rules)}"
-        bounds = f"{{{low},{'' if high is None else high}}}"
-        closing = self.markup(close)
-        if "<[" in closing:  # free text never holds a special token: the token ends it
-            self.rules.append(f"{name}: /(.|\\n){bounds}/ {closing}")
-        else:
-            self.rules.append(f"{name}[lazy]: /(.|\\n){bounds}{regex_escape(close)}/")
-        return name
-
-
-# Call formats: the markup between a call's start and end tags, per `mlx_lm.tool_parsers` module.
-# Each takes the tool's name, its arguments' schema and a Writer, and returns a Lark expression.
-
-
-def json_tools_call(name: str, schema: dict, w: Writer) -> str:
-    """Hermes style: `{"name": ..., "arguments": {...}}` on its own line."""
-    head = w.markup(f'\n{{"name": {json.dumps(name)}, "arguments": ')
-    return f"{head} {inline_json(schema)} {w.markup('}' + chr(10))}"
-
-
-def xml_value(schema: dict, close: str, w: Writer) -> str:
-    """One parameter's value up to and including `close`: raw text for strings, JSON otherwise (as the parsers read
-    them)."""
-    if isinstance(schema.get("const"), str):
-        return f"{literal(schema['const'])} {w.markup(close)}"
-    if "enum" in schema and all(isinstance(v, str) for v in schema["enum"]):
-        return "(" + " | ".join(literal(v) for v in schema["enum"]) + f") {w.markup(close)}"
-    if schema.get("type") == "string":
-        if {"pattern", "format"} & schema.keys() and not (schema.get("x-guidance") or {}).get("lenient"):
-            raise GrammarError("a string parameter's pattern or format cannot be bound in this tool-call format")
-        return w.raw(schema.get("minLength", 0), schema.get("maxLength"), close)
-    return f"{inline_json(schema)} {w.markup(close)}"
-
-
-def regex_escape(text: str) -> str:
-    return "".join("\\" + c if c in r"\.+*?()|[]{}^$/-" else c.replace("\n", "\\n") for c in text)
-
-
-def xml_parameters(schema: dict, open_: Callable[[str], str], close: str, w: Writer) -> str:
-    """Every declared parameter in order, each optional unless required; `open_(name)` is its opening markup."""
-    required = set(schema.get("required", []))
-    parts = []
-    guidance = {"x-guidance": schema["x-guidance"]} if "x-guidance" in schema else {}
-    for key, sub in (schema.get("properties") or {}).items():
-        sub = {**sub, **guidance} if isinstance(sub, dict) else {}
-        part = f"{w.markup(open_(key))} {xml_value(sub, close, w)}"
-        parts.append(f"({part})" if key in required else f"({part})?")
-    return " ".join(parts) or '""'
-
-
-def qwen3_coder_call(name: str, schema: dict, w: Writer) -> str:
-    """Qwen3-Coder XML: `<function=NAME>` then `<parameter=KEY>` blocks, string values raw."""
-    params = xml_parameters(schema, lambda key: f"<parameter={key}>\n", "\n</parameter>\n", w)
-    return f"{w.markup(chr(10) + f'<function={name}>' + chr(10))} {params} {w.markup('</function>' + chr(10))}"
-
-
-def glm47_call(name: str, schema: dict, w: Writer) -> str:
-    """GLM-4.7: the name, then `<arg_key>`/`<arg_value>` pairs, string values raw."""
-    params = xml_parameters(schema, lambda key: f"<arg_key>{key}</arg_key>\n<arg_value>", "</arg_value>\n", w)
-    return f"{w.markup(name + chr(10))} {params}"
-
-
-def minimax_m2_call(name: str, schema: dict, w: Writer) -> str:
-    """MiniMax-M2: `<invoke name=...>` with `<parameter name=...>` children, string values raw."""
-    params = xml_parameters(schema, lambda key: f'<parameter name="{key}">', "</parameter>\n", w)
-    head = w.markup(f"\n<invoke name={json.dumps(name)}>\n")
-    return f"{head} {params} {w.markup('</invoke>' + chr(10))}"
-
-
-def kimi_k2_call(name: str, schema: dict, w: Writer) -> str:
-    """Kimi-K2: one call in the section, `functions.NAME:0` and its JSON arguments."""
-    head = w.markup(f"<|tool_call_begin|>functions.{name}:0<|tool_call_argument_begin|>")
-    return f"{head} {inline_json(schema)} {w.markup('<|tool_call_end|>')}"
-
-
-FORMATS: dict[str, Callable[[str, dict, Writer], str]] = {
-    "json_tools": json_tools_call,
-    "qwen3_coder": qwen3_coder_call,
-    "glm47": glm47_call,
-    "laguna": glm47_call,
-    "minimax_m2": minimax_m2_call,
-    "kimi_k2": kimi_k2_call,
-}
 
 
 def masked(logits: mx.array, bitmask: np.ndarray, out: np.ndarray | None = None) -> mx.array:
@@ -299,7 +194,9 @@ class Grammars:
             head = "think " if reasoning else f"({self.markup(self.think[0])} think)? "
             begins = self.think[1]
             what.append(f"free until {self.think[1]}" if reasoning else f"free inside {self.think[0]}{self.think[1]}")
-        calls = 'call ("\\n" call)*' if request.parallel_tool_calls else "call"
+        # a format without an end tag (Mistral) ends its one call at the end of the reply
+        parallel = request.parallel_tool_calls and self.tool is not None and self.tool[1]
+        calls = 'call ("\\n" call)*' if parallel else "call"
         if forced:
             assert tools is not None  # forced only with tools
             chosen = [t for t in tools if request.tool_choice == "required" or tool_name(t) == request.tool_choice]
@@ -335,7 +232,8 @@ class Grammars:
         """
         assert self.call is not None and self.tool is not None  # call rules only for a known call format
         names = [f"call_{i}" for i in range(len(tools))]
-        w = Writer(self.markup, [f"call_body: {' | '.join(names)}", f"call: {self.markup(self.tool[0])} call_body"])
+        heads = [f"call_body: {' | '.join(names)}", f"call: {self.markup(self.tool[0])} call_body"]
+        w = Writer(self.markup, heads, self.tool[1])
         for name, tool in zip(names, tools, strict=False):
             schema = tool_schema(tool) if bound(tool) else ANY_OBJECT
             if tool_name(tool) not in strict:

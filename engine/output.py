@@ -301,7 +301,7 @@ class MarkupParser:
 
     def _step_tool(self, events: list[Event]) -> bool:
         assert self.tool is not None  # a tool call is entered only at the tool tag
-        end = self.buffer.find(self.tool[1])
+        end = self.buffer.find(self.tool[1]) if self.tool[1] else -1  # no end tag (Mistral): the call runs to the end
         body = self.buffer if end < 0 else self.buffer[:end]
         self._stream_arguments(body, events)
         if end < 0:
@@ -322,6 +322,9 @@ class MarkupParser:
         if call is None or call.ended:
             return
         if call.name is None:
+            if body.lstrip()[:1] not in ("", "{"):  # not JSON-shaped markup: parsed once the call ends
+                self.call = None
+                return
             if (name := call.head(body)) is None:
                 return
             events.append(ToolCallStart(self.index, self.call_id, name))
@@ -335,6 +338,8 @@ class MarkupParser:
         assert self.tool is not None and self.parse_tool is not None  # set together, or no tool call is entered
         try:
             parsed = self.parse_tool(body, self.tools)
+            if isinstance(parsed, list) and len(parsed) == 1:  # some parsers (Kimi) always return a list
+                parsed = parsed[0]
             name, arguments = parsed["name"], parsed.get("arguments", {})
             if isinstance(arguments, str):
                 arguments = json.loads(arguments)
