@@ -1,0 +1,226 @@
+"""A small llama trained to copy: given a file and a one-line change, it replies with the whole edited file.
+
+The edit benchmark's model (see `edit_tasks.py` for the tasks). Trained on fresh synthetic
+tasks every step, with a byte-level BPE and the demo model's chat template (as
+`engine/demo/train.py` does), saved as a plain mlx-lm model directory under
+`~/.cache/mlx-tui/bench-copy-model/<hash of this file and edit_tasks.py>/` on first use and
+reused after. Standalone, it trains (if needed) and reports the exact-match rate on held-out
+tasks; on Linux preload OpenBLAS (`python -m benchmarks --only edit` does):
+
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
+        .venv/bin/python -m benchmarks.copy_model
+"""
+
+import hashlib
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+from . import edit_tasks
+from .stats import progress
+
+VOCAB_SIZE = 1024
+MODEL_ARGS = dict(
+    model_type="llama",
+    hidden_size=256,
+    num_hidden_layers=3,
+    intermediate_size=640,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=65536,
+    rope_theta=10000.0,
+    tie_word_embeddings=True,
+)
+SEED = 0
+STEPS = 420
+BATCH = 8
+LEARNING_RATE = 3e-3
+WARMUP_STEPS = 30
+CHAT_SHARE = 0.1  # of training examples: plain questions answered with a paragraph (the chat sub-run)
+TRAIN_LINES = (4, 28)
+HELD_OUT = 40
+HELD_OUT_SEED = 10_000
+VERSION = 1  # bump when the training code changes what it trains
+
+
+def model_key() -> str:
+    """A hash of what decides the weights: the task generator's source and the training settings."""
+    settings = [
+        MODEL_ARGS,
+        VOCAB_SIZE,
+        SEED,
+        STEPS,
+        BATCH,
+        LEARNING_RATE,
+        WARMUP_STEPS,
+        CHAT_SHARE,
+        TRAIN_LINES,
+        VERSION,
+    ]
+    blob = (Path(__file__).parent / "edit_tasks.py").read_bytes() + json.dumps(settings).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def default_dir() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "mlx-tui" / "bench-copy-model" / model_key()
+
+
+def conversation(task: edit_tasks.Task) -> dict:
+    """The task in the shape `engine/demo/train.py` encodes: messages ending with the reply."""
+    return {"messages": [*task.messages(), {"role": "assistant", "content": task.edited}], "tools": None}
+
+
+def sample(rng: random.Random) -> edit_tasks.Task:
+    if rng.random() < CHAT_SHARE:
+        return edit_tasks.chat_task(rng)
+    return edit_tasks.edit_task(rng, *TRAIN_LINES)
+
+
+def build_tokenizer():
+    from mlx_tui.engine.demo import train
+
+    from .model import chat_template
+
+    rng = random.Random(SEED + 1)
+    bare = train.PreTrainedTokenizerFast(
+        tokenizer_object=train.Tokenizer(train.models.BPE()), chat_template=chat_template()
+    )
+    texts = []
+    for _ in range(3000):
+        c = conversation(sample(rng))
+        texts.append(train.prompt_text(bare, c, None) + train.expected_reply(bare, c, None))
+    texts += list(edit_tasks.TOPICS.values()) * 50
+    return train.train_bpe(texts, VOCAB_SIZE, chat_template(), MODEL_ARGS["max_position_embeddings"])
+
+
+def train(model, tokenizer):
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+
+    from mlx_tui.engine.demo import train as demo
+
+    rng = random.Random(SEED)
+    schedule = optim.join_schedules(
+        [
+            optim.linear_schedule(1e-5, LEARNING_RATE, WARMUP_STEPS),
+            optim.cosine_decay(LEARNING_RATE, STEPS - WARMUP_STEPS, 1e-5),
+        ],
+        [WARMUP_STEPS],
+    )
+    optimizer = optim.Adam(learning_rate=schedule)
+    step = nn.value_and_grad(model, demo.loss_fn)
+    start, losses = time.time(), []
+    for i in range(1, STEPS + 1):
+        examples = [demo.encode(tokenizer, conversation(sample(rng)), None) for _ in range(BATCH)]
+        loss, grads = demo.loss_and_grad(step, model, examples)
+        optimizer.update(model, grads)
+        mx.eval(model.parameters(), optimizer.state, loss)
+        losses.append(loss.item())
+        if i % 25 == 0 or i == STEPS:
+            progress(
+                f"copy model: step {i}/{STEPS}, loss {sum(losses[-25:]) / len(losses[-25:]):.4f}, "
+                f"{time.time() - start:.0f} s"
+            )
+
+
+def save(model, tokenizer, path: Path):
+    """Weights, config and tokenizer, loadable by mlx_lm.load, mlx_lm.server and mlx-tui."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    path.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())), {"format": "mlx"})
+    config = dict(
+        MODEL_ARGS,
+        architectures=["LlamaForCausalLM"],
+        vocab_size=len(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+        torch_dtype="float32",
+    )
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tokenizer.save_pretrained(str(path))
+
+
+def held_out() -> list[edit_tasks.Task]:
+    """Edit tasks of 12-28 lines that training never drew (another seed), each kind alike."""
+    rng = random.Random(HELD_OUT_SEED)
+    kinds = edit_tasks.EDITS
+    return [edit_task_of(rng, kinds[i % len(kinds)]) for i in range(HELD_OUT)]
+
+
+def edit_task_of(rng: random.Random, kind: str) -> edit_tasks.Task:
+    return edit_tasks.edit_task(rng, 12, TRAIN_LINES[1], kind)
+
+
+def evaluate(path: Path, tasks: list[edit_tasks.Task]) -> dict:
+    """Greedy replies against the expected edited files: exact matches per kind, and chat answers."""
+    from mlx_lm import generate, load
+
+    model, tokenizer = load(str(path))
+    per_kind: dict[str, list[int]] = {}
+    for task in tasks:
+        prompt = tokenizer.apply_chat_template(task.messages(), add_generation_prompt=True)
+        text = generate(model, tokenizer, prompt, max_tokens=1024)
+        per_kind.setdefault(task.kind, []).append(int(text == task.edited))
+    rng = random.Random(HELD_OUT_SEED)
+    chats = [edit_tasks.chat_task(rng) for _ in range(4)]
+    chat_ok = 0
+    for task in chats:
+        prompt = tokenizer.apply_chat_template(task.messages(), add_generation_prompt=True)
+        chat_ok += generate(model, tokenizer, prompt, max_tokens=256) == task.edited
+    exact = sum(sum(v) for v in per_kind.values())
+    return {
+        "exact_match": exact / len(tasks),
+        "tasks": len(tasks),
+        "by_kind": {k: f"{sum(v)}/{len(v)}" for k, v in per_kind.items()},
+        "chat": f"{chat_ok}/{len(chats)}",
+    }
+
+
+def ensure(path: Path | None = None) -> Path:
+    """The trained model's directory: trained, saved and evaluated on first use, reused after."""
+    path = path or default_dir()
+    if (path / "model.safetensors").exists() and (path / "evaluation.json").exists():
+        return path
+    import mlx.core as mx
+    from mlx_lm.models.llama import Model, ModelArgs
+
+    mx.random.seed(SEED)
+    tokenizer = build_tokenizer()
+    model = Model(ModelArgs(**MODEL_ARGS, vocab_size=len(tokenizer)))
+    progress(f"copy model: training {STEPS} steps into {path} (about 15 minutes on 2 CPU cores)")
+    started = time.time()
+    train(model, tokenizer)
+    trained_s = time.time() - started
+    partial = path.with_name(path.name + ".partial")
+    save(model, tokenizer, partial)
+    result = {**evaluate(partial, held_out()), "train_s": round(trained_s), "steps": STEPS}
+    (partial / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
+    partial.rename(path)
+    progress(f"copy model: {result}")
+    return path
+
+
+def describe(path: Path) -> dict:
+    config = json.loads((path / "config.json").read_text())
+    return {
+        "path": str(path),
+        "params_m": round((path / "model.safetensors").stat().st_size / 4 / 1e6, 1),
+        "layers": config["num_hidden_layers"],
+        "hidden": config["hidden_size"],
+        "vocab": config["vocab_size"],
+        "evaluation": json.loads((path / "evaluation.json").read_text()),
+    }
+
+
+if __name__ == "__main__":
+    out = ensure(Path(sys.argv[1]) if len(sys.argv) > 1 else None)
+    print(json.dumps(describe(out), indent=2))
+    sys.stdout.flush()
+    os._exit(0)  # a preloaded OpenBLAS can hang in its exit handlers
