@@ -11,6 +11,8 @@ from mlx-tui's `/metrics` (absent before the engine has them: "n/a"); a server w
 tokens costs against a pass over one, with a KV cache of an edit prompt.
 """
 
+import json
+import os
 import random
 import subprocess
 import sys
@@ -29,8 +31,8 @@ COUNTERS = {
     "accepted": "mlx_tui:spec_decode_num_accepted_tokens_total",
 }
 TASK_SEED = 20_000
-TASK_LINES = (20, 28)
-PASS_TOKENS = (1, 2, 4, 8, 16)
+TASK_LINES = (14, 18)
+PASS_TOKENS = (1, 2, 3, 4, 5, 6, 8, 12, 16)
 PASS_PROMPT = 300
 
 
@@ -43,7 +45,7 @@ def speculation_flag() -> bool:
 
 
 def edit_tasks(n: int) -> list[Task]:
-    """`n` held-out tasks of 20-28 lines, the edit kinds in turn."""
+    """`n` held-out tasks of 14-18 lines, the edit kinds in turn."""
     rng = random.Random(TASK_SEED)
     return [edit_task(rng, *TASK_LINES, kind=EDITS[i % len(EDITS)]) for i in range(n)]
 
@@ -69,9 +71,9 @@ async def read_counters(client, server) -> dict[str, float | None]:
 
 def speculation(before: dict, after: dict) -> dict:
     """Acceptance rate (accepted / drafted tokens) and tokens per verify pass (1 + accepted / drafts)."""
-    if any(v is None for v in (*before.values(), *after.values())):
+    if any(v is None for v in after.values()):
         return {"drafts": None, "draft_tokens": None, "accepted": None, "acceptance": None, "tokens_per_pass": None}
-    d = {k: after[k] - before[k] for k in COUNTERS}
+    d = {k: after[k] - (before[k] or 0.0) for k in COUNTERS}  # a labelled counter appears at its first count
     return {
         **d,
         "acceptance": d["accepted"] / d["draft_tokens"] if d["draft_tokens"] else None,
@@ -106,6 +108,7 @@ async def replay(client, contestants: dict, tasks: list[Task], rounds: int, max_
                         "generated": out.generated,
                         "ttft_s": out.ttft,
                         "decode_tps": out.decode_tps,
+                        "e2e_tps": out.generated / out.total if out.total else None,
                         "exact": out.text == task.edited if task.kind != "chat" else None,
                         "text": out.text,
                     }
@@ -125,6 +128,7 @@ def summarize(rows: list[dict], names: list[str], spec: dict) -> dict:
     ratios = {
         f"{a} / {b}": [ratio(by[k + (a,)]["decode_tps"], by[k + (b,)]["decode_tps"]) for k in keys] for a, b in pairs
     }
+    e2e = {f"{a} / {b}": [ratio(by[k + (a,)]["e2e_tps"], by[k + (b,)]["e2e_tps"]) for k in keys] for a, b in pairs}
     reference = THEIRS if THEIRS in names else names[0]
     servers_out = {}
     for n in names:
@@ -132,6 +136,7 @@ def summarize(rows: list[dict], names: list[str], spec: dict) -> dict:
         exact = [x["exact"] for x in mine if x["exact"] is not None]
         servers_out[n] = {
             "decode_tps": median(x["decode_tps"] for x in mine),
+            "e2e_tps": median(x["e2e_tps"] for x in mine),
             "ttft_s": median(x["ttft_s"] for x in mine),
             "generated": median(x["generated"] for x in mine),
             "prompt_tokens": median(x["prompt_tokens"] for x in mine),
@@ -145,8 +150,22 @@ def summarize(rows: list[dict], names: list[str], spec: dict) -> dict:
         "reference": reference,
         "median_ratio": {k: median(v) for k, v in ratios.items()},
         "ratio_range": {k: spread(v) for k, v in ratios.items()},
+        "median_e2e_ratio": {k: median(v) for k, v in e2e.items()},
         "rows": [{k: v for k, v in x.items() if k != "text"} for x in rows],
     }
+
+
+def pass_cost_one_thread(model_dir: Path, rounds: int) -> dict:
+    """`pass_cost` in a child process whose OpenBLAS runs one thread (no thread wake-ups in a pass)."""
+    code = (
+        "import json, os; from benchmarks.edit import pass_cost; "
+        f"print(json.dumps(pass_cost({str(model_dir)!r}, {rounds})), flush=True); os._exit(0)"
+    )
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return {**result, "ms": {int(k): v for k, v in result["ms"].items()}}
 
 
 def pass_cost(model_dir: Path, rounds: int) -> dict:
@@ -169,8 +188,7 @@ def pass_cost(model_dir: Path, rounds: int) -> dict:
             mx.eval(model(x, cache=cache))
             times[k].append(1000 * (time.perf_counter() - start))
             trim_prompt_cache(cache, k)
-    ms = {k: median(v) for k, v in times.items()}
-    return {"prompt_tokens": len(prompt), "ms": ms, "relative": {k: ratio(ms[k], ms[1]) for k in PASS_TOKENS}}
+    return {"prompt_tokens": len(prompt), "ms": {k: median(v) for k, v in times.items()}}
 
 
 async def run(client, workdir: Path, concurrency: int, cache_bytes: int, n_tasks: int, rounds: int) -> dict:
@@ -208,4 +226,5 @@ async def run(client, workdir: Path, concurrency: int, cache_bytes: int, n_tasks
         "edit": edit,
         "chat": chat,
         "pass_cost": pass_cost(model_dir, rounds),
+        "pass_cost_one_thread": pass_cost_one_thread(model_dir, rounds),
     }

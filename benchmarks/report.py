@@ -290,24 +290,32 @@ def edit_tables(ed: dict, targets: list) -> list[str]:
         lines += [
             f"### {title}",
             "",
-            "| server | decode tokens/s | TTFT s | tokens generated | prompt tokens | exact match | same text as "
-            f"{r['reference']} | acceptance | tokens per verify pass |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| server | decode tokens/s | end-to-end tokens/s | TTFT s | tokens generated | prompt tokens "
+            f"| exact match | same text as {r['reference']} | acceptance | tokens per verify pass |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, row in r["servers"].items():
             spec = row["speculation"] or {}
             exact = row["exact_match"]
             lines.append(
-                f"| {name} | {fmt(row['decode_tps'], 1)} | {fmt(row['ttft_s'])} | {fmt(row['generated'], 0)} | "
+                f"| {name} | {fmt(row['decode_tps'], 1)} | {fmt(row['e2e_tps'], 1)} | {fmt(row['ttft_s'])} | "
+                f"{fmt(row['generated'], 0)} | "
                 f"{fmt(row['prompt_tokens'], 0)} | {'' if exact is None else f'{exact:.0%}'} | "
                 f"{row['same_text_as_reference']:.0%} | "
                 f"{'n/a' if spec.get('acceptance') is None else fmt(100 * spec['acceptance'], 0, '%')} | "
                 f"{'n/a' if spec.get('tokens_per_pass') is None else fmt(spec['tokens_per_pass'])} |"
             )
-        lines += ["", "| ratio of decode tokens/s (median of per-task ratios) | median | range |", "|---|---|---|"]
+        lines += [
+            "",
+            "| ratio (median of per-task ratios) | decode tokens/s | range | end to end (tokens / request time) |",
+            "|---|---|---|---|",
+        ]
         for key, value in r["median_ratio"].items():
             rng = r["ratio_range"][key]
-            lines.append(f"| {key} | {fmt(value, 3)} | {f'{rng[0]:.3f}–{rng[1]:.3f}' if rng else ''} |")
+            lines.append(
+                f"| {key} | {fmt(value, 3)} | {f'{rng[0]:.3f}–{rng[1]:.3f}' if rng else ''} | "
+                f"{fmt(r['median_e2e_ratio'][key], 3)} |"
+            )
         lines.append("")
     edit_ratio = ed["edit"]["median_ratio"].get(f"{AUTO} / {THEIRS}")
     targets.append(
@@ -317,14 +325,18 @@ def edit_tables(ed: dict, targets: list) -> list[str]:
     targets.append(
         ("chat: speculation auto ≥ 0.97x off", fmt(chat_ratio, 3), None if chat_ratio is None else chat_ratio >= 0.97)
     )
-    pc = ed["pass_cost"]
+    pc, one = ed["pass_cost"], ed["pass_cost_one_thread"]
     lines += [
-        f"### One forward pass over k tokens (in this process, KV cache of a {pc['prompt_tokens']}-token edit prompt)",
+        f"### One forward pass over k tokens (in-process, KV cache of a {pc['prompt_tokens']}-token edit prompt)",
         "",
-        "| k | ms per pass (median) | relative to k = 1 |",
-        "|---|---|---|",
+        "| k | ms per pass, BLAS threads as the servers | relative to k = 1 | ms per pass, 1 BLAS thread | relative |",
+        "|---|---|---|---|---|",
     ]
-    lines += [f"| {k} | {fmt(pc['ms'][k], 2)} | {fmt(pc['relative'][k], 2)} |" for k in pc["ms"]]
+    for k, ms in pc["ms"].items():
+        lines.append(
+            f"| {k} | {fmt(ms, 2)} | {fmt(ms / pc['ms'][1], 2)} | {fmt(one['ms'][k], 2)} | "
+            f"{fmt(one['ms'][k] / one['ms'][1], 2)} |"
+        )
     return lines + [""]
 
 

@@ -52,3 +52,4 @@ def test_speculation_counters_read_from_metrics_or_not_available():
     assert spec["acceptance"] == 48 / 64 and spec["tokens_per_pass"] == 1 + 48 / 8
     absent = counters("mlx_tui:generation_tokens_total 5.0\n")
     assert speculation(absent, absent)["acceptance"] is None
+    assert speculation(absent, counters(page))["tokens_per_pass"] == 1 + 60 / 10  # labelled: absent until counted
