@@ -37,14 +37,15 @@ MODEL_ARGS = dict(
     tie_word_embeddings=True,
 )
 SEED = 0
-STEPS = 800
+STEPS = 450
 BATCH = 16
 LENGTH = 320  # every batch is padded to this many tokens, so that the compiled step has one shape
 LEARNING_RATE = 5e-3
 WARMUP_STEPS = 50
 CHAT_SHARE = 0.1  # of training examples: plain questions answered with a paragraph (the chat sub-run)
+REPEAT_SHARE = 0.3  # of training examples: random words to repeat
 TRAIN_LINES = (4, 18)
-HELD_OUT = 40
+HELD_OUT = 20
 HELD_OUT_SEED = 10_000
 VERSION = 1  # bump when the training code changes what it trains
 
@@ -78,9 +79,19 @@ def conversation(task: edit_tasks.Task) -> dict:
 
 
 def sample(rng: random.Random) -> edit_tasks.Task:
-    if rng.random() < CHAT_SHARE:
+    draw = rng.random()
+    if draw < CHAT_SHARE:
         return edit_tasks.chat_task(rng)
+    if draw < CHAT_SHARE + REPEAT_SHARE:
+        return repeat_task(rng)
     return edit_tasks.edit_task(rng, *TRAIN_LINES)
+
+
+def repeat_task(rng: random.Random) -> edit_tasks.Task:
+    """Lines of random words to repeat as they are: copying without the repeated syntax of code, learnt sooner."""
+    words = edit_tasks.WORDS + edit_tasks.VERBS + edit_tasks.SECTIONS
+    text = "".join(" ".join(rng.sample(words, rng.randint(4, 10))) + "\n" for _ in range(rng.randint(2, 8)))
+    return edit_tasks.Task("chat", "", f"Repeat this text:\n{text}", text)
 
 
 def build_tokenizer():

@@ -24,7 +24,7 @@ from .clients import openai_stream
 from .edit_tasks import EDITS, QUESTIONS, TOPICS, Task, edit_task
 from .stats import median, progress, ratio, spread
 
-AUTO, OFF, THEIRS = "mlx-tui (speculation auto)", "mlx-tui --speculate off", "mlx_lm.server"
+AUTO, OFF, THEIRS = "mlx-tui (default)", "mlx-tui --speculate off", "mlx_lm.server"
 COUNTERS = {
     "drafts": "mlx_tui:spec_decode_num_drafts_total",
     "draft_tokens": "mlx_tui:spec_decode_num_draft_tokens_total",

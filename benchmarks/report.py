@@ -319,7 +319,11 @@ def edit_tables(ed: dict, targets: list) -> list[str]:
         lines.append("")
     edit_ratio = ed["edit"]["median_ratio"].get(f"{AUTO} / {THEIRS}")
     targets.append(
-        ("edit: mlx-tui (auto) ≥ 2x mlx_lm.server", fmt(edit_ratio, 3), None if edit_ratio is None else edit_ratio >= 2)
+        (
+            "edit: mlx-tui (default) ≥ 2x mlx_lm.server",
+            fmt(edit_ratio, 3),
+            None if edit_ratio is None else edit_ratio >= 2,
+        )
     )
     chat_ratio = ed["chat"]["median_ratio"].get(f"{AUTO} / {OFF}")
     targets.append(
