@@ -210,9 +210,9 @@ async def run(client, workdir: Path, concurrency: int, cache_bytes: int, n_tasks
             s.wait_ready()
         warm_up = edit_tasks(n_tasks + 1)[-1]  # a task that is not measured
         for s in contestants.values():
-            body = {"model": s.model_name, "messages": warm_up.messages(), "max_tokens": 1024, "temperature": 0.0}
+            body = {"model": s.model_name, "messages": warm_up.messages(), "max_tokens": 512, "temperature": 0.0}
             await openai_stream(client, s.url, body)
-        edit = await replay(client, contestants, edit_tasks(n_tasks), rounds, 1024, "edit")
+        edit = await replay(client, contestants, edit_tasks(n_tasks), rounds, 512, "edit")
         chat = await replay(client, contestants, chat_tasks(n_tasks), rounds, 256, "edit (chat)")
     finally:
         for s in contestants.values():
