@@ -109,7 +109,7 @@ async def replay(client, contestants: dict, tasks: list[Task], rounds: int, max_
                         "ttft_s": out.ttft,
                         "decode_tps": out.decode_tps,
                         "e2e_tps": out.generated / out.total if out.total else None,
-                        "exact": out.text == task.edited if task.kind != "chat" else None,
+                        "exact": same(out.text, task.edited) if task.kind != "chat" else None,
                         "text": out.text,
                     }
                 )
@@ -119,6 +119,11 @@ async def replay(client, contestants: dict, tasks: list[Task], rounds: int, max_
             )
     after = {n: await read_counters(client, contestants[n]) for n in ours}
     return summarize(rows, names, {n: speculation(before[n], after[n]) for n in ours})
+
+
+def same(a: str, b: str) -> bool:
+    """Equal but for whitespace at the end (mlx-tui drops a reply's last newline; mlx_lm.server keeps it)."""
+    return a.rstrip() == b.rstrip()
 
 
 def summarize(rows: list[dict], names: list[str], spec: dict) -> dict:
@@ -141,7 +146,7 @@ def summarize(rows: list[dict], names: list[str], spec: dict) -> dict:
             "generated": median(x["generated"] for x in mine),
             "prompt_tokens": median(x["prompt_tokens"] for x in mine),
             "exact_match": sum(exact) / len(exact) if exact else None,
-            "same_text_as_reference": sum(x["text"] == by[(x["round"], x["task"], reference)]["text"] for x in mine)
+            "same_text_as_reference": sum(same(x["text"], by[(x["round"], x["task"], reference)]["text"]) for x in mine)
             / len(mine),
             "speculation": spec.get(n),
         }

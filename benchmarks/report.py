@@ -317,17 +317,22 @@ def edit_tables(ed: dict, targets: list) -> list[str]:
                 f"{fmt(r['median_e2e_ratio'][key], 3)} |"
             )
         lines.append("")
-    edit_ratio = ed["edit"]["median_ratio"].get(f"{AUTO} / {THEIRS}")
+    # end to end: under load a server's chunks can arrive in one burst, which makes decode tokens/s meaningless
+    edit_ratio = ed["edit"]["median_e2e_ratio"].get(f"{AUTO} / {THEIRS}")
     targets.append(
         (
-            "edit: mlx-tui (default) ≥ 2x mlx_lm.server",
+            "edit: mlx-tui (default) ≥ 2x mlx_lm.server, end to end",
             fmt(edit_ratio, 3),
             None if edit_ratio is None else edit_ratio >= 2,
         )
     )
-    chat_ratio = ed["chat"]["median_ratio"].get(f"{AUTO} / {OFF}")
+    chat_ratio = ed["chat"]["median_e2e_ratio"].get(f"{AUTO} / {OFF}")
     targets.append(
-        ("chat: speculation auto ≥ 0.97x off", fmt(chat_ratio, 3), None if chat_ratio is None else chat_ratio >= 0.97)
+        (
+            "chat: speculation auto ≥ 0.97x off, end to end",
+            fmt(chat_ratio, 3),
+            None if chat_ratio is None else chat_ratio >= 0.97,
+        )
     )
     pc, one = ed["pass_cost"], ed["pass_cost_one_thread"]
     lines += [
