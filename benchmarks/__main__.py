@@ -11,7 +11,18 @@ import sys
 
 from .blas import ensure_same_blas
 
-SECTIONS = ("decode", "overhead", "ttft", "concurrency", "replay", "dashboard", "families", "ranks", "structured")
+SECTIONS = (
+    "decode",
+    "overhead",
+    "ttft",
+    "concurrency",
+    "replay",
+    "dashboard",
+    "families",
+    "ranks",
+    "structured",
+    "edit",
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

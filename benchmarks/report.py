@@ -83,6 +83,8 @@ def write(results: dict, out: Path):
         body += ranks_table(rk)
     if st := results.get("structured"):
         body += structured_table(st, targets)
+    if ed := results.get("edit"):
+        body += edit_tables(ed, targets)
     summary = ["## Targets", ""]
     if results.get("mode") == "quick":
         summary += [
@@ -262,6 +264,91 @@ def structured_table(st: dict, targets: list) -> list[str]:
     return rows + [""]
 
 
+def edit_tables(ed: dict, targets: list) -> list[str]:
+    """The edit replay and the chat sub-run per server, the speculation counters, and the cost of a wider pass."""
+    from .edit import AUTO, OFF, THEIRS
+
+    m, ev = ed["model"], ed["model"]["evaluation"]
+    lines = [
+        f"## Edit replay on a copy-trained model ({ed['tasks']} tasks, {ed['rounds']} round(s), streamed, greedy)",
+        "",
+        f"Model: llama, {m['params_m']}M parameters, {m['layers']} layers, hidden {m['hidden']}, vocab {m['vocab']}, "
+        f"float32, trained {ev['steps']} steps in {ev['train_s']} s (`{m['path']}`); held-out exact match "
+        f"{ev['exact_match']:.0%} of {ev['tasks']} ({', '.join(f'{k} {v}' for k, v in ev['by_kind'].items())}), "
+        f"chat answers {ev['chat']}.",
+        "",
+        "Engine speculation: "
+        + (
+            "present (`--speculate` known)."
+            if ed["speculate_flag"]
+            else "**absent** (this mlx-tui has no `--speculate`; the speculation-off server was skipped)."
+        ),
+        "",
+    ]
+    for part, title in (("edit", "Edit tasks (reply: the whole edited file)"), ("chat", "Chat (no text to copy)")):
+        r = ed[part]
+        lines += [
+            f"### {title}",
+            "",
+            "| server | decode tokens/s | end-to-end tokens/s | TTFT s | tokens generated | prompt tokens "
+            f"| exact match | same text as {r['reference']} | acceptance | tokens per verify pass |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, row in r["servers"].items():
+            spec = row["speculation"] or {}
+            exact = row["exact_match"]
+            lines.append(
+                f"| {name} | {fmt(row['decode_tps'], 1)} | {fmt(row['e2e_tps'], 1)} | {fmt(row['ttft_s'])} | "
+                f"{fmt(row['generated'], 0)} | "
+                f"{fmt(row['prompt_tokens'], 0)} | {'' if exact is None else f'{exact:.0%}'} | "
+                f"{row['same_text_as_reference']:.0%} | "
+                f"{'n/a' if spec.get('acceptance') is None else fmt(100 * spec['acceptance'], 0, '%')} | "
+                f"{'n/a' if spec.get('tokens_per_pass') is None else fmt(spec['tokens_per_pass'])} |"
+            )
+        lines += [
+            "",
+            "| ratio (median of per-task ratios) | decode tokens/s | range | end to end (tokens / request time) |",
+            "|---|---|---|---|",
+        ]
+        for key, value in r["median_ratio"].items():
+            rng = r["ratio_range"][key]
+            lines.append(
+                f"| {key} | {fmt(value, 3)} | {f'{rng[0]:.3f}–{rng[1]:.3f}' if rng else ''} | "
+                f"{fmt(r['median_e2e_ratio'][key], 3)} |"
+            )
+        lines.append("")
+    # end to end: under load a server's chunks can arrive in one burst, which makes decode tokens/s meaningless
+    edit_ratio = ed["edit"]["median_e2e_ratio"].get(f"{AUTO} / {THEIRS}")
+    targets.append(
+        (
+            "edit: mlx-tui (default) ≥ 2x mlx_lm.server, end to end",
+            fmt(edit_ratio, 3),
+            None if edit_ratio is None else edit_ratio >= 2,
+        )
+    )
+    chat_ratio = ed["chat"]["median_e2e_ratio"].get(f"{AUTO} / {OFF}")
+    targets.append(
+        (
+            "chat: speculation auto ≥ 0.97x off, end to end",
+            fmt(chat_ratio, 3),
+            None if chat_ratio is None else chat_ratio >= 0.97,
+        )
+    )
+    pc, one = ed["pass_cost"], ed["pass_cost_one_thread"]
+    lines += [
+        f"### One forward pass over k tokens (in-process, KV cache of a {pc['prompt_tokens']}-token edit prompt)",
+        "",
+        "| k | ms per pass, BLAS threads as the servers | relative to k = 1 | ms per pass, 1 BLAS thread | relative |",
+        "|---|---|---|---|---|",
+    ]
+    for k, ms in pc["ms"].items():
+        lines.append(
+            f"| {k} | {fmt(ms, 2)} | {fmt(ms / pc['ms'][1], 2)} | {fmt(one['ms'][k], 2)} | "
+            f"{fmt(one['ms'][k] / one['ms'][1], 2)} |"
+        )
+    return lines + [""]
+
+
 def ttft_table(t: dict, targets: list) -> list[str]:
     lines = [
         "## Time to first token, cold vs warm system prompt",
@@ -399,7 +486,8 @@ def draw(results: dict, out: Path) -> list[Path]:
         return []
     charts = []
     m = results["model"]
-    subtitle = f"{m['params_m']}M float32 llama, {results['meta']['blas'].split(' (')[0]}, {results['meta']['machine']}"
+    blas_machine = f"{results['meta']['blas'].split(' (')[0]}, {results['meta']['machine']}"
+    subtitle = f"{m['params_m']}M float32 llama, {blas_machine}" if m else blas_machine
 
     if d := results.get("decode"):
         fig, ax = plt.subplots(figsize=(9, 3.8))

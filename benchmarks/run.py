@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from . import concurrency, dashboard, decode, families, overhead, ranks, replay, report, servers, structured, ttft
+from . import concurrency, dashboard, decode, edit, families, overhead, ranks, replay, report, servers, structured, ttft
 from .model import build, default_dir, describe
 from .stats import progress
 
@@ -30,6 +30,8 @@ class Plan:
     families_turns: int
     families_tokens: int
     structured_rounds: int
+    edit_tasks: int
+    edit_rounds: int
 
 
 QUICK = Plan(
@@ -47,6 +49,8 @@ QUICK = Plan(
     families_turns=3,
     families_tokens=3000,
     structured_rounds=2,
+    edit_tasks=4,
+    edit_rounds=1,
 )
 FULL = Plan(
     decode_rounds=10,
@@ -63,8 +67,21 @@ FULL = Plan(
     families_turns=6,
     families_tokens=6000,
     structured_rounds=6,
+    edit_tasks=8,
+    edit_rounds=2,
 )
-SECTIONS = ("decode", "overhead", "ttft", "concurrency", "replay", "dashboard", "families", "ranks", "structured")
+SECTIONS = (
+    "decode",
+    "overhead",
+    "ttft",
+    "concurrency",
+    "replay",
+    "dashboard",
+    "families",
+    "ranks",
+    "structured",
+    "edit",
+)
 CONCURRENCY = 8  # both servers decode up to this many streams together
 
 
@@ -79,6 +96,7 @@ def plan_for(args) -> Plan:
             dashboard_rounds=args.rounds,
             ranks_rounds=args.rounds,
             structured_rounds=args.rounds,
+            edit_rounds=args.rounds,
             ttft_sizes={k: args.rounds for k in plan.ttft_sizes},
         )
     if args.replay_tokens is not None:
@@ -88,9 +106,11 @@ def plan_for(args) -> Plan:
 
 async def run(args, blas: str) -> int:
     plan = plan_for(args)
-    sections = args.only or tuple(s for s in SECTIONS if s != "ranks")  # the ranks comparison only when asked
+    # the ranks comparison and the edit replay (it trains its model on first use) only when asked
+    sections = args.only or tuple(s for s in SECTIONS if s not in ("ranks", "edit"))
     # a run of one of these alone writes beside the main results rather than over them
-    subdir = sections[0] if len(sections) == 1 and sections[0] in ("ranks", "families", "structured") else ""
+    alone = ("ranks", "families", "structured", "edit")
+    subdir = sections[0] if len(sections) == 1 and sections[0] in alone else ""
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / ("quick" if args.quick else "") / subdir
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -104,14 +124,14 @@ async def run(args, blas: str) -> int:
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     results = {
         "meta": meta,
-        "model": describe(model_dir) if set(sections) != {"families"} else None,
+        "model": describe(model_dir) if set(sections) - {"families", "edit"} else None,
         "plan": dataclasses.asdict(plan),
         "sections": list(sections),
         "mode": "quick" if args.quick else "full",
     }
     workdir = Path(tempfile.mkdtemp(prefix="mlx-tui-bench-"))
     cache_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 5  # our default RAM budget
-    needs_servers = bool(set(sections) - {"ranks", "families", "structured"})
+    needs_servers = bool(set(sections) - {"ranks", "families", "structured", "edit"})
     ours = servers.ours(model_dir, workdir, CONCURRENCY) if needs_servers else None
     theirs = servers.mlx_lm(model_dir, workdir, CONCURRENCY, cache_bytes) if needs_servers else None
     tui = servers.ours(model_dir, workdir, CONCURRENCY, dashboard=True) if "dashboard" in sections else None
@@ -187,6 +207,10 @@ async def run(args, blas: str) -> int:
                 results["ranks"] = await ranks.run(model_dir, tokenizer, plan.ranks_rounds, plan.decode_tokens, 1024)
             if "structured" in sections:
                 results["structured"] = await structured.run(model_dir, plan.structured_rounds, plan.decode_tokens)
+            if "edit" in sections:
+                results["edit"] = await edit.run(
+                    client, workdir, CONCURRENCY, cache_bytes, plan.edit_tasks, plan.edit_rounds
+                )
     finally:
         if engine is not None:
             await engine.stop()
