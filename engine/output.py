@@ -259,8 +259,8 @@ class MarkupParser:
             self._close_call(self.buffer, events)
         elif self.state == self.REASONING:
             self._emit(ReasoningDelta, self.buffer.rstrip(), events)
-        else:
-            self._emit(TextDelta, self.buffer.rstrip(), events)
+        else:  # whitespace held back in case a tag followed is the reply's own (a file's last newline)
+            self._emit(TextDelta, self.buffer, events)
         self.buffer = ""
         return events
 

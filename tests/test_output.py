@@ -69,6 +69,14 @@ def test_reasoning_and_text_are_split_and_trimmed(cuts):
 
 
 @given(cuts)
+def test_a_reply_keeps_its_last_newline(cuts):
+    """Whitespace is held back in case a tag follows; at the end it is the reply's own (a file's last line)."""
+    text = "def f():\n    return 1\n"
+    assert joined(run(text, cuts), TextDelta) == text
+    assert joined(run("<think>x</think>\n" + text, cuts), TextDelta) == text
+
+
+@given(cuts)
 def test_reasoning_opened_by_the_prompt(cuts):
     events = run("Thinking hard.\n</think>\n\nDone.", cuts, state=MarkupParser.REASONING)
     assert joined(events, ReasoningDelta) == "Thinking hard."

@@ -153,7 +153,7 @@ def test_a_reply_cut_by_a_stop_sequence_is_reused_as_far_as_it_was_sent(loop, ma
     engine = make_engine()
     first = loop.run(collect(engine, request_for("greeting", stop=["help"])))
     text, _ = reply(first)
-    assert first[-1].stop_reason == "stop_sequence" and text == "Good morning! How can I"
+    assert first[-1].stop_reason == "stop_sequence" and text == "Good morning! How can I "
     follow = BY_NAME["greeting"]["messages"][:-1] + [{"role": "assistant", "content": text}, user("Thanks.")]
     second = loop.run(collect(engine, GenerationRequest(messages=follow, max_tokens=4)))
     assert started(second).cached_chars >= len(started(first).prompt_text) + len(text)
