@@ -13,7 +13,6 @@ tokens costs against a pass over one, with a KV cache of an edit prompt.
 
 import json
 import os
-import random
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 
 from . import copy_model, servers
 from .clients import openai_stream
-from .edit_tasks import EDITS, QUESTIONS, TOPICS, Task, edit_task
+from .edit_tasks import Task, replayed_chats, replayed_edits
 from .stats import median, progress, ratio, spread
 
 AUTO, OFF, THEIRS = "mlx-tui (default)", "mlx-tui --speculate off", "mlx_lm.server"
@@ -30,8 +29,6 @@ COUNTERS = {
     "draft_tokens": "mlx_tui:spec_decode_num_draft_tokens_total",
     "accepted": "mlx_tui:spec_decode_num_accepted_tokens_total",
 }
-TASK_SEED = 20_000
-TASK_LINES = (14, 18)
 PASS_TOKENS = (1, 2, 3, 4, 5, 6, 8, 12, 16)
 PASS_PROMPT = 300
 
@@ -42,17 +39,6 @@ def speculation_flag() -> bool:
         [sys.executable, "-m", "mlx_tui.tui.cli", "--help"], capture_output=True, text=True, timeout=120
     ).stdout
     return "--speculate" in out
-
-
-def edit_tasks(n: int) -> list[Task]:
-    """`n` held-out tasks of 14-18 lines, the edit kinds in turn."""
-    rng = random.Random(TASK_SEED)
-    return [edit_task(rng, *TASK_LINES, kind=EDITS[i % len(EDITS)]) for i in range(n)]
-
-
-def chat_tasks(n: int) -> list[Task]:
-    topics = sorted(TOPICS)
-    return [Task("chat", "", QUESTIONS[i % len(QUESTIONS)].format(topics[i % len(topics)]), "") for i in range(n)]
 
 
 def counters(text: str) -> dict[str, float | None]:
@@ -180,7 +166,7 @@ def pass_cost(model_dir: Path, rounds: int) -> dict:
     from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
     model, tokenizer = load(str(model_dir))
-    task = edit_tasks(1)[0]
+    task = replayed_edits(1)[0]
     prompt = tokenizer.apply_chat_template(task.messages(), add_generation_prompt=True)[:PASS_PROMPT]
     reply = tokenizer.encode(task.edited, add_special_tokens=False)
     cache = make_prompt_cache(model)
@@ -213,12 +199,12 @@ async def run(client, workdir: Path, concurrency: int, cache_bytes: int, n_tasks
             s.start()
         for s in contestants.values():
             s.wait_ready()
-        warm_up = edit_tasks(n_tasks + 1)[-1]  # a task that is not measured
+        warm_up = replayed_edits(n_tasks + 1)[-1]  # a task that is not measured
         for s in contestants.values():
             body = {"model": s.model_name, "messages": warm_up.messages(), "max_tokens": 512, "temperature": 0.0}
             await openai_stream(client, s.url, body)
-        edit = await replay(client, contestants, edit_tasks(n_tasks), rounds, 512, "edit")
-        chat = await replay(client, contestants, chat_tasks(n_tasks), rounds, 256, "edit (chat)")
+        edit = await replay(client, contestants, replayed_edits(n_tasks), rounds, 512, "edit")
+        chat = await replay(client, contestants, replayed_chats(n_tasks), rounds, 256, "edit (chat)")
     finally:
         for s in contestants.values():
             s.stop()

@@ -179,6 +179,25 @@ def edit_task(rng: random.Random, min_lines: int = 8, max_lines: int = 24, kind:
     return Task(kind, file, instruction + " Reply with the whole file.", result)
 
 
+REPLAY_SEED = 20_000
+REPLAY_LINES = (14, 18)
+
+
+def replayed_edits(n: int) -> list[Task]:
+    """The edit benchmark's `n` tasks of 14-18 lines, the edit kinds in turn (the first `n` of any longer list)."""
+    rng = random.Random(REPLAY_SEED)
+    return [edit_task(rng, *REPLAY_LINES, kind=EDITS[i % len(EDITS)]) for i in range(n)]
+
+
+def replayed_chats(n: int) -> list[Task]:
+    """The edit benchmark's `n` plain questions, each answered by its topic's paragraph."""
+    topics = sorted(TOPICS)
+    return [
+        Task("chat", "", QUESTIONS[i % len(QUESTIONS)].format(topics[i % len(topics)]), TOPICS[topics[i % len(topics)]])
+        for i in range(n)
+    ]
+
+
 def chat_task(rng: random.Random) -> Task:
     """A plain question whose answer is a paragraph that shares no text with the prompt."""
     topic = rng.choice(sorted(TOPICS))
