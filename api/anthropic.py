@@ -309,7 +309,7 @@ async def messages(request: Request) -> Response:
     )
 
 
-async def sse(exchange: serving.Exchange, stream: MessageStream, started: ev.Started) -> AsyncIterator[ServerSentEvent]:
+async def sse(exchange: serving.Exchange, stream: MessageStream, started: ev.Started) -> AsyncIterator[bytes]:
     try:
         async with aclosing(exchange.frames(stream, started)) as frames:
             async for frame in frames:
@@ -318,11 +318,11 @@ async def sse(exchange: serving.Exchange, stream: MessageStream, started: ev.Sta
         exchange.finish()
 
 
-def encode(exchange: serving.Exchange, frame: Frame) -> ServerSentEvent:
+def encode(exchange: serving.Exchange, frame: Frame) -> bytes:
     name, data = frame
     text = serving.dumps(data)
     exchange.sent(text)
-    return ServerSentEvent(text, event=name)
+    return serving.sse_frame(text, name)
 
 
 async def count_tokens(request: Request) -> Response:

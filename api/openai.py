@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Iterable
 from contextlib import aclosing
 from typing import Any
 
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -266,17 +266,17 @@ async def chat_completions(request: Request) -> Response:
     return EventSourceResponse(sse(exchange, stream, started), ping=PING_SECONDS, sep="\n")
 
 
-async def sse(exchange: serving.Exchange, stream: ChunkStream, started: ev.Started) -> AsyncIterator[ServerSentEvent]:
+async def sse(exchange: serving.Exchange, stream: ChunkStream, started: ev.Started) -> AsyncIterator[bytes]:
     try:
         async with aclosing(exchange.frames(stream, started)) as chunks:
             async for chunk in chunks:
                 yield encode(exchange, chunk)
-        yield ServerSentEvent("[DONE]")
+        yield serving.sse_frame("[DONE]")
     finally:
         exchange.finish()
 
 
-def encode(exchange: serving.Exchange, chunk: dict) -> ServerSentEvent:
+def encode(exchange: serving.Exchange, chunk: dict) -> bytes:
     text = serving.dumps(chunk)
     exchange.sent(text)
-    return ServerSentEvent(text)
+    return serving.sse_frame(text)

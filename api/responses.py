@@ -16,7 +16,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -544,14 +544,12 @@ async def responses(request: Request) -> Response:
     return EventSourceResponse(sse(exchange, stream, started), ping=PING_SECONDS, sep="\n")
 
 
-async def sse(
-    exchange: serving.Exchange, stream: ResponseStream, started: ev.Started
-) -> AsyncIterator[ServerSentEvent]:
+async def sse(exchange: serving.Exchange, stream: ResponseStream, started: ev.Started) -> AsyncIterator[bytes]:
     try:
         async with aclosing(exchange.frames(stream, started)) as frames:
             async for frame in frames:
                 text = serving.dumps(frame)
                 exchange.sent(text)
-                yield ServerSentEvent(text, event=frame["type"])
+                yield serving.sse_frame(text, frame["type"])
     finally:
         exchange.finish()

@@ -5,13 +5,15 @@ Interleaved in one process, per token:
 - bare `BatchGenerator`: the batched loop that both our engine and mlx_lm.server run;
 - our `Scheduler.step()`, split into `BatchGenerator.next()` and the rest (events,
   detokenising, stop and markup parsing, the loop guard, the cache), plus what pickling the
-  step's events for the socket to the front process costs.
+  step's events for the socket to the front process costs; in CPU time too, at one and at
+  four sequences: the model step (every thread) against our host work (the worker's own
+  thread, which takes a core from the BLAS threads while it runs).
 
 It needs no server, so it isolates the worker's per-token overhead from IPC and HTTP.
 """
 
-import pickle
 import time
+from multiprocessing.reduction import ForkingPickler
 
 from .decode import PROMPT
 from .stats import median, progress
@@ -52,45 +54,56 @@ def timed_batch_generator(model, tokenizer, prompt, n: int, sequences: int = 1) 
     return 1000 * elapsed / tokens
 
 
-def timed_scheduler(scheduler, request, n: int) -> dict:
-    """ms per token: the whole step, BatchGenerator.next() inside it, and pickling the events."""
+def timed_scheduler(scheduler, request, n: int, sequences: int = 1) -> dict:
+    """Per generated token, once every sequence has its first: the step's wall time and `BatchGenerator.next()`'s
+    inside it; CPU time of the model step (this process's inside `next()`, every BLAS thread), of our host
+    work (this thread's outside it) and of pickling the step's events as the worker sends them.
+
+    Wall times are inflated by other load on the machine; CPU times far less.
+    """
+    from mlx_tui.engine.protocol import Events
+
     generator = scheduler.generator
-    inner = []
+    inner = {"wall": 0.0, "cpu": 0.0, "thread": 0.0}
     original = generator.next
 
     def next_timed():
-        t = time.perf_counter()
+        w, c, t = time.perf_counter(), time.process_time(), time.thread_time()
         out = original()
-        inner.append(time.perf_counter() - t)
+        inner["wall"] += time.perf_counter() - w
+        inner["cpu"] += time.process_time() - c
+        inner["thread"] += time.thread_time() - t
         return out
 
     generator.next = next_timed
     try:
-        scheduler.submit(1, request)
-        steps, pickling, first, tokens = [], [], None, 0
+        for i in range(sequences):
+            scheduler.submit(f"seq{i}", request)
+        while scheduler.busy and scheduler.generation_tokens_total < sequences:
+            scheduler.step()
+        first = scheduler.generation_tokens_total
+        inner.update(wall=0.0, cpu=0.0, thread=0.0)
+        wall = thread = pickling = 0.0
         while scheduler.busy:
-            t = time.perf_counter()
+            w, t = time.perf_counter(), time.thread_time()
             events = scheduler.step()
-            t1 = time.perf_counter()
-            blob = pickle.dumps(("events", events), protocol=pickle.HIGHEST_PROTOCOL)
-            pickling.append(time.perf_counter() - t1)
-            got = sum(type(e).__name__ in ("TextDelta", "Done") for _, e in events)
-            if got and first is None:
-                first = time.perf_counter()
-                inner.clear(), steps.clear(), pickling.clear()
-                continue
-            steps.append(t1 - t)
-            tokens += 1 if got else 0
-        assert len(blob) > 0
+            wall += time.perf_counter() - w
+            thread += time.thread_time() - t
+            p = time.thread_time()
+            ForkingPickler.dumps(Events(events))
+            pickling += time.thread_time() - p
+        tokens = scheduler.generation_tokens_total - first
     finally:
         del generator.next
-    per = lambda xs: 1000 * sum(xs) / max(len(xs), 1)  # noqa: E731
+    per = lambda x: 1000 * x / max(tokens, 1)  # noqa: E731
     return {
-        "step_ms": per(steps),
-        "next_ms": per(inner[: len(steps)]),
-        "ours_ms": per(steps) - per(inner[: len(steps)]),
+        "step_ms": per(wall),
+        "next_ms": per(inner["wall"]),
+        "ours_ms": per(wall - inner["wall"]),
         "pickle_ms": per(pickling),
-        "tokens_per_s": 1000 / per(steps) if steps else None,
+        "tokens_per_s": tokens / wall if wall else None,
+        "model_cpu_ms": per(inner["cpu"]),
+        "host_cpu_ms": per(thread - inner["thread"]),
     }
 
 
@@ -111,7 +124,7 @@ def run(model_dir, rounds: int, n: int) -> dict:
     timed_stream_generate(model, tokenizer, prompt, 8)
     timed_batch_generator(model, tokenizer, prompt, 8)
     rows = {"stream_generate": [], "BatchGenerator": [], "Scheduler.step": [], "BatchGenerator x4": []}
-    parts = []
+    parts, parts4 = [], []
     for i in range(rounds):
         rows["stream_generate"].append(timed_stream_generate(model, tokenizer, prompt, n))
         rows["BatchGenerator"].append(timed_batch_generator(model, tokenizer, prompt, n))
@@ -119,11 +132,14 @@ def run(model_dir, rounds: int, n: int) -> dict:
         rows["Scheduler.step"].append(part["step_ms"])
         rows["BatchGenerator x4"].append(timed_batch_generator(model, tokenizer, prompt, n, sequences=4))
         parts.append(part)
+        parts4.append(timed_scheduler(scheduler, request, n, sequences=4))
         progress(
             f"overhead: round {i + 1}/{rounds}: ms/token stream_generate {rows['stream_generate'][-1]:.1f}, "
             f"BatchGenerator {rows['BatchGenerator'][-1]:.1f}, Scheduler.step {part['step_ms']:.1f} "
             f"(of which ours {part['ours_ms']:.2f}, pickling {part['pickle_ms']:.3f}), "
-            f"BatchGenerator x4 {rows['BatchGenerator x4'][-1]:.1f} per token of 4"
+            f"BatchGenerator x4 {rows['BatchGenerator x4'][-1]:.1f} per token of 4; CPU ms/token model step "
+            f"{part['model_cpu_ms']:.1f}, host work {part['host_cpu_ms']:.3f} (x4: {parts4[-1]['model_cpu_ms']:.1f}, "
+            f"{parts4[-1]['host_cpu_ms']:.3f})"
         )
     base = rows["stream_generate"]
     return {
@@ -139,4 +155,12 @@ def run(model_dir, rounds: int, n: int) -> dict:
         "scheduler_ours_ms": median(p["ours_ms"] for p in parts),
         "scheduler_next_ms": median(p["next_ms"] for p in parts),
         "pickle_ms": median(p["pickle_ms"] for p in parts),
+        "cpu_ms_per_token": {
+            f"{k} sequence{'s' * (k > 1)}": {
+                "model step": median(p["model_cpu_ms"] for p in ps),
+                "host work": median(p["host_cpu_ms"] for p in ps),
+                "pickling": median(p["pickle_ms"] for p in ps),
+            }
+            for k, ps in ((1, parts), (4, parts4))
+        },
     }

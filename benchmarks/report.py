@@ -161,7 +161,7 @@ def decode_table(d: dict, targets: list) -> list[str]:
 
 def overhead_table(o: dict) -> list[str]:
     ms = o["ms_per_token"]
-    return [
+    lines = [
         f"## Where a token's time goes (in one process, {o['tokens']} tokens, {o['rounds']} rounds)",
         "",
         "| loop | ms per token (median) | speed relative to stream_generate |",
@@ -178,10 +178,20 @@ def overhead_table(o: dict) -> list[str]:
         "the ceiling for any server built on it, ours and mlx_lm.server alike.",
         "",
         f"Inside Scheduler.step: BatchGenerator.next() {fmt(o['scheduler_next_ms'])} ms, our work (events, "
-        f"detokenising, stop/markup parsing, cache) {fmt(o['scheduler_ours_ms'], 3)} ms per token; pickling a step's "
-        f"events for the socket {fmt(o['pickle_ms'], 3)} ms (wall clock, inflated by other load on the machine).",
+        f"detokenising, stop/markup parsing, cache) {fmt(o['scheduler_ours_ms'], 3)} ms per token (wall clock, "
+        "inflated by other load on the machine).",
         "",
     ]
+    if cpu := o.get("cpu_ms_per_token"):
+        lines += [
+            "| CPU ms per generated token | model step (every thread) | our host work (the worker's thread) | "
+            "pickling the step's events |",
+            "|---|---|---|---|",
+        ]
+        for batch, c in cpu.items():
+            lines.append(f"| {batch} | {fmt(c['model step'])} | {fmt(c['host work'], 3)} | {fmt(c['pickling'], 3)} |")
+        lines.append("")
+    return lines
 
 
 def dashboard_table(db: dict, targets: list) -> list[str]:

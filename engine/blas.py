@@ -23,9 +23,16 @@ def find_openblas() -> str | None:
 def default_threads() -> int:
     """OpenBLAS threads for the worker: every core this process may use, as OpenBLAS itself picks.
 
-    Measured on 2 cores (benchmarks/results/blas-threads): one thread against two, every
-    process alike, gave 0.65x the tokens per second at one stream and 0.76x at four; the
-    front process's wake-ups cost less than the second core gains.
+    A rule from measurements on two core counts, not a per-step choice, since the best count
+    does not change with the batch size (benchmarks/results/overhead, `python -m
+    benchmarks.threads`: mlx-lm's BatchGenerator decoding the benchmark model in one process,
+    the count switched at run time and interleaved). On 2 quiet cores two threads beat one
+    at 1 sequence (23 against 36 ms per token) and at 4 (7.6 against 10.2 ms per token of the
+    four); on 1 core (`taskset -c 0`) one thread beats two, by a little at 1 sequence (37.4
+    against 38.4 ms) and by a lot at 4 (10.7 against 13.6 ms: two threads on one core take
+    turns). Fewer threads than cores left more CPU to the front process, but the second core
+    gains more than its wake-ups cost (benchmarks/results/blas-threads, every process alike:
+    one thread gave 0.65x the tokens per second at one stream and 0.76x at four).
     """
     return len(os.sched_getaffinity(0))
 

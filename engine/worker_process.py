@@ -1,18 +1,22 @@
 """One engine worker process seen from the front process: spawn it, accept its connection, talk to it."""
 
 import asyncio
+import contextlib
 import logging
 import os
+import pickle
 import random
 import secrets
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 from collections.abc import Callable
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection, Listener
+from multiprocessing.reduction import ForkingPickler
 from typing import IO
 
 from .config import EngineConfig, hostfile_hosts
@@ -43,8 +47,7 @@ class WorkerProcess:
         self.on_output = on_output
         self.on_exit = on_exit
         self.process: subprocess.Popen[str] | None = None
-        self.conn: Connection | None = None
-        self.reader: threading.Thread | None = None  # delivers the worker's messages, until it exits
+        self.conn: WorkerConnection | None = None
         self.group = False
         self.address: tuple[str, int] | None = None  # where the worker connects back to, while it starts
 
@@ -55,6 +58,7 @@ class WorkerProcess:
     async def start(self, config: EngineConfig) -> bool:
         """Spawn the worker and send it `config`; False if it exited before it connected."""
         loop = asyncio.get_running_loop()
+        self.conn = None
         authkey = secrets.token_bytes(32)
         listener = Listener(("127.0.0.1", 0), authkey=authkey)
         address = self.address = listener.address
@@ -91,18 +95,15 @@ class WorkerProcess:
         if process.poll() is not None:
             conn.close()
             return False
-        self.conn = conn
+        sock = socket.socket(fileno=os.dup(conn.fileno()))  # authenticated: from here on, read on the event loop
+        conn.close()
+        _, self.conn = await loop.connect_accepted_socket(lambda: WorkerConnection(self.on_message), sock)
         self.send(Configure(config))
-        self.reader = threading.Thread(target=self._read, args=(loop, conn), daemon=True)
-        self.reader.start()
         return True
 
     def send(self, message: ToWorker) -> None:
-        try:
-            if self.conn is not None:
-                self.conn.send(message)
-        except OSError:
-            pass  # the worker is gone; its exit is reported through on_exit
+        if self.conn is not None:
+            self.conn.send(message)  # once the worker is gone, nothing: its exit is reported through on_exit
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.group and self.process:
@@ -139,17 +140,22 @@ class WorkerProcess:
         if process.stdin:
             process.stdin.close()
         relay.join(self.OUTPUT_GRACE_S)
-        if self.reader is not None:
-            self.reader.join(self.OUTPUT_GRACE_S)
         if not accepted.is_set():
             try:
                 Client(address, authkey=authkey).close()
             except OSError:
                 pass
         try:
-            loop.call_soon_threadsafe(self.on_exit, code)
+            asyncio.run_coroutine_threadsafe(self._exited(code), loop)
         except RuntimeError:
             pass  # the event loop has already closed
+
+    async def _exited(self, code: int) -> None:
+        """Report the exit once the worker's connection has ended: after every message it sent."""
+        if self.conn is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.conn.closed), self.OUTPUT_GRACE_S)
+        self.on_exit(code)
 
     def _relay_output(self, loop: asyncio.AbstractEventLoop, stream: IO[str]) -> None:
         try:
@@ -158,13 +164,61 @@ class WorkerProcess:
         except RuntimeError:
             pass  # the event loop has already closed
 
-    def _read(self, loop: asyncio.AbstractEventLoop, conn: Connection) -> None:
-        try:
-            while True:
-                message = conn.recv()
-                loop.call_soon_threadsafe(self.on_message, message)
-        except (EOFError, OSError, RuntimeError):
-            pass  # the worker or the event loop is gone
+
+class WorkerConnection(asyncio.Protocol):
+    """The worker's socket on the event loop, in `multiprocessing.connection`'s framing (the worker's side).
+
+    Each message is a pickle after its length (4 bytes, big-endian; -1 and then 8 bytes for 2 GiB
+    or more). Messages are passed to `on_message` as they arrive, with no thread between the
+    socket and the loop; `closed` is done once the connection has ended.
+    """
+
+    def __init__(self, on_message: Callable[[FromWorker], None]) -> None:
+        self.on_message = on_message
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        start = 0
+        while (message := self._message(start)) is not None:
+            body, start = message
+            try:
+                self.on_message(pickle.loads(body))
+            except Exception:  # one message's failure must not end the connection
+                log.exception("handling a message from the worker failed")
+        del self.buffer[:start]
+
+    def _message(self, start: int) -> tuple[bytes, int] | None:
+        """The body of the message at `start` in the buffer and where the next one starts, once it is all there."""
+        if len(self.buffer) < start + 4:
+            return None
+        (size,) = struct.unpack_from("!i", self.buffer, start)
+        header = 4
+        if size == -1:
+            if len(self.buffer) < start + 12:
+                return None
+            (size,) = struct.unpack_from("!Q", self.buffer, start + 4)
+            header = 12
+        end = start + header + size
+        if len(self.buffer) < end:
+            return None
+        return bytes(self.buffer[start + header : end]), end
+
+    def send(self, message: ToWorker) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        body = ForkingPickler.dumps(message)
+        self.transport.write(struct.pack("!i", len(body)) + body)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
 
 
 def accept(listener: Listener) -> Connection:

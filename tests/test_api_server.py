@@ -1,8 +1,15 @@
-"""The routes around generation: /health, /v1/models in both shapes, count_tokens."""
+"""The routes around generation: /health, /v1/models in both shapes, count_tokens; how a streamed frame is written."""
 
 import httpx
+from hypothesis import given
+from hypothesis import strategies as st
+from sse_starlette import ServerSentEvent
 
+from mlx_tui.api import serving
 from mlx_tui.engine.request import GenerationRequest
+
+SCALARS = st.none() | st.booleans() | st.integers() | st.text()
+JSON = st.recursive(SCALARS, lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner))
 
 
 def test_health(server, engine):
@@ -59,3 +66,9 @@ def test_an_unexpected_error_is_a_500_in_protocol_and_keeps_the_connection(loop,
             assert client.get("/health").status_code == 200, "the same connection still serves"
     finally:
         server.close()
+
+
+@given(JSON, st.sampled_from([None, "message_start", "response.output_text.delta"]))
+def test_a_frame_is_the_bytes_sse_starlette_would_send(data, name):
+    text = serving.dumps({"data": data})
+    assert serving.sse_frame(text, name) == ServerSentEvent(text, event=name).encode()
