@@ -33,14 +33,6 @@ PASS_TOKENS = (1, 2, 3, 4, 5, 6, 8, 12, 16)
 PASS_PROMPT = 300
 
 
-def speculation_flag() -> bool:
-    """Whether this mlx-tui knows `--speculate` (the engine's speculative decoding is present)."""
-    out = subprocess.run(
-        [sys.executable, "-m", "mlx_tui.tui.cli", "--help"], capture_output=True, text=True, timeout=120
-    ).stdout
-    return "--speculate" in out
-
-
 def counters(text: str) -> dict[str, float | None]:
     """The speculation counters in a Prometheus text page, summed over labels (None: not exposed)."""
     out: dict[str, float | None] = dict.fromkeys(COUNTERS)
@@ -184,13 +176,11 @@ def pass_cost(model_dir: Path, rounds: int) -> dict:
 
 async def run(client, workdir: Path, concurrency: int, cache_bytes: int, n_tasks: int, rounds: int) -> dict:
     model_dir = copy_model.ensure()
-    flag = speculation_flag()
-    progress(f"edit: copy model {model_dir}; --speculate {'known' if flag else 'unknown'} to this mlx-tui")
-    contestants = {AUTO: servers.ours(model_dir, workdir / "edit-auto", concurrency)}
-    if flag:
-        contestants[OFF] = servers.ours(model_dir, workdir / "edit-off", concurrency, ["--speculate", "off"])
-    else:
-        progress("edit: no speculation-off server: this mlx-tui has no --speculate option (speculation not merged)")
+    progress(f"edit: copy model {model_dir}")
+    contestants = {
+        AUTO: servers.ours(model_dir, workdir / "edit-auto", concurrency, speculate="auto"),
+        OFF: servers.ours(model_dir, workdir / "edit-off", concurrency, speculate="off"),
+    }
     contestants[THEIRS] = servers.mlx_lm(model_dir, workdir / "edit-mlx-lm", concurrency, cache_bytes)
     for name, s in contestants.items():
         s.label = name
@@ -211,7 +201,6 @@ async def run(client, workdir: Path, concurrency: int, cache_bytes: int, n_tasks
     progress("edit: forward-pass cost over k tokens")
     return {
         "model": copy_model.describe(model_dir),
-        "speculate_flag": flag,
         "tasks": n_tasks,
         "rounds": rounds,
         "edit": edit,

@@ -283,16 +283,9 @@ def edit_tables(ed: dict, targets: list) -> list[str]:
         f"## Edit replay on a copy-trained model ({ed['tasks']} tasks, {ed['rounds']} round(s), streamed, greedy)",
         "",
         f"Model: llama, {m['params_m']}M parameters, {m['layers']} layers, hidden {m['hidden']}, vocab {m['vocab']}, "
-        f"float32, trained {ev['steps']} steps in {ev['train_s']} s (`{m['path']}`); held-out exact match "
-        f"{ev['exact_match']:.0%} of {ev['tasks']} ({', '.join(f'{k} {v}' for k, v in ev['by_kind'].items())}), "
-        f"chat answers {ev['chat']}.",
-        "",
-        "Engine speculation: "
-        + (
-            "present (`--speculate` known)."
-            if ed["speculate_flag"]
-            else "**absent** (this mlx-tui has no `--speculate`; the speculation-off server was skipped)."
-        ),
+        f"float32, trained {ev['steps']} steps in {ev['train_s']} s (`{m['path']}`) to memorise the replayed tasks; "
+        f"exact match {ev['exact_match']:.0%} of {ev['tasks']} "
+        f"({', '.join(f'{k} {v}' for k, v in ev['by_kind'].items())}).",
         "",
     ]
     for part, title in (("edit", "Edit tasks (reply: the whole edited file)"), ("chat", "Chat (no text to copy)")):

@@ -122,8 +122,15 @@ class Server:
                 self.process.wait(5)
 
 
-def ours(model: Path, workdir: Path, concurrency: int, extra: list[str] = (), dashboard: bool = False) -> Server:
-    """`mlx-tui --serve`, or with `dashboard` the full `mlx-tui` (engine + API + dashboard) in a terminal."""
+def ours(
+    model: Path, workdir: Path, concurrency: int, extra: list[str] = (), dashboard: bool = False, speculate: str = "off"
+) -> Server:
+    """`mlx-tui --serve`, or with `dashboard` the full `mlx-tui` (engine + API + dashboard) in a terminal.
+
+    Speculation is off unless asked for: the random benchmark models' greedy replies fall
+    into loops that prompt lookup drafts, which would measure the loops, not the serving;
+    the `edit` section measures speculation on replies that copy their prompt.
+    """
     port = free_port()
     args = [
         sys.executable,
@@ -138,6 +145,8 @@ def ours(model: Path, workdir: Path, concurrency: int, extra: list[str] = (), da
         str(concurrency),
         "--loop-window",
         "0",
+        "--speculate",
+        speculate,
         *extra,
     ]
     name = "ours-dashboard" if dashboard else "ours"
