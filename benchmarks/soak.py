@@ -141,6 +141,7 @@ class Soak:
         self.lost: list[str] = []  # streams that ended without a terminal event
         self.wrong: list[str] = []  # answers that were neither a stream nor a refusal in the protocol's shape
         self.bursts: list[Counter] = []
+        self.rss: list[float] = []  # MiB, each minute of the run
         self.rng = random.Random(1)
         self.force = letter_token(args.model)
 
@@ -190,9 +191,12 @@ class Soak:
 
             async def one(i: int) -> None:
                 await asyncio.sleep(max(0.0, began + seconds * i / n - time.monotonic()))
-                for _ in range(5):  # again if it was refused or ended (the worker killed) before its second frame
-                    if await self.request(http, *self.random_body(), leave=True) == "disconnected":
+                for _ in range(30):  # again if it was refused or ended (the worker killed) before its second frame
+                    outcome = await self.request(http, *self.random_body(), leave=True)
+                    if outcome == "disconnected":
                         return
+                    if outcome == "refused":
+                        await asyncio.sleep(1.0)
 
             for i in range(0, n, 2):
                 await asyncio.gather(*(one(j) for j in range(i, min(i + 2, n))))
@@ -216,6 +220,12 @@ class Soak:
                 bodies = [body(p, "Good morning!", 150, self.force if p == "openai" else None) for p in sent]
                 ends = await asyncio.gather(*(self.request(http, b, p) for b, p in zip(bodies, sent, strict=True)))
             self.bursts.append(Counter(ends))
+
+    async def sampler(self, began: float, seconds: float, every: float = 60) -> None:
+        """The front process's RSS every `every` seconds, in MiB."""
+        for i in range(1, int(seconds // every) + 1):
+            await asyncio.sleep(max(0.0, began + every * i - time.monotonic()))
+            self.rss.append(round(footprint()["rss"] / 2**20, 1))
 
     async def remover(self, began: float, seconds: float) -> None:
         await asyncio.sleep(max(0.0, began + seconds / 2 - time.monotonic()))
@@ -258,6 +268,7 @@ class Soak:
             self.killer(began, self.args.kills, seconds),
             self.burster(began, self.args.bursts, seconds),
             self.remover(began, seconds),
+            self.sampler(began, seconds),
         )
 
 
@@ -339,6 +350,7 @@ async def main(args: argparse.Namespace) -> int:
                 "front process after warm-up": warm,
                 "front process at the end": end,
                 "RSS growth": f"{growth:+.1%}",
+                "RSS each minute (MiB)": soak.rss,
                 "checks": checks,
             },
             indent=2,
