@@ -27,6 +27,7 @@ import os
 import random
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -142,6 +143,7 @@ class Soak:
         self.wrong: list[str] = []  # answers that were neither a stream nor a refusal in the protocol's shape
         self.bursts: list[Counter] = []
         self.rss: list[float] = []  # MiB, each minute of the run
+        self.blocks: list[int] = []  # Python's allocated blocks, in thousands, each minute
         self.rng = random.Random(1)
         self.force = letter_token(args.model)
 
@@ -222,10 +224,11 @@ class Soak:
             self.bursts.append(Counter(ends))
 
     async def sampler(self, began: float, seconds: float, every: float = 60) -> None:
-        """The front process's RSS every `every` seconds, in MiB."""
+        """The front process's RSS (MiB) and Python's allocated blocks (thousands) every `every` seconds."""
         for i in range(1, int(seconds // every) + 1):
             await asyncio.sleep(max(0.0, began + every * i - time.monotonic()))
             self.rss.append(round(footprint()["rss"] / 2**20, 1))
+            self.blocks.append(round(sys.getallocatedblocks() / 1000))
 
     async def remover(self, began: float, seconds: float) -> None:
         await asyncio.sleep(max(0.0, began + seconds / 2 - time.monotonic()))
@@ -351,6 +354,7 @@ async def main(args: argparse.Namespace) -> int:
                 "front process at the end": end,
                 "RSS growth": f"{growth:+.1%}",
                 "RSS each minute (MiB)": soak.rss,
+                "Python's allocated blocks each minute (thousands)": soak.blocks,
                 "checks": checks,
             },
             indent=2,
