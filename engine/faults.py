@@ -85,12 +85,13 @@ def slow_disk(message: ToWorker, disk: "DiskCache | None") -> Iterator[ToWorker]
     try:
         kind, at = parse(message.request.fault or "") if isinstance(message, Submit) else ("", 0)
     except ValueError:
-        kind = ""  # no fault, or one the scheduler refuses
-    if kind != "slow_disk" or not isinstance(message, Submit):
+        kind, at = "", 0  # no fault, or one the scheduler refuses
+    if not isinstance(message, Submit) or kind != "slow_disk":
         yield message
         return
+    plain = Submit(message.request_id, replace(message.request, fault=None))
     if disk is None:
-        yield Submit(message.request_id, replace(message.request, fault=None))
+        yield plain
         return
     piece, progress = disk.piece, disk.progress
 
@@ -100,6 +101,6 @@ def slow_disk(message: ToWorker, disk: "DiskCache | None") -> Iterator[ToWorker]
 
     disk.piece, disk.progress = max(1, at), late
     try:
-        yield Submit(message.request_id, replace(message.request, fault=None))
+        yield plain
     finally:
         disk.piece, disk.progress = piece, progress
