@@ -5,18 +5,21 @@ reads it): the entry's layers, then those of each snapshot, written to a tempora
 renamed into place, its metadata naming the model, the tokens it holds, the snapshots'
 positions, a SHA-256 of its arrays and an HMAC of all of that under the folder's own key. A
 file that is unreadable, truncated, altered, unsigned or from another model is removed,
-never loaded.
+never loaded. A load reads its file in pieces and calls `progress()` after each, so that a
+large entry read from a slow disk shows the worker's watchdog that it is moving.
 """
 
 import contextlib
 import hashlib
 import hmac
+import io
 import json
 import os
 import struct
 import sys
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -30,12 +33,34 @@ from . import cache_kinds
 from .prefix_cache import Entry, common_prefix
 
 
-def digest(arrays: dict) -> str:
+def digest(arrays: dict, progress: Callable[[], None] = lambda: None) -> str:
     h = hashlib.sha256()
     for name in sorted(arrays):
         h.update(name.encode())
         h.update(memoryview(arrays[name]))
+        progress()
     return h.hexdigest()
+
+
+class PieceReader(io.FileIO):
+    """A file that `mx.load` reads (it reads each array with one `readinto`) `piece` bytes at a time, calling
+    `progress()` after each piece."""
+
+    def __init__(self, path: Path, piece: int, progress: Callable[[], None]) -> None:
+        super().__init__(str(path))  # mx.load infers the format from the name, a str
+        self.piece = piece
+        self.progress = progress
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        done = 0
+        while done < len(view):
+            n = super().readinto(view[done : done + self.piece])
+            if not n:
+                break
+            done += n
+            self.progress()
+        return done
 
 
 def sign(metadata: dict, array_digest: str, key: bytes) -> str:
@@ -138,11 +163,16 @@ class DiskCache:
 
     PENDING_BYTES = 2**30
     FLUSH_S = 5.0  # how long `flush` waits, less than the front process gives a stopping worker
+    PIECE_BYTES = 64 * 2**20  # a load reports progress after each piece this large
 
-    def __init__(self, directory: Path, budget: int, model_id: str) -> None:
+    def __init__(
+        self, directory: Path, budget: int, model_id: str, progress: Callable[[], None] = lambda: None
+    ) -> None:
         self.directory = directory
         self.budget = budget
         self.model_id = model_id
+        self.progress = progress  # called on the loading thread as a load moves on
+        self.piece = self.PIECE_BYTES
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.key = secret(directory)
         self.index: list[DiskEntry] = []
@@ -287,8 +317,10 @@ class DiskCache:
     def load(self, found: DiskEntry, clock: float) -> Entry | None:
         """The entry from its file, or None (and the file removed) if it is not sound."""
         try:
-            arrays = cast(dict[str, mx.array], mx.load(str(found.path)))  # a safetensors file: a dict
-            caches, meta = load_prompt_cache(str(found.path), return_metadata=True)
+            with self._reader(found.path) as f:
+                arrays_digest = digest(cast(dict[str, mx.array], mx.load(f)), self.progress)  # safetensors: a dict
+            with self._reader(found.path) as f:
+                caches, meta = load_prompt_cache(f, return_metadata=True)
             tokens = np.asarray(json.loads(meta["tokens"]), dtype=np.int64)
             positions = [int(p) for p in json.loads(meta.get("snapshots", "[]"))]
             width = len(caches) // (1 + len(positions))
@@ -296,7 +328,7 @@ class DiskCache:
             snapshots = {p: caches[width * (i + 1) : width * (i + 2)] for i, p in enumerate(positions)}
             sound = (
                 meta["model"] == self.model_id
-                and verify({k: v for k, v in meta.items() if k != "hmac"}, digest(arrays), self.key, meta["hmac"])
+                and verify({k: v for k, v in meta.items() if k != "hmac"}, arrays_digest, self.key, meta["hmac"])
                 and width * (1 + len(positions)) == len(caches)
                 and all(isinstance(c, cache_kinds.BATCHABLE) for c in caches)
                 and all(layer.offset == len(tokens) for layer in layers if hasattr(layer, "offset"))
@@ -310,3 +342,6 @@ class DiskCache:
             self._reject(found.path)
             return None
         return Entry(tokens, layers, meta.get("checkpoint") == "1", clock, snapshots)
+
+    def _reader(self, path: Path) -> PieceReader:
+        return PieceReader(path, self.piece, self.progress)

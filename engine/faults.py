@@ -7,17 +7,27 @@ Off unless the server is started with `--debug-faults`, which lets the header
 - `stall`: the worker stops making progress (the watchdog must kill and restart it);
 - `exit`: the worker process exits at once;
 - `livelock`: the worker's loop keeps turning and answering queries, but no request makes
-  progress again (at the request's Nth piece of raw text; see `Livelock`).
+  progress again (at the request's Nth piece of raw text; see `Livelock`);
+- `slow_disk`: a disk-cache load for the request reads its file N bytes at a time, each piece
+  `SLOW_PIECE_S` late (a slow disk: the load must show the watchdog its progress; see `slow_disk`).
 """
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from .events import Event, RawText
+from .protocol import Submit, ToWorker
 from .request import GenerationRequest
 
-KINDS = ("request_error", "batch_error", "stall", "exit", "livelock")
+if TYPE_CHECKING:
+    from .disk_cache import DiskCache
+
+KINDS = ("request_error", "batch_error", "stall", "exit", "livelock", "slow_disk")
+SLOW_PIECE_S = 0.1
 
 
 class InjectedFault(Exception):
@@ -64,3 +74,33 @@ class Livelock:
             if request_id in self.at and isinstance(event, RawText):
                 self.at[request_id] -= 1
                 self.on = self.on or self.at[request_id] <= 0
+
+
+@contextmanager
+def slow_disk(message: ToWorker, disk: "DiskCache | None") -> Iterator[ToWorker]:
+    """The worker's side of `slow_disk@N`: while the message is handled, the disk tier reads N-byte pieces, slowly.
+
+    Yields the message to handle: as given, or a submission without its `slow_disk` fault.
+    """
+    try:
+        kind, at = parse(message.request.fault or "") if isinstance(message, Submit) else ("", 0)
+    except ValueError:
+        kind, at = "", 0  # no fault, or one the scheduler refuses
+    if not isinstance(message, Submit) or kind != "slow_disk":
+        yield message
+        return
+    plain = Submit(message.request_id, replace(message.request, fault=None))
+    if disk is None:
+        yield plain
+        return
+    piece, progress = disk.piece, disk.progress
+
+    def late() -> None:
+        time.sleep(SLOW_PIECE_S)
+        progress()
+
+    disk.piece, disk.progress = max(1, at), late
+    try:
+        yield plain
+    finally:
+        disk.piece, disk.progress = piece, progress

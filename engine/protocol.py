@@ -103,13 +103,18 @@ class Reply:
 
 
 @dataclass(slots=True, frozen=True)
+class Working:
+    """A long step is moving (a disk-cache load read another piece): progress for the watchdog, like a token."""
+
+
+@dataclass(slots=True, frozen=True)
 class StepFailed:
     """A batched step failed (every request in it ends with an engine Error); the breaker counts it."""
 
     message: str
 
 
-FromWorker = LoadProgress | Ready | Fatal | Events | Reply | StepFailed
+FromWorker = LoadProgress | Ready | Fatal | Events | Reply | Working | StepFailed
 
 
 # Rank 0 to the other ranks of a group

@@ -11,7 +11,7 @@ from .bus import EventBus, LogLine, WorkerChange
 from .config import EngineConfig
 from .inflight import InFlight
 from .metrics import Metrics
-from .protocol import Events, Fatal, FromWorker, LoadProgress, Ready, Reply, StepFailed
+from .protocol import Events, Fatal, FromWorker, LoadProgress, Ready, Reply, StepFailed, Working
 from .rank_monitor import RankMonitor
 from .worker_process import WorkerProcess
 
@@ -73,6 +73,8 @@ class Supervisor:
                 if not self.inflight.streams:  # a query answered is progress only when no request waits
                     self._last_progress = time.monotonic()
                 self.inflight.answer(call, value)
+            case Working():
+                self._last_progress = time.monotonic()
             case StepFailed(reason):
                 self.failure(reason)
             case LoadProgress(phase, fraction):
@@ -154,7 +156,8 @@ class Supervisor:
             failures = 0 if await self.launch() else failures + 1
 
     async def watchdog(self) -> None:
-        """Kill a worker that has work but whose requests made no progress (no token, no prefill step) for too long.
+        """Kill a worker that has work but whose requests made no progress (no token, no prefill step, no piece of a
+        disk-cache load) for too long.
 
         The stats tick's replies do not count while requests run: a worker whose loop turns
         while no request moves (a livelock) is stalled all the same.

@@ -45,6 +45,7 @@ from .protocol import (
     Stop,
     Submit,
     ToWorker,
+    Working,
 )
 from .scheduler import RequestError, Scheduler, Tagged
 
@@ -73,7 +74,9 @@ def serve(conn: Connection, scheduler: Scheduler, group: Group | None = None, cl
                 return
             if isinstance(message, Submit):
                 message = Submit(message.request_id, livelock.take(message.request_id, message.request))
-            if started := handle(message, scheduler, conn):  # sent at once: a long cache load is progress as it ends
+            with faults.slow_disk(message, scheduler.cache.disk) as message:
+                started = handle(message, scheduler, conn)
+            if started:  # sent at once: the submission's disk-cache load, if any, reported its progress as it read
                 conn.send(Events(started))
         events: list[Tagged] = []
         if livelock.on:
@@ -140,7 +143,7 @@ def main(argv: list[str] = sys.argv[1:]) -> int:
     loaded = load_model(config, conn, group, rank)
     if loaded is None:
         return 1
-    disk = disk_tier(config, loaded, group)
+    disk = disk_tier(config, loaded, group, (lambda: conn.send(Working())) if conn else lambda: None)
     clock = ranks.Clock() if group else None  # a group orders its caches by rank 0's clock
     per_token = kv_bytes_per_token(loaded.model, group)
     cache = prefix_cache(config, loaded.model, per_token, disk, group, clock or time.monotonic)
@@ -210,10 +213,13 @@ def load_model(config: EngineConfig, conn: Connection | None, group: Group | Non
         return None
 
 
-def disk_tier(config: EngineConfig, loaded: Loaded, group: Group | None) -> DiskCache | None:
+def disk_tier(
+    config: EngineConfig, loaded: Loaded, group: Group | None, progress: Callable[[], None]
+) -> DiskCache | None:
+    """The disk tier, which calls `progress` (rank 0 tells the front process) as each piece of a load is read."""
     if not config.cache_dir:
         return None
-    where = (Path(config.cache_dir) / loaded.identity, int(config.cache_disk_gb * 2**30), loaded.identity)
+    where = (Path(config.cache_dir) / loaded.identity, int(config.cache_disk_gb * 2**30), loaded.identity, progress)
     return ranks.GroupDiskCache(group, *where) if group else DiskCache(*where)
 
 

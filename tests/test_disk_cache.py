@@ -168,6 +168,16 @@ def test_a_file_signed_in_another_cache_folder_is_refused(tmp_path):
     assert disk.fetch(np.arange(16), 0, 0.0) is None and disk.rejected == 1
 
 
+def test_a_load_reports_progress_piece_by_piece(tmp_path):
+    path = written(tmp_path, entry(64))
+    pieces = []
+    disk = DiskCache(tmp_path, 2**30, "m", progress=lambda: pieces.append(1))
+    disk.piece = 4096
+    [found] = disk.index
+    assert disk.load(found, 0.0) is not None
+    assert len(pieces) >= 2 * path.stat().st_size // 4096, "the file is read twice (checked, then loaded)"
+
+
 @functools.cache
 def original() -> tuple[bytes, bytes, Entry]:
     """A sound entry file, the key of the folder it was written in, and the entry."""

@@ -3,6 +3,7 @@
 import asyncio
 import os
 import signal
+import time
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client
 
@@ -12,7 +13,7 @@ from conftest import letter_token
 from mlx_tui.engine.client import EngineClient, EngineUnavailable
 from mlx_tui.engine.config import EngineConfig
 from mlx_tui.engine.demo.conversations import CONVERSATIONS
-from mlx_tui.engine.events import Done, Error, PrefillProgress, RawText
+from mlx_tui.engine.events import Done, Error, PrefillProgress, RawText, Started
 from mlx_tui.engine.request import GenerationRequest, Sampling
 
 GREETING = next(c for c in CONVERSATIONS if c["name"] == "greeting")
@@ -176,6 +177,23 @@ def test_a_livelock_is_caught_by_the_watchdog(loop, broken):
     events = loop.run(scenario())
     assert isinstance(events[-1], Error) and "stalled" in events[-1].message
     assert isinstance(loop.run(collect(engine, request()))[-1], Done)
+
+
+def test_a_slow_disk_load_reports_progress_and_is_not_a_stall(loop, broken, tmp_path):
+    """A disk-cache load that outlasts the stall timeout several times over, read piece by piece, is let finish."""
+    first = broken(cache_dir=str(tmp_path))
+    loop.run(collect(first, request()))
+    loop.run(first.stop())
+    [entry] = tmp_path.glob("*/*.safetensors")
+    engine = broken(cache_dir=str(tmp_path), stall_timeout=1.0)
+    began = time.monotonic()
+    events = loop.run(collect(engine, request(fault=f"slow_disk@{entry.stat().st_size // 20}")))
+    took = time.monotonic() - began
+    assert isinstance(events[-1], Done), events[-1]
+    assert next(e for e in events if isinstance(e, Started)).cached_tokens > 0
+    assert loop.run(engine.stats())["cache"]["disk_hits"] == 1
+    assert took > 3.0, "the load must outlast the stall timeout for this to show anything"
+    assert engine.restarts == 0
 
 
 def test_a_stranger_with_the_wrong_key_is_refused_while_the_worker_starts(loop):
