@@ -67,8 +67,8 @@ FULL = Plan(
     families_turns=6,
     families_tokens=6000,
     structured_rounds=6,
-    edit_tasks=8,
-    edit_rounds=2,
+    edit_tasks=4,
+    edit_rounds=3,
 )
 SECTIONS = (
     "decode",
