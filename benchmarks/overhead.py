@@ -116,7 +116,9 @@ def run(model_dir, rounds: int, n: int) -> dict:
     from mlx_tui.engine.scheduler import Scheduler
 
     loaded = load(str(model_dir), lambda *a: None)
-    config = EngineConfig(model=str(model_dir), transcripts_dir=None, cache_dir=None, loop_window=0, max_concurrency=8)
+    config = EngineConfig(
+        model=str(model_dir), transcripts_dir=None, cache_dir=None, loop_window=0, speculate="off", max_concurrency=8
+    )
     scheduler = Scheduler(loaded, config, PrefixCache(1 << 30), kv_bytes_per_token(loaded.model))
     model, tokenizer = loaded.model, loaded.tokenizer
     prompt = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True)

@@ -22,7 +22,9 @@ async def run(model_dir, tokenizer, rounds: int, max_tokens: int, prompt_tokens:
     rows = []
     for ranks in RANKS:
         engine = EngineClient(
-            EngineConfig(model=str(model_dir), transcripts_dir=None, cache_dir=None, loop_window=0, ranks=ranks)
+            EngineConfig(
+                model=str(model_dir), transcripts_dir=None, cache_dir=None, loop_window=0, speculate="off", ranks=ranks
+            )
         )
         await engine.start()
         try:

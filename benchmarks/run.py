@@ -160,6 +160,7 @@ async def run(args, blas: str) -> int:
                         transcripts_dir=None,
                         cache_dir=None,
                         loop_window=0,
+                        speculate="off",  # as servers.ours: the random model's loops would be drafted
                         max_concurrency=CONCURRENCY,
                     )
                 )

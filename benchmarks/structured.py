@@ -124,7 +124,12 @@ async def one_model(model_dir: Path, rounds: int, max_tokens: int) -> dict:
 
     engine = EngineClient(
         EngineConfig(
-            model=str(model_dir), transcripts_dir=None, cache_dir=None, loop_window=0, max_concurrency=max(STREAMS)
+            model=str(model_dir),
+            transcripts_dir=None,
+            cache_dir=None,
+            loop_window=0,
+            speculate="off",
+            max_concurrency=max(STREAMS),
         )
     )
     await engine.start()
