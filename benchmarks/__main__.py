@@ -9,20 +9,8 @@ Writes benchmarks/results/README.md (the table), results.json and PNG charts.
 import argparse
 import sys
 
+from . import SECTIONS
 from .blas import ensure_same_blas
-
-SECTIONS = (
-    "decode",
-    "overhead",
-    "ttft",
-    "concurrency",
-    "replay",
-    "dashboard",
-    "families",
-    "ranks",
-    "structured",
-    "edit",
-)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -9,7 +9,21 @@ from pathlib import Path
 
 import httpx
 
-from . import concurrency, dashboard, decode, edit, families, overhead, ranks, replay, report, servers, structured, ttft
+from . import (
+    SECTIONS,
+    concurrency,
+    dashboard,
+    decode,
+    edit,
+    families,
+    overhead,
+    ranks,
+    replay,
+    report,
+    servers,
+    structured,
+    ttft,
+)
 from .model import build, default_dir, describe
 from .stats import progress
 
@@ -69,18 +83,6 @@ FULL = Plan(
     structured_rounds=6,
     edit_tasks=4,
     edit_rounds=3,
-)
-SECTIONS = (
-    "decode",
-    "overhead",
-    "ttft",
-    "concurrency",
-    "replay",
-    "dashboard",
-    "families",
-    "ranks",
-    "structured",
-    "edit",
 )
 CONCURRENCY = 8  # both servers decode up to this many streams together
 

@@ -258,16 +258,23 @@ def qwen3_coder_call(name: str, schema: dict, w: Writer) -> str:
 def glm47_call(name: str, schema: dict, w: Writer) -> str:
     """GLM-4.7: the name, then `<arg_key>`/`<arg_value>` pairs; values raw where declared strings, else JSON."""
 
+    check_name(name, r"\S(.*\S)?", "tool name")
+    return f"{w.markup(name + chr(10))} {parameters(schema, tagged_pair('arg', w), '', w)}"
+
+
+def tagged_pair(tag: str, w: Writer) -> Callable[[str, dict, dict], str]:
+    """One parameter as `<TAG_key>KEY</TAG_key>` and `<TAG_value>VALUE</TAG_value>` lines (GLM, LongCat): the
+    value raw where declared a string, else JSON."""
+
     def item(key: str, declared: dict, sub: dict) -> str:
         check_name(key, r"\S(.*\S)?", "key")
-        head = w.markup(f"<arg_key>{key}</arg_key>\n<arg_value>")
-        close = "</arg_value>\n"
+        head = w.markup(f"<{tag}_key>{key}</{tag}_key>\n<{tag}_value>")
+        close = f"</{tag}_value>\n"
         if declared.get("type") == "string" and string_only(sub):
-            return f"{head} {raw_value(sub, close, w, ('</arg_value>',), excluded=tuple(STRIPPED))}"
+            return f"{head} {raw_value(sub, close, w, (f'</{tag}_value>',), excluded=tuple(STRIPPED))}"
         return f"{head} {inline_json(sub)} {w.markup(close)}"
 
-    check_name(name, r"\S(.*\S)?", "tool name")
-    return f"{w.markup(name + chr(10))} {parameters(schema, item, '', w)}"
+    return item
 
 
 def minimax_m2_call(name: str, schema: dict, w: Writer) -> str:
@@ -504,18 +511,12 @@ def longcat_call(name: str, schema: dict, w: Writer) -> str:
     without arguments as `{"name": ..., "arguments": {}}`, which the parser also reads."""
     check_name(name, r"\S(.*\S)?", "tool name")
 
-    def item(key: str, declared: dict, sub: dict) -> str:
-        check_name(key, r"\S(.*\S)?", "key")
-        head = w.markup(f"<longcat_arg_key>{key}</longcat_arg_key>\n<longcat_arg_value>")
-        close = "</longcat_arg_value>\n"
-        if declared.get("type") == "string" and string_only(sub):
-            return f"{head} {raw_value(sub, close, w, ('</longcat_arg_value>',), excluded=tuple(STRIPPED))}"
-        return f"{head} {inline_json(sub)} {w.markup(close)}"
-
     head = w.markup('{"name": ' + json.dumps(name) + ', "arguments": ')
     listed = f"{head} {inline_json(schema)} {literal('}')}"
     try:
-        tagged = f"{w.markup(name + chr(10))} {parameters(schema, item, '', w, at_least_one=True)}"
+        tagged = (
+            f"{w.markup(name + chr(10))} {parameters(schema, tagged_pair('longcat_arg', w), '', w, at_least_one=True)}"
+        )
     except GrammarError:  # no parameter to write: only the JSON form
         return listed
     return f"({tagged} | {listed})"

@@ -6,37 +6,24 @@ cold run, not only the same greedy tokens: a random model resumed from a wrong s
 still pick the same tokens.
 """
 
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 from families import FAMILIES, build
+from recording import Recording, run
 
 from mlx_tui.engine import cache_kinds
 from mlx_tui.engine.config import EngineConfig
 from mlx_tui.engine.demo.conversations import TOOLS, user
 from mlx_tui.engine.disk_cache import DiskCache
-from mlx_tui.engine.events import Done, Started
+from mlx_tui.engine.events import Started
 from mlx_tui.engine.loader import load
 from mlx_tui.engine.prefix_cache import PrefixCache
 from mlx_tui.engine.request import GenerationRequest
-from mlx_tui.engine.scheduler import Scheduler
 
 SYSTEM = {"role": "system", "content": "You are a careful assistant who checks the weather. " * 6}
 TOLERANCE = 2e-3
-
-
-class Recording(Scheduler):
-    """The real scheduler, keeping each request's log-probabilities so that tests can compare them."""
-
-    def __init__(self, *args):
-        super().__init__(*args)
-        self.logprobs: dict[int, list] = defaultdict(list)
-
-    def _token(self, a, r, now):
-        self.logprobs[a.rid].append(np.array(r.logprobs))
-        return super()._token(a, r, now)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -49,19 +36,6 @@ def scheduler(loaded, disk: Path | None = None) -> Recording:
     config = EngineConfig(model="", cache_dir=None, transcripts_dir=None, max_concurrency=4, prefill_step=64)
     tier = DiskCache(disk, 1 << 30, "test") if disk else None
     return Recording(loaded, config, PrefixCache(1 << 30, tier), cache_kinds.kv_bytes_per_token(loaded.model))
-
-
-def run(s: Recording, requests: dict[int, GenerationRequest]) -> dict[int, list]:
-    """Submit the requests together and step until all are done; each one's events."""
-    events = defaultdict(list)
-    for rid, request in requests.items():
-        for r, e in s.submit(rid, request):
-            events[r].append(e)
-    while s.busy:
-        for r, e in s.step():
-            events[r].append(e)
-    assert all(isinstance(e[-1], Done) for e in events.values()), events
-    return events
 
 
 def cached(events: list) -> int:

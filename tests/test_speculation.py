@@ -5,38 +5,22 @@ cache), whose greedy replies fall into loops that prompt lookup drafts, and over
 model, and over every other cache family (sliding windows, recurrent state, mixes).
 """
 
-from collections import defaultdict
-
 import numpy as np
 import pytest
 from families import FAMILIES, build
+from recording import Recording, run
 
 from mlx_tui.engine import cache_kinds, speculation
 from mlx_tui.engine.config import EngineConfig
 from mlx_tui.engine.demo import MODEL_DIR
 from mlx_tui.engine.demo.conversations import TOOLS, user
-from mlx_tui.engine.events import Done, RawText, Started
+from mlx_tui.engine.events import RawText, Started
 from mlx_tui.engine.loader import load
 from mlx_tui.engine.prefix_cache import PrefixCache
 from mlx_tui.engine.request import Constraint, GenerationRequest, Sampling
-from mlx_tui.engine.scheduler import Scheduler
 from mlx_tui.engine.speculation import PromptLookup
 
 QUESTION = [user("Tell me about the weather in Paris, Rome and Berlin, city by city, in full.")]
-
-
-class Recording(Scheduler):
-    """The real scheduler, keeping each request's tokens and log-probabilities."""
-
-    def __init__(self, *args):
-        super().__init__(*args)
-        self.tokens: dict[str, list[int]] = defaultdict(list)
-        self.logprobs: dict[str, list] = defaultdict(list)
-
-    def _token(self, a, r, now):
-        self.tokens[a.rid].append(r.token)
-        self.logprobs[a.rid].append(np.array(r.logprobs))
-        return super()._token(a, r, now)
 
 
 @pytest.fixture(scope="module")
@@ -47,18 +31,6 @@ def llama(tmp_path_factory):
 def scheduler(loaded, speculate: str = "auto", **settings) -> Recording:
     config = EngineConfig(model="", cache_dir=None, transcripts_dir=None, speculate=speculate, **settings)
     return Recording(loaded, config, PrefixCache(1 << 30, None), cache_kinds.kv_bytes_per_token(loaded.model))
-
-
-def run(s: Recording, requests: dict[str, GenerationRequest]) -> dict[str, list]:
-    events = defaultdict(list)
-    for rid, request in requests.items():
-        for r, e in s.submit(rid, request):
-            events[r].append(e)
-    while s.busy:
-        for r, e in s.step():
-            events[r].append(e)
-    assert all(isinstance(e[-1], Done) for e in events.values()), events
-    return events
 
 
 def text(events: list) -> str:
