@@ -16,6 +16,7 @@ import time
 from multiprocessing.reduction import ForkingPickler
 
 from .decode import PROMPT
+from .servers import engine_config
 from .stats import median, progress
 
 
@@ -109,17 +110,15 @@ def timed_scheduler(scheduler, request, n: int, sequences: int = 1) -> dict:
 
 def run(model_dir, rounds: int, n: int) -> dict:
     from mlx_tui.engine.cache_kinds import kv_bytes_per_token
-    from mlx_tui.engine.config import EngineConfig
     from mlx_tui.engine.loader import load
     from mlx_tui.engine.prefix_cache import PrefixCache
     from mlx_tui.engine.request import GenerationRequest
     from mlx_tui.engine.scheduler import Scheduler
 
     loaded = load(str(model_dir), lambda *a: None)
-    config = EngineConfig(
-        model=str(model_dir), transcripts_dir=None, cache_dir=None, loop_window=0, speculate="off", max_concurrency=8
+    scheduler = Scheduler(
+        loaded, engine_config(model_dir, max_concurrency=8), PrefixCache(1 << 30), kv_bytes_per_token(loaded.model)
     )
-    scheduler = Scheduler(loaded, config, PrefixCache(1 << 30), kv_bytes_per_token(loaded.model))
     model, tokenizer = loaded.model, loaded.tokenizer
     prompt = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True)
     request = GenerationRequest(messages=PROMPT, max_tokens=n)

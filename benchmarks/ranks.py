@@ -10,6 +10,7 @@ import secrets
 
 from .corpus import filler
 from .decode import PROMPT, EngineApi
+from .servers import engine_config
 from .stats import median, progress, ratio
 
 RANKS = (1, 2)
@@ -17,15 +18,10 @@ RANKS = (1, 2)
 
 async def run(model_dir, tokenizer, rounds: int, max_tokens: int, prompt_tokens: int) -> dict:
     from mlx_tui.engine.client import EngineClient
-    from mlx_tui.engine.config import EngineConfig
 
     rows = []
     for ranks in RANKS:
-        engine = EngineClient(
-            EngineConfig(
-                model=str(model_dir), transcripts_dir=None, cache_dir=None, loop_window=0, speculate="off", ranks=ranks
-            )
-        )
+        engine = EngineClient(engine_config(model_dir, ranks=ranks))
         await engine.start()
         try:
             measure = EngineApi(engine)

@@ -154,18 +154,8 @@ async def run(args, blas: str) -> int:
         async with httpx.AsyncClient(timeout=httpx.Timeout(900.0), limits=limits) as client:
             if "decode" in sections or "concurrency" in sections:
                 from mlx_tui.engine.client import EngineClient
-                from mlx_tui.engine.config import EngineConfig
 
-                engine = EngineClient(
-                    EngineConfig(
-                        model=str(model_dir),
-                        transcripts_dir=None,
-                        cache_dir=None,
-                        loop_window=0,
-                        speculate="off",  # as servers.ours: the random model's loops would be drafted
-                        max_concurrency=CONCURRENCY,
-                    )
-                )
+                engine = EngineClient(servers.engine_config(model_dir, max_concurrency=CONCURRENCY))
                 await engine.start()
             if "decode" in sections:
                 contestants = {

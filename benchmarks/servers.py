@@ -15,6 +15,8 @@ from pathlib import Path
 
 import httpx
 
+from mlx_tui.engine.config import EngineConfig
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -120,6 +122,14 @@ class Server:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, 9)
                 self.process.wait(5)
+
+
+def engine_config(model: Path, **settings: object) -> EngineConfig:
+    """An engine a benchmark runs from its own process, set as `ours` starts mlx-tui: no disk tier or
+    transcripts, the repetition guard and speculation off."""
+    return EngineConfig(
+        model=str(model), transcripts_dir=None, cache_dir=None, loop_window=0, speculate="off", **settings
+    )
 
 
 def ours(

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .decode import PROMPT, EngineApi, cpu_seconds
 from .model import MODEL_ARGS, SEED, chat_template, never_emitted
+from .servers import engine_config
 from .stats import median, progress, ratio, spread
 
 BIG_VOCAB = 151_552
@@ -120,18 +121,8 @@ async def streams(measure, n: int, max_tokens: int) -> tuple[float | None, float
 
 async def one_model(model_dir: Path, rounds: int, max_tokens: int) -> dict:
     from mlx_tui.engine.client import EngineClient
-    from mlx_tui.engine.config import EngineConfig
 
-    engine = EngineClient(
-        EngineConfig(
-            model=str(model_dir),
-            transcripts_dir=None,
-            cache_dir=None,
-            loop_window=0,
-            speculate="off",
-            max_concurrency=max(STREAMS),
-        )
-    )
+    engine = EngineClient(engine_config(model_dir, max_concurrency=max(STREAMS)))
     await engine.start()
     try:
         from mlx_tui.engine.request import Constraint
