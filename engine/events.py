@@ -164,3 +164,38 @@ Event = (
     | Error
 )
 TERMINAL = (Done, Error)
+STREAMED = (TextDelta, ReasoningDelta, ToolCallDelta)
+
+
+def coalesced(events: list[tuple[str, Event]]) -> list[tuple[str, Event]]:
+    """Request-tagged events with each request's adjacent pieces of one stream joined.
+
+    A step that keeps a speculative draft gives a request several tokens at once; they go out
+    as one piece, as vLLM sends them, rather than one event and one SSE frame a token. Raw
+    text stays one piece a token (for transcripts) and does not part the pieces it interleaves;
+    any other event ends the join.
+    """
+    out: list[tuple[str, Event]] = []
+    piece: dict[str, int] = {}  # where in `out` the request's last piece of streamed text stands
+    for rid, event in events:
+        if isinstance(event, STREAMED):
+            if (i := piece.get(rid)) is not None and (both := joined(out[i][1], event)) is not None:
+                out[i] = (rid, both)
+                continue
+            piece[rid] = len(out)
+        elif not isinstance(event, RawText):
+            piece.pop(rid, None)
+        out.append((rid, event))
+    return out
+
+
+def joined(a: Event, b: Event) -> Event | None:
+    """`a` and then `b` as one event, where both are pieces of the same stream."""
+    match a, b:
+        case TextDelta(x), TextDelta(y):
+            return TextDelta(x + y)
+        case ReasoningDelta(x), ReasoningDelta(y):
+            return ReasoningDelta(x + y)
+        case ToolCallDelta(i, x), ToolCallDelta(j, y) if i == j:
+            return ToolCallDelta(i, x + y)
+    return None

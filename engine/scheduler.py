@@ -10,7 +10,7 @@ import mlx.core as mx
 
 from . import boundaries, cache_kinds, faults, sampling, speculation
 from .config import EngineConfig, draft_most
-from .events import Done, Error, Event, PrefillProgress, Queued, Started, StopReason, Timings, Usage
+from .events import Done, Error, Event, PrefillProgress, Queued, Started, StopReason, Timings, Usage, coalesced
 from .grammar import Grammars
 from .loader import Loaded
 from .output import MarkupParser, OutputStream
@@ -243,7 +243,7 @@ class Scheduler:
 
     def step(self) -> list[Tagged]:
         try:
-            return self._step()
+            return coalesced(self._step())
         except Exception as e:  # a failed batched step takes every request in it down
             return self.fail_all(f"the batched step failed: {type(e).__name__}: {e}")
 

@@ -104,21 +104,57 @@ class Response(GenerationBatch.Response):
     drafted: bool = False
 
 
+@dataclass(slots=True)
+class Pass:
+    """A verify pass under way: the next token and its draft, what it fed, the layers it may put back."""
+
+    token: int
+    draft: list[int]
+    inputs: mx.array
+    held: list[tuple[Any, dict]]
+    logprobs: mx.array
+    sampled: mx.array
+    grammars: list[GrammarProcessor]
+    plain: bool  # penalties or other processors that see each position's context
+
+
 class SpeculativeBatch(GenerationBatch):
-    """mlx-lm's generation batch, with a verify pass for a lone row that has a draft."""
+    """mlx-lm's generation batch, with a verify pass for a lone row that has a draft.
+
+    Where the row has no logits processors and draws no seeded keys, the next pass is
+    started as soon as a pass is settled, so that it computes while the tokens kept are
+    turned into events, as mlx-lm's own steps overlap; a change to the batch first settles
+    it (a row joins) or takes it back (the row leaves).
+    """
 
     Response = Response
     most: int = 0
     counts: Counts
     lookups: dict[int, PromptLookup]
+    pending: Pass | None = None
+    settled: list  # responses of a pass settled when a row joined, given with the next step's
 
     def filter(self, keep: list[int]) -> None:
+        if 0 not in keep:
+            self._take_back()
         super().filter(keep)
         self.lookups = {uid: look for uid, look in self.lookups.items() if uid in self.uids}
 
+    def extend(self, batch: GenerationBatch) -> None:
+        if self.pending:
+            self.settled = self._settle(self.pending, then=False)
+        super().extend(batch)
+
+    def extract_cache(self, idx: int) -> list:
+        self._take_back()
+        return super().extract_cache(idx)
+
     def next(self) -> list:
+        settled, self.settled = self.settled, []
+        if self.pending:
+            return settled + self._settle(self.pending)
         if len(self.uids) != 1 or not self.most:
-            return super().next()
+            return settled + super().next()
         uid = self.uids[0]
         look = self.lookups.get(uid)
         if look is None:
@@ -126,18 +162,22 @@ class SpeculativeBatch(GenerationBatch):
         look.extend(self.tokens[0][look.size :])
         if look.resting or look.match(NGRAM[0] - 1) is None:  # no token could complete a match: stay pipelined
             look.resting = max(0, look.resting - 1)
-            return super().next()
+            return settled + super().next()
         mx.eval(self._next_tokens)
         token = cast(int, self._next_tokens.item())
+        draft = self._draft(look, token)
+        if not draft:
+            return settled + super().next()
+        return settled + self._settle(self._launch(token, draft))
+
+    def _draft(self, look: PromptLookup, token: int) -> list[int]:
         look.extend([token])
         draft = look.draft()
         look.size -= 1  # the token is not in the cache until a pass feeds it
-        if not draft:
-            return super().next()
-        return self._verify(token, draft, look)
+        return draft
 
-    def _verify(self, token: int, draft: list[int], look: PromptLookup) -> list:
-        """Feed the next token and the draft in one pass; keep the draft up to its first miss."""
+    def _launch(self, token: int, draft: list[int]) -> Pass:
+        """Start a pass that feeds the next token and the draft, each position processed and sampled."""
         inputs = mx.array([[token, *draft]], dtype=mx.uint32)
         held = [(layer, hold(layer)) for layer in layers(self.prompt_cache) if not isinstance(layer, BatchKVCache)]
         logits = self.model(inputs, cache=self.prompt_cache)[0]
@@ -155,28 +195,56 @@ class SpeculativeBatch(GenerationBatch):
         for grammar in grammars:
             logits = grammar.verify([token, *draft], logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        sampler = self.samplers[0] if self.samplers else self.fallback_sampler
-        sampled = cast(list[int], sampler(logprobs).tolist())
+        sampled = self._sampler(logprobs)
+        mx.async_eval(sampled, logprobs)
+        return Pass(token, draft, inputs, held, logprobs, sampled, grammars, bool(plain))
+
+    @property
+    def _sampler(self) -> Any:
+        return self.samplers[0] if self.samplers else self.fallback_sampler
+
+    def _settle(self, p: Pass, then: bool = True) -> list:
+        """Keep the pass's draft up to its first miss; `then` start the next pass where it may overlap."""
+        self.pending = None
+        sampled = cast(list[int], p.sampled.tolist())
+        draft = p.draft
         accepted = 0
         while accepted < len(draft) and sampled[accepted] == draft[accepted]:
             accepted += 1
-        if rewind := getattr(sampler, "rewind", None):
+        if rewind := getattr(self._sampler, "rewind", None):
             rewind(len(draft) - accepted)  # draws past the first miss were never used
-        if plain and accepted:
+        if p.plain and accepted:
             self._token_context[0].update_and_fetch(mx.array(draft[:accepted]))
-        for grammar in grammars:
+        for grammar in p.grammars:
             grammar.kept(accepted)
+        look = self.lookups[self.uids[0]]
         look.kept(len(draft), accepted)
-        kept = [token, *draft[:accepted]]
+        kept = [p.token, *draft[:accepted]]
         reasons = self._ends(kept)
-        self._rewind(inputs, len(reasons), held)
+        self._rewind(p.inputs, len(reasons), p.held)
         self.counts.drafts += 1
         self.counts.draft_tokens += len(draft)
         self.counts.accepted_tokens += len(reasons) - 1  # those past the row's end are not the reply
-        steps = [self._next_logprobs[0], *logprobs[:accepted]]
-        self._next_tokens = mx.array(sampled[accepted : accepted + 1])
-        self._next_logprobs = [logprobs[accepted]]
-        return self._respond(kept, steps, reasons)
+        steps = [self._next_logprobs[0], *p.logprobs[:accepted]]
+        token = sampled[accepted]
+        self._next_tokens = mx.array([token])
+        self._next_logprobs = [p.logprobs[accepted]]
+        responses = self._respond(kept, steps, reasons)
+        if then and not reasons[-1] and self._may_overlap():
+            look.extend(self.tokens[0][look.size :])
+            if not look.resting and look.match(NGRAM[0] - 1) is not None and (draft := self._draft(look, token)):
+                self.pending = self._launch(token, draft)
+        return responses
+
+    def _may_overlap(self) -> bool:
+        """Whether a pass may start before the last one's tokens are taken: nothing it feeds is hard to take back."""
+        return not (self.logits_processors or [[]])[0] and not hasattr(self._sampler, "rewind")
+
+    def _take_back(self) -> None:
+        """Undo the pass under way, if any: the cache holds the tokens kept so far (the row is leaving)."""
+        if self.pending:
+            self._rewind(self.pending.inputs, 0, self.pending.held)
+            self.pending = None
 
     def _ends(self, kept: list[int]) -> list[str | None]:
         """Each kept token's finish reason, up to the first that ends the row (as mlx-lm's `next` decides it)."""
@@ -206,7 +274,8 @@ class SpeculativeBatch(GenerationBatch):
         for layer in layers(self.prompt_cache):
             if isinstance(layer, BatchKVCache):
                 layer.trim(fed)
-        self.model(inputs[:, :used], cache=self.prompt_cache)
+        if used:
+            self.model(inputs[:, :used], cache=self.prompt_cache)
 
     def _respond(self, kept: list[int], steps: list[mx.array], reasons: list[str | None]) -> list:
         """Responses for the kept tokens up to the row's end, which takes the row out of the batch."""
@@ -249,5 +318,5 @@ class SpeculativeGenerator(BatchGenerator):
     def __init__(self, *args: Any, most: int, counts: Counts, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         batch = SpeculativeBatch.empty(self.model, self.sampler)
-        batch.most, batch.counts, batch.lookups = most, counts, {}
+        batch.most, batch.counts, batch.lookups, batch.settled = most, counts, {}, []
         self._generation_batch = self.speculation = batch

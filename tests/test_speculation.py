@@ -14,7 +14,7 @@ from mlx_tui.engine import cache_kinds, speculation
 from mlx_tui.engine.config import EngineConfig
 from mlx_tui.engine.demo import MODEL_DIR
 from mlx_tui.engine.demo.conversations import TOOLS, user
-from mlx_tui.engine.events import RawText, Started
+from mlx_tui.engine.events import RawText, Started, TextDelta
 from mlx_tui.engine.loader import load
 from mlx_tui.engine.prefix_cache import PrefixCache
 from mlx_tui.engine.request import Constraint, GenerationRequest, Sampling
@@ -56,6 +56,10 @@ def test_greedy_output_is_token_for_token_the_same(llama):
     assert counts["drafts"] > 5 and counts["accepted_tokens"] > 20, counts
     assert drafted(fast["a"]) == counts["accepted_tokens"]
     assert off.stats()["speculation"]["drafts"] == 0
+    # a pass's kept tokens go out as one piece: a piece of text a pass, not a token
+    pieces = [e.text for e in fast["a"] if isinstance(e, TextDelta)]
+    assert "".join(pieces) == "".join(e.text for e in plain["a"] if isinstance(e, TextDelta))
+    assert len(pieces) <= len(on.tokens["a"]) - drafted(fast["a"]) < len(on.tokens["a"]) - 20
 
 
 def test_a_seeded_sample_is_the_same_with_speculation_and_in_a_batch(llama):
@@ -119,6 +123,48 @@ def test_batches_decode_plainly(llama):
     s = scheduler(llama)
     run(s, {"a": GenerationRequest(QUESTION, max_tokens=60), "b": GenerationRequest(QUESTION, max_tokens=60)})
     assert s.stats()["speculation"]["drafts"] == 0
+
+
+def test_a_pass_under_way_when_a_request_joins_is_settled_first(llama):
+    """The next pass starts as soon as one is settled; a request that joins then waits for it, and both
+    replies are the ones each gives alone without speculation."""
+    requests = {"a": GenerationRequest(QUESTION, max_tokens=120), "b": GenerationRequest([user("Hi")], max_tokens=30)}
+    off = scheduler(llama, "off")
+    for rid, request in requests.items():
+        run(off, {rid: request})
+    on = scheduler(llama)
+    events = run_joining(on, requests, lambda: on.generator.speculation.pending is not None)
+    assert on.tokens == off.tokens and drafted(events["a"]) > 0
+    assert [type(e) for e in events["b"]] == [type(e) for e in run(scheduler(llama, "off"), {"b": requests["b"]})["b"]]
+
+
+def test_a_pass_under_way_when_its_request_leaves_is_taken_back(llama):
+    """A request cancelled (or stopped by its stop sequence or the repetition guard) while its next pass
+    computes is kept in the prefix cache as of the tokens it was given, without that pass's."""
+    on, request = scheduler(llama), GenerationRequest(QUESTION, max_tokens=120)
+    on.submit("a", request)
+    while on.generator.speculation.pending is None:
+        on.step()
+    on.cancel("a")
+    [kept] = on.cache.entries
+    assert list(kept.tokens) == on.render(request).tokens + on.tokens["a"]
+    assert all(layer.offset == len(kept.tokens) for layer in kept.layers)
+
+
+def run_joining(s: Recording, requests: dict, ready) -> dict:
+    """Submit the first request, step until `ready()`, then submit the others; each one's events."""
+    first, *others = requests
+    events = {rid: [e for _, e in s.submit(rid, requests[rid])] for rid in [first]}
+    while not ready():
+        assert s.busy
+        for rid, e in s.step():
+            events[rid].append(e)
+    for rid in others:
+        events[rid] = [e for _, e in s.submit(rid, requests[rid])]
+    while s.busy:
+        for rid, e in s.step():
+            events[rid].append(e)
+    return events
 
 
 def test_a_grammar_binds_every_token_of_a_kept_draft(llama):
