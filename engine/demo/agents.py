@@ -244,6 +244,7 @@ def task_conversations(
             request = TRANSLATIONS[task.client](substitute(body, replacements, patterns))
             conversation = chat(f"{task.client}: {name}", *request.messages, reply, tools=request.tools)
             conversation["modes"] = [request.enable_thinking]
+            conversation["variant"] = i
             conversations.append(conversation)
     return conversations
 
