@@ -114,8 +114,6 @@ class Pass:
     held: list[tuple[Any, dict]]
     logprobs: mx.array
     sampled: mx.array
-    grammars: list[GrammarProcessor]
-    plain: bool  # penalties or other processors that see each position's context
 
 
 class SpeculativeBatch(GenerationBatch):
@@ -160,7 +158,7 @@ class SpeculativeBatch(GenerationBatch):
         if look is None:
             look = self.lookups[uid] = PromptLookup(self.tokens[0], self.most)
         look.extend(self.tokens[0][look.size :])
-        if look.resting or look.match(NGRAM[0] - 1) is None:  # no token could complete a match: stay pipelined
+        if not may_draft(look):  # no token could complete a match: stay pipelined
             look.resting = max(0, look.resting - 1)
             return settled + super().next()
         mx.eval(self._next_tokens)
@@ -181,9 +179,8 @@ class SpeculativeBatch(GenerationBatch):
         inputs = mx.array([[token, *draft]], dtype=mx.uint32)
         held = [(layer, hold(layer)) for layer in layers(self.prompt_cache) if not isinstance(layer, BatchKVCache)]
         logits = self.model(inputs, cache=self.prompt_cache)[0]
-        processors = (self.logits_processors or [[]])[0]
-        grammars = [p for p in processors if isinstance(p, GrammarProcessor)]
-        if plain := [p for p in processors if not isinstance(p, GrammarProcessor)]:
+        grammars, plain = self._processors()
+        if plain:
             context = self._token_context[0].update_and_fetch(inputs[0, :1])
             rows = []
             for j in range(len(draft) + 1):  # position j is only used when the draft is kept up to it
@@ -197,11 +194,17 @@ class SpeculativeBatch(GenerationBatch):
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         sampled = self._sampler(logprobs)
         mx.async_eval(sampled, logprobs)
-        return Pass(token, draft, inputs, held, logprobs, sampled, grammars, bool(plain))
+        return Pass(token, draft, inputs, held, logprobs, sampled)
 
     @property
     def _sampler(self) -> Any:
         return self.samplers[0] if self.samplers else self.fallback_sampler
+
+    def _processors(self) -> tuple[list[GrammarProcessor], list]:
+        """The row's grammars, and its other processors (penalties: they see each position's context)."""
+        processors = (self.logits_processors or [[]])[0]
+        grammars = [p for p in processors if isinstance(p, GrammarProcessor)]
+        return grammars, [p for p in processors if not isinstance(p, GrammarProcessor)]
 
     def _settle(self, p: Pass, then: bool = True) -> list:
         """Keep the pass's draft up to its first miss; `then` start the next pass where it may overlap."""
@@ -213,9 +216,10 @@ class SpeculativeBatch(GenerationBatch):
             accepted += 1
         if rewind := getattr(self._sampler, "rewind", None):
             rewind(len(draft) - accepted)  # draws past the first miss were never used
-        if p.plain and accepted:
+        grammars, plain = self._processors()
+        if plain and accepted:
             self._token_context[0].update_and_fetch(mx.array(draft[:accepted]))
-        for grammar in p.grammars:
+        for grammar in grammars:
             grammar.kept(accepted)
         look = self.lookups[self.uids[0]]
         look.kept(len(draft), accepted)
@@ -232,13 +236,13 @@ class SpeculativeBatch(GenerationBatch):
         responses = self._respond(kept, steps, reasons)
         if then and not reasons[-1] and self._may_overlap():
             look.extend(self.tokens[0][look.size :])
-            if not look.resting and look.match(NGRAM[0] - 1) is not None and (draft := self._draft(look, token)):
+            if may_draft(look) and (draft := self._draft(look, token)):
                 self.pending = self._launch(token, draft)
         return responses
 
     def _may_overlap(self) -> bool:
         """Whether a pass may start before the last one's tokens are taken: nothing it feeds is hard to take back."""
-        return not (self.logits_processors or [[]])[0] and not hasattr(self._sampler, "rewind")
+        return self._processors() == ([], []) and not hasattr(self._sampler, "rewind")
 
     def _take_back(self) -> None:
         """Undo the pass under way, if any: the cache holds the tokens kept so far (the row is leaving)."""
@@ -287,6 +291,11 @@ class SpeculativeBatch(GenerationBatch):
         if reasons[-1]:
             self.filter([])
         return responses
+
+
+def may_draft(look: PromptLookup) -> bool:
+    """Whether the row may draft at its next token: not resting, and some token could complete a match."""
+    return not look.resting and look.match(NGRAM[0] - 1) is not None
 
 
 def layers(cache: list) -> list:

@@ -356,14 +356,14 @@ def teach_agents(
     start, losses, agent_losses = time.time(), [], []
     for i in range(1, steps + 1):
         agent_loss, grads = prefixed_loss_and_grad(prefixed_step, model, rng.choice(groups), ends)
-        parts = [rng.sample(known, KNOWN_BATCH) + rng.sample(short, UNFAMILIAR_BATCH)]
+        loss, known_grads = loss_and_grad(
+            step, model, rng.sample(known, KNOWN_BATCH) + rng.sample(short, UNFAMILIAR_BATCH)
+        )
+        grads = tree_map(mx.add, grads, known_grads)
         if i % LONG_EVERY == 0:
-            parts.append(rng.sample(long, LONG_BATCH))
-        for j, part in enumerate(parts):
-            far_weight = math.exp(rng.uniform(0, math.log(MAX_FAR_WEIGHT))) if j else 1.0
-            loss, part_grads = loss_and_grad(step, model, part, far_weight)
-            grads = tree_map(mx.add, grads, part_grads)
-            losses += [] if j else [loss]
+            part, far_weight = rng.sample(long, LONG_BATCH), math.exp(rng.uniform(0, math.log(MAX_FAR_WEIGHT)))
+            grads = tree_map(mx.add, grads, loss_and_grad(step, model, part, far_weight)[1])
+        losses.append(loss)
         grads, _ = optim.clip_grad_norm(grads, 1.0)
         agent_losses.append(agent_loss)
         optimizer.update(model, grads)
