@@ -14,6 +14,7 @@ from textual import work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
+from textual.widget import Widget
 from textual.widgets import Footer, TabbedContent, TabPane
 
 from mlx_tui.engine.events import Event
@@ -22,7 +23,7 @@ from mlx_tui.engine.request import GenerationRequest
 from .changes import Changes, EventArrived
 from .chat import ChatView
 from .dashboard import DashboardView
-from .help import HelpScreen
+from .help import HelpScreen, bindings
 from .logview import LoggerRoute, LogRecordPosted, LogView
 from .state import DashboardEvent, State
 from .transcripts import TranscriptsView
@@ -119,21 +120,26 @@ class MlxTui(App):
 
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
         self.flush(now=True)
-        targets = {"chat": "#prompt", "transcripts": "#transcript-list", "dashboard": "#requests-table", "log": LogView}
+        targets: dict[str | None, str | type[Widget]] = {
+            "chat": "#prompt",
+            "transcripts": "#transcript-list",
+            "dashboard": "#requests-table",
+            "log": LogView,
+        }
         self.query_one(targets[event.pane.id]).focus()
 
     def action_tab(self, tab: str) -> None:
         self.query_one(TabbedContent).active = tab
 
     def action_help(self) -> None:
-        everywhere = [b for b in self.BINDINGS if b.show] + GLOBAL_KEYS
+        everywhere = [b for b in bindings(self.BINDINGS) if b.show] + GLOBAL_KEYS
         self.push_screen(
             HelpScreen(
                 [
                     ("Everywhere", everywhere),
-                    ("Dashboard", DashboardView.BINDINGS),
-                    ("Chat", [Binding("enter", "", "Send the message"), *ChatView.BINDINGS]),
-                    ("Transcripts", TranscriptsView.BINDINGS),
+                    ("Dashboard", bindings(DashboardView.BINDINGS)),
+                    ("Chat", [Binding("enter", "", "Send the message"), *bindings(ChatView.BINDINGS)]),
+                    ("Transcripts", bindings(TranscriptsView.BINDINGS)),
                 ]
             )
         )

@@ -3,7 +3,7 @@
 from rich.table import Table
 from rich.text import Text
 from textual.app import ComposeResult
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Static
@@ -16,6 +16,11 @@ MOUSE = [
 
 def key_name(key: str) -> str:
     return {"question_mark": "?", "slash": "/", "space": "space"}.get(key, key)
+
+
+def bindings(listed: list[BindingType]) -> list[Binding]:
+    """A widget's `BINDINGS` as the Binding objects they are here (Textual also allows tuples)."""
+    return [b for b in listed if isinstance(b, Binding)]
 
 
 def bindings_table(groups: list[tuple[str, list[Binding]]]) -> Table:
