@@ -71,7 +71,7 @@ async def serve(
     speculation = engine.info["speculation"]
     say(
         f"serving {engine.config.model} at {address} (BLAS: {engine.blas}; dtype: {dtype}; prefix cache: {cache}; "
-        f"speculation: {speculation})"
+        f"speculation: {speculation}; stream interval: {engine.info['stream_interval_ms']} ms)"
     )
     print(client_setup(address, settings.get("api_key"), engine.info["context_length"]), file=sys.stderr)
     signalled = asyncio.Event()

@@ -45,6 +45,7 @@ async def health(request: Request) -> Response:
             "tool_parser": info.get("tool_parser"),
             "prefix_cache": info.get("cache_mode"),
             "speculation": info.get("speculation"),
+            "stream_interval_ms": info.get("stream_interval_ms"),
             "uptime_s": round(time.time() - engine.started_at, 1),
         }
     )

@@ -21,6 +21,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", help="a local mlx-lm model directory (default: build a random 63M float32 llama)")
     p.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these measurements")
     p.add_argument("--rounds", type=int, help="rounds of each interleaved measurement")
+    p.add_argument("--decode-tokens", type=int, help="tokens a reply in the decode measurements (default 64)")
     p.add_argument(
         "--blas",
         choices=("auto", "reference"),

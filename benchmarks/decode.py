@@ -20,6 +20,9 @@ BASELINE = "mlx_lm.stream_generate (in-process)"
 ENGINE = "mlx-tui engine API (client in-process, worker process)"
 OURS_HTTP = "mlx-tui --serve (HTTP, OpenAI stream)"
 MLX_HTTP = "mlx_lm.server (HTTP, OpenAI stream)"
+# the same server sending every token as it comes (the default on a GPU): what pacing the stream saves on the CPU
+EVERY_TOKEN = "--stream-interval 0"
+OURS_EVERY_TOKEN = f"mlx-tui --serve {EVERY_TOKEN} (HTTP, OpenAI stream)"
 
 
 class InProcess:
@@ -134,6 +137,10 @@ async def run(contestants: dict, rounds: int, max_tokens: int, pids: dict[str, d
     ratios = {n: [ratio(a, b) for a, b in zip(tps[n], base, strict=False)] for n in names[1:]}
     if OURS_HTTP in tps and MLX_HTTP in tps:
         ratios[f"{OURS_HTTP} / {MLX_HTTP}"] = [ratio(a, b) for a, b in zip(tps[OURS_HTTP], tps[MLX_HTTP], strict=False)]
+    if OURS_HTTP in tps and OURS_EVERY_TOKEN in tps:
+        ratios[f"{OURS_HTTP} / {OURS_EVERY_TOKEN}"] = [
+            ratio(a, b) for a, b in zip(tps[OURS_HTTP], tps[OURS_EVERY_TOKEN], strict=False)
+        ]
     same = {n: texts[n] == texts[names[0]] for n in names[1:]}
     return {
         "max_tokens": max_tokens,

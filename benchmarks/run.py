@@ -101,6 +101,8 @@ def plan_for(args) -> Plan:
             edit_rounds=args.rounds,
             ttft_sizes={k: args.rounds for k in plan.ttft_sizes},
         )
+    if args.decode_tokens:
+        plan = dataclasses.replace(plan, decode_tokens=args.decode_tokens)
     if args.replay_tokens is not None:
         plan = dataclasses.replace(plan, replay_tokens=args.replay_tokens)
     return plan
@@ -137,7 +139,12 @@ async def run(args, blas: str) -> int:
     ours = servers.ours(model_dir, workdir, CONCURRENCY) if needs_servers else None
     theirs = servers.mlx_lm(model_dir, workdir, CONCURRENCY, cache_bytes) if needs_servers else None
     tui = servers.ours(model_dir, workdir, CONCURRENCY, dashboard=True) if "dashboard" in sections else None
-    running = [s for s in (ours, theirs, tui) if s]
+    every_token = (
+        servers.ours(model_dir, workdir, CONCURRENCY, decode.EVERY_TOKEN.split(), variant=decode.EVERY_TOKEN)
+        if "decode" in sections
+        else None
+    )
+    running = [s for s in (ours, theirs, tui, every_token) if s]
     engine = None
     try:
         for s in running:
@@ -163,12 +170,14 @@ async def run(args, blas: str) -> int:
                     decode.ENGINE: decode.EngineApi(engine),
                     decode.OURS_HTTP: decode.OpenAiHttp(client, ours.url, ours.model_name),
                     decode.MLX_HTTP: decode.OpenAiHttp(client, theirs.url, theirs.model_name),
+                    decode.OURS_EVERY_TOKEN: decode.OpenAiHttp(client, every_token.url, every_token.model_name),
                 }
                 pids = {
                     decode.BASELINE: {"this process": None},
                     decode.ENGINE: {"worker": engine.pid, "front (this process)": None},
                     decode.OURS_HTTP: {**ours.pids(), "HTTP client (this process)": None},
                     decode.MLX_HTTP: {**theirs.pids(), "HTTP client (this process)": None},
+                    decode.OURS_EVERY_TOKEN: {**every_token.pids(), "HTTP client (this process)": None},
                 }
                 results["decode"] = await decode.run(contestants, plan.decode_rounds, plan.decode_tokens, pids)
                 del contestants

@@ -133,13 +133,20 @@ def engine_config(model: Path, **settings: object) -> EngineConfig:
 
 
 def ours(
-    model: Path, workdir: Path, concurrency: int, extra: list[str] = (), dashboard: bool = False, speculate: str = "off"
+    model: Path,
+    workdir: Path,
+    concurrency: int,
+    extra: list[str] = (),
+    dashboard: bool = False,
+    speculate: str = "off",
+    variant: str = "",
 ) -> Server:
     """`mlx-tui --serve`, or with `dashboard` the full `mlx-tui` (engine + API + dashboard) in a terminal.
 
     Speculation is off unless asked for: the random benchmark models' greedy replies fall
     into loops that prompt lookup drafts, which would measure the loops, not the serving;
-    the `edit` section measures speculation on replies that copy their prompt.
+    the `edit` section measures speculation on replies that copy their prompt. `variant` names
+    a second server with other `extra` settings (its label, logs and cache directories).
     """
     port = free_port()
     args = [
@@ -159,10 +166,10 @@ def ours(
         speculate,
         *extra,
     ]
-    name = "ours-dashboard" if dashboard else "ours"
+    name = ("ours-dashboard" if dashboard else "ours") + (f"-{variant.strip('-').split()[0]}" if variant else "")
     # a private cache and data directory: the disk tier must not carry entries between runs
     env = {"XDG_CACHE_HOME": str(workdir / f"{name}-cache"), "XDG_DATA_HOME": str(workdir / f"{name}-data")}
-    label = "mlx-tui (dashboard)" if dashboard else "mlx-tui --serve"
+    label = ("mlx-tui (dashboard)" if dashboard else "mlx-tui --serve") + (f" {variant}" if variant else "")
     return Server("ours", label, port, args, workdir / f"{name}.log", env, tty=dashboard)
 
 

@@ -36,6 +36,7 @@ class EngineConfig:
     tool_parser: str | None = None
     constrain_tools: bool = False
     speculate: str = "auto"
+    stream_interval: str = "auto"
     chat_template: str | None = None
     blas: str = "auto"
     ranks: int = 1
@@ -77,6 +78,19 @@ def draft_most(speculate: str) -> int:
     if speculate.isdigit() and 1 <= int(speculate) <= 64:
         return int(speculate)
     raise ValueError(f"--speculate takes off, auto or a draft length from 1 to 64, not {speculate!r}")
+
+
+# `--stream-interval auto` on the CPU backend, where each message takes a core from the model (see pacing.py)
+CPU_STREAM_INTERVAL_MS = 50
+
+
+def stream_interval_ms(setting: str, on_gpu: bool) -> int:
+    """The interval for `--stream-interval auto|MS` on this backend; ValueError if unreadable."""
+    if setting == "auto":
+        return 0 if on_gpu else CPU_STREAM_INTERVAL_MS
+    if setting.isdigit() and int(setting) <= 1000:
+        return int(setting)
+    raise ValueError(f"--stream-interval takes auto or milliseconds from 0 to 1000, not {setting!r}")
 
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

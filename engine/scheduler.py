@@ -128,6 +128,11 @@ class Scheduler:
     def busy(self) -> bool:
         return bool(self.active)
 
+    @property
+    def decoding(self) -> bool:
+        """Every request has its first token: the next step decodes, no prefill or wait is in it."""
+        return all(a.first_token is not None for a in self.active.values())
+
     def render(self, request: GenerationRequest) -> Prompt:
         """The prompt's tokens, with the opening markup of a call when `tool_choice` forces one."""
         tools = request.tools if request.tool_choice != "none" and request.tools else None

@@ -20,11 +20,12 @@ from multiprocessing.connection import Client, Connection
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
 from mlx.core.distributed import Group
 
-from . import cache_kinds, faults
+from . import cache_kinds, faults, pacing
 from . import group as ranks
-from .config import EngineConfig
+from .config import EngineConfig, stream_interval_ms
 from .disk_cache import DiskCache
 from .events import Error
 from .loader import Loaded, ModelError, load
@@ -59,10 +60,18 @@ def read_inbox(conn: Connection, inbox: queue.Queue) -> None:
         inbox.put(Stop())
 
 
-def serve(conn: Connection, scheduler: Scheduler, group: Group | None = None, clock: ranks.Clock | None = None) -> None:
+def serve(
+    conn: Connection,
+    scheduler: Scheduler,
+    interval_ms: int = 0,
+    group: Group | None = None,
+    clock: ranks.Clock | None = None,
+) -> None:
+    """Run the messages and steps until told to stop; a decoding stream's pieces go out every `interval_ms`."""
     inbox: queue.Queue = queue.Queue()
     threading.Thread(target=read_inbox, args=(conn, inbox), daemon=True).start()
     livelock = faults.Livelock()
+    pacer = pacing.Pacer(interval_ms / 1000)
     while True:
         messages = [inbox.get()] if not scheduler.busy else []
         while not inbox.empty():
@@ -86,8 +95,9 @@ def serve(conn: Connection, scheduler: Scheduler, group: Group | None = None, cl
             livelock.watch(events)
         while scheduler.failures:  # first, so the breaker has counted it before anyone sees the error
             conn.send(StepFailed(scheduler.failures.pop(0)))
-        if events:
-            conn.send(Events(events))
+        if events or pacer.held:
+            if ready := pacer.take(events, hold=scheduler.decoding):
+                conn.send(Events(ready))
 
 
 def share_step(group: Group, clock: ranks.Clock, messages: list[ToWorker], busy: bool) -> None:
@@ -153,8 +163,9 @@ def main(argv: list[str] = sys.argv[1:]) -> int:
         assert group is not None and clock is not None
         follow(scheduler, group, clock)
     else:
-        conn.send(Ready(ready_info(loaded, scheduler, members)))
-        serve(conn, scheduler, group, clock)
+        interval = stream_interval_ms(config.stream_interval, mx.default_device() == mx.gpu)
+        conn.send(Ready(ready_info(loaded, scheduler, members) | {"stream_interval_ms": interval}))
+        serve(conn, scheduler, interval, group, clock)
     if disk:
         disk.flush()
     return 0

@@ -26,6 +26,7 @@ def test_health(server, engine):
             "blas": engine.blas,
             "dtype": engine.info["dtype"],
             "tool_parser": engine.info["tool_parser"],
+            "stream_interval_ms": 50,  # auto, on the CPU backend
         }.items()
     )
 

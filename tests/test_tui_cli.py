@@ -41,3 +41,11 @@ def test_speculate_takes_off_auto_or_a_draft_length(setting, capsys):
         parse_args(["--speculate", setting])
     assert "--speculate takes off, auto or a draft length from 1 to 64" in capsys.readouterr().err
     assert parse_args(["--speculate", "3"]).speculate == "3"
+
+
+@pytest.mark.parametrize("setting", ["often", "-5", "1001"])
+def test_stream_interval_takes_auto_or_milliseconds(setting, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--stream-interval", setting])
+    assert "--stream-interval takes auto or milliseconds from 0 to 1000" in capsys.readouterr().err
+    assert parse_args(["--stream-interval", "0"]).stream_interval == "0"

@@ -10,7 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from mlx_tui.engine.blas import missing_openblas, worker_blas
-from mlx_tui.engine.config import DTYPES, EngineConfig, cache_dir, draft_most, hostfile_hosts, model_problem
+from mlx_tui.engine.config import (
+    DTYPES,
+    EngineConfig,
+    cache_dir,
+    draft_most,
+    hostfile_hosts,
+    model_problem,
+    stream_interval_ms,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,6 +58,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         metavar="{off,auto,N}",
         help="prompt-lookup speculative decoding: auto drafts up to 8 tokens a pass from the context, N up to N",
+    )
+    e.add_argument(
+        "--stream-interval",
+        default="auto",
+        metavar="{auto,MS}",
+        help="send a decoding stream's text every MS milliseconds (auto: 50 on the CPU backend, every token on a GPU)",
     )
     e.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template file to use instead of the model's")
     e.add_argument(
@@ -133,6 +147,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--hostfile and --local-ranks cannot be combined")
     try:
         draft_most(args.speculate)
+        stream_interval_ms(args.stream_interval, on_gpu=False)
     except ValueError as e:
         p.error(str(e))
     return args
@@ -149,6 +164,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         tool_parser=args.tool_parser,
         constrain_tools=args.constrain_tools,
         speculate=args.speculate,
+        stream_interval=args.stream_interval,
         chat_template=args.chat_template,
         blas=args.blas,
         blas_threads=args.blas_threads,
