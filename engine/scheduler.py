@@ -130,8 +130,9 @@ class Scheduler:
 
     @property
     def decoding(self) -> bool:
-        """Every request has its first token: the next step decodes, no prefill or wait is in it."""
-        return all(a.first_token is not None for a in self.active.values())
+        """The next step only decodes: no request in the batch waits for its prefill (the others wait for a slot)."""
+        decoding = sum(a.first_token is not None for a in self.active.values())
+        return decoding > 0 and (decoding == len(self.active) or decoding >= self.config.max_concurrency)
 
     def render(self, request: GenerationRequest) -> Prompt:
         """The prompt's tokens, with the opening markup of a call when `tool_choice` forces one."""

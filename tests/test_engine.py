@@ -1,5 +1,6 @@
 """The real engine on the demo model: conversations, stopping, sampling, batching, cancellation."""
 
+import asyncio
 import json
 import shutil
 
@@ -282,12 +283,18 @@ def test_greedy_output_is_the_same_with_either_blas(make_engine, loop, engine):
 
 
 def test_a_decoding_stream_is_sent_once_an_interval(make_engine, loop, engine):
-    """Its first token goes out at once, the rest together at the interval or the end; the text is unchanged."""
-    paced = make_engine(stream_interval="1000", speculate="off")  # no draft joins tokens: a piece a send
+    """Its first token goes out at once, the rest together at the interval or the end, also while another request
+    waits for its slot; the text is unchanged."""
+    paced = make_engine(stream_interval="1000", speculate="off", max_concurrency=1)  # no draft joins tokens
     request = request_for(BY_NAME["greeting"], max_tokens=40, sampling=Sampling(logit_bias={letter_token(): 50.0}))
-    events = loop.run(collect(paced, request))
-    pieces = [e.text for e in events if isinstance(e, TextDelta)]
-    assert events[-1].usage.generated_tokens == 40 and pieces[0] == "a"
-    assert len(pieces) <= 4, f"40 tokens in {len(pieces)} sends, within a second"
-    assert "".join(pieces) == text(loop.run(collect(engine, request)))
+
+    async def two_at_once():
+        return await asyncio.gather(collect(paced, request), collect(paced, request))
+
+    expected = text(loop.run(collect(engine, request)))
+    for events in loop.run(two_at_once()):
+        pieces = [e.text for e in events if isinstance(e, TextDelta)]
+        assert events[-1].usage.generated_tokens == 40 and pieces[0] == "a"
+        assert len(pieces) <= 4, f"40 tokens in {len(pieces)} sends, within a second"
+        assert "".join(pieces) == expected
     assert paced.info["stream_interval_ms"] == 1000 and engine.info["stream_interval_ms"] == 50  # auto, on the CPU
