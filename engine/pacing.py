@@ -8,6 +8,7 @@ step's pieces go out at once.
 """
 
 import time
+from collections.abc import Callable
 
 from .events import STREAMED, Event, RawText, coalesced
 
@@ -28,13 +29,15 @@ class Pacer:
         self.sent_at = 0.0
         self.streaming: set[str] = set()  # requests with pieces in the last send: their next ones may wait
 
-    def take(self, events: list[Tagged], hold: bool) -> list[Tagged]:
-        """What to send now of what was held and this step's `events`; `hold`: the next step is a decoding one."""
+    def take(self, events: list[Tagged], decoding: Callable[[], bool]) -> list[Tagged]:
+        """What to send now of what was held and this step's `events`; `decoding()`: the next step only decodes."""
+        if not self.interval:
+            return events
         self.held += events
         if (
-            hold
-            and time.monotonic() - self.sent_at < self.interval
+            time.monotonic() - self.sent_at < self.interval
             and all(isinstance(e, RawText) or (isinstance(e, STREAMED) and rid in self.streaming) for rid, e in events)
+            and decoding()
         ):
             return []
         out = coalesced(self.held)

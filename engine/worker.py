@@ -96,7 +96,7 @@ def serve(
         while scheduler.failures:  # first, so the breaker has counted it before anyone sees the error
             conn.send(StepFailed(scheduler.failures.pop(0)))
         if events or pacer.held:
-            if ready := pacer.take(events, hold=scheduler.decoding):
+            if ready := pacer.take(events, lambda: scheduler.decoding):
                 conn.send(Events(ready))
 
 
